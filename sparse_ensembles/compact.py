@@ -1,0 +1,167 @@
+"""Physical compaction: turn zeros into smaller dense layers, so sparsity becomes speed and memory.
+
+For an MLP (``nn.Sequential`` of ``Linear`` layers with elementwise activations between them, an
+optional leading ``Flatten``, ``Dropout`` anywhere), :func:`compact_mlp` removes
+
+* input features whose outgoing column is all zero (dead pixels),
+* hidden neurons that nothing used reads (their outgoing column is zero towards kept neurons),
+* hidden neurons that read no live input: their output is the constant ``act(bias)``, which is
+  folded exactly into the next layer's bias.
+
+The result computes the same function as the masked model (up to float rounding). It is stored as
+widths + plain tensors and rebuilt without pickled modules (``torch.load(weights_only=True)``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+               "identity": nn.Identity, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
+_NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
+
+
+def _mlp_layers(model: nn.Sequential) -> tuple[list[nn.Linear], list[str]]:
+    """Linears and the activation name after each hidden layer; rejects anything else."""
+    linears, acts = [], []
+    for i, m in enumerate(model):
+        if isinstance(m, nn.Linear):
+            if len(linears) > len(acts):
+                acts.append("identity")
+            linears.append(m)
+        elif isinstance(m, (nn.Flatten, nn.Dropout)):
+            if isinstance(m, nn.Flatten) and linears:
+                raise ValueError("compact_mlp: nn.Flatten is only supported before the first Linear")
+        elif type(m) in _NAME_OF:
+            if len(linears) != len(acts) + 1:
+                raise ValueError(f"compact_mlp: two activations in a row at position {i}")
+            acts.append(_NAME_OF[type(m)])
+        else:
+            raise ValueError(
+                f"compact_mlp supports Linear, Flatten, Dropout and {sorted(ACTIVATIONS)}; "
+                f"found {type(m).__name__} at position {i}"
+            )
+    if not linears:
+        raise ValueError("compact_mlp: the model has no nn.Linear")
+    acts = acts[: len(linears) - 1]
+    while len(acts) < len(linears) - 1:
+        acts.append("identity")
+    return linears, acts
+
+
+class CompactMLP(nn.Module):
+    """A shrunk MLP: gathers its live input features, then dense Linear layers of reduced width.
+
+    ``widths = [n_live_inputs, h1, ..., n_out]``; ``input_index`` picks live features from the
+    flattened input.
+    """
+
+    def __init__(self, in_features: int, input_index: Tensor, widths: Sequence[int], activations: Sequence[str]):
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("input_index", input_index.to(torch.long))
+        self.widths = list(widths)
+        self.activations = list(activations)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1).index_select(1, self.input_index)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.acts):
+                h = self.acts[i](h)
+        return h
+
+    def spec(self) -> dict:
+        return {"kind": "compact_mlp", "in_features": self.in_features, "widths": self.widths,
+                "activations": self.activations}
+
+
+@torch.no_grad()
+def compact_mlp(model: nn.Sequential) -> CompactMLP:
+    """Shrink a (masked) MLP physically; see the module docstring for what is removed."""
+    linears, acts = _mlp_layers(model)
+    act_fns = [ACTIVATIONS[a]() for a in acts]
+    W = [l.weight.detach().clone() for l in linears]
+    b = [l.bias.detach().clone() if l.bias is not None else torch.zeros(l.out_features) for l in linears]
+    L = len(W)
+    # forward pass: which neurons vary with the input (the rest are constants act(bias))
+    variable = [W[0].ne(0).any(dim=0)]  # live input features
+    for i in range(L - 1):
+        variable.append(W[i][:, variable[i]].ne(0).any(dim=1))
+    # fold constant hidden neurons into the next bias
+    for i in range(1, L):
+        const = ~variable[i]
+        if const.any():
+            c = act_fns[i - 1](b[i - 1][const])
+            b[i] += W[i][:, const] @ c
+            W[i][:, const] = 0
+    # backward pass: which neurons are read by a used neuron of the next layer
+    used = [None] * L + [torch.ones(W[-1].shape[0], dtype=torch.bool)]
+    for i in range(L - 1, -1, -1):
+        used[i] = W[i][used[i + 1]].ne(0).any(dim=0)
+    keep = [variable[i] & used[i] for i in range(L)] + [used[L]]
+    widths = [int(k.sum()) for k in keep]
+    out = CompactMLP(linears[0].in_features, keep[0].nonzero().flatten(), widths, acts)
+    for i, layer in enumerate(out.layers):
+        layer.weight.copy_(W[i][keep[i + 1]][:, keep[i]])
+        layer.bias.copy_(b[i][keep[i + 1]])
+    return out
+
+
+class FusedMLPEnsemble(nn.Module):
+    """All members of a compacted MLP ensemble evaluated in a handful of batched ops.
+
+    Members are zero-padded to the widest member in each layer (exact: padded units have zero
+    weights in and out, and a padded unit's activation of bias 0 is multiplied by a zero column);
+    the first layer reads the union of live inputs. Returns ``log mean_m softmax(f_m(x))``.
+    """
+
+    def __init__(self, members: Sequence[CompactMLP]):
+        super().__init__()
+        if not members:
+            raise ValueError("FusedMLPEnsemble needs at least one member")
+        acts = members[0].activations
+        if any(m.activations != acts or len(m.widths) != len(members[0].widths) for m in members):
+            raise ValueError("FusedMLPEnsemble: members must share depth and activations")
+        union = torch.unique(torch.cat([m.input_index for m in members]))
+        self.register_buffer("input_index", union)
+        M = len(members)
+        depth = len(members[0].layers)
+        widths = [max(m.widths[i] for m in members) for i in range(depth + 1)]
+        widths[0] = union.numel()
+        self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in acts)
+        weights, biases = [], []
+        for i in range(depth):
+            Wi = torch.zeros(M, widths[i + 1], widths[i])
+            bi = torch.zeros(M, widths[i + 1])
+            for k, m in enumerate(members):
+                layer = m.layers[i]
+                rows = layer.out_features
+                if i == 0:
+                    cols = torch.searchsorted(union, m.input_index)
+                    Wi[k, :rows, cols] = layer.weight.detach()
+                else:
+                    Wi[k, :rows, : layer.in_features] = layer.weight.detach()
+                bi[k, :rows] = layer.bias.detach()
+            weights.append(Wi)
+            biases.append(bi)
+        # padded output units would add mass to the softmax; every member has all outputs
+        if any(m.widths[-1] != widths[-1] for m in members):
+            raise ValueError("FusedMLPEnsemble: members must have the same number of outputs")
+        self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
+        self.register_buffer("b0", biases[0].reshape(-1))
+        self.rest_w = nn.ParameterList(nn.Parameter(w.transpose(1, 2).contiguous(), requires_grad=False) for w in weights[1:])
+        self.rest_b = nn.ParameterList(nn.Parameter(b.unsqueeze(1), requires_grad=False) for b in biases[1:])
+        self.M, self.h1 = M, widths[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.addmm(self.b0, x.flatten(1).index_select(1, self.input_index), self.w0)
+        h = h.view(-1, self.M, self.h1).transpose(0, 1)  # (M, B, h1)
+        for i, (w, b) in enumerate(zip(self.rest_w, self.rest_b)):
+            h = torch.baddbmm(b, self.acts[i](h), w)
+        logp = torch.log_softmax(h, dim=-1)
+        return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(self.M)))

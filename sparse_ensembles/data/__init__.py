@@ -1,0 +1,6 @@
+"""Real-data loaders with checks; see :mod:`sparse_ensembles.data.registry` for the lookup order."""
+from .errors import DataError
+from .idx import parse_idx, read_idx
+from .registry import DATASETS, download, load_idx_dataset, locate
+
+__all__ = ["DataError", "parse_idx", "read_idx", "DATASETS", "download", "load_idx_dataset", "locate"]

@@ -1,0 +1,1 @@
+"""Experiments: typed config, resumable pipeline stages, CLI."""

@@ -1,0 +1,53 @@
+"""``sparse-ensembles`` command line: run, evaluate, download."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data import DataError, download
+from ..training import DivergenceError
+from . import config as config_mod
+from .config import ConfigError
+from .pipeline import Pipeline, RunDirError, evaluate_run
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sparse-ensembles", description="Sparse structured ensembles by SG-MCMC and pruning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment config end to end")
+    run.add_argument("config", help="a TOML config (see configs/)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    run.add_argument("--out", help="run directory (default runs/<experiment.name>)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
+    ev.add_argument("run_dir")
+    dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
+    dl.add_argument("name", choices=["mnist", "fashion-mnist"])
+    dl.add_argument("--dest", help="target directory (default: the user cache)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            cfg = config_mod.load(args.config, args.set)
+            out = Path(args.out or Path("runs") / cfg.experiment.name)
+            print(f"run directory: {out}")
+            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress).run()
+        elif args.command == "evaluate":
+            run_dir = Path(args.run_dir)
+            if not (run_dir / "config.toml").exists():
+                raise RunDirError(f"{run_dir} holds no config.toml: not a run directory")
+            evaluate_run(run_dir, config_mod.load(run_dir / "config.toml"))
+        elif args.command == "download":
+            print(f"saved to {download(args.name, args.dest)}")
+    except (ConfigError, DataError, DivergenceError, RunDirError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is saved; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""PNG pictures of a run (matplotlib, headless)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_features: int) -> list[Path]:
+    written = []
+    # 1. error and NLL against the number of members averaged
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in curves.items():
+        ks = range(1, len(curve) + 1)
+        axes[0].plot(ks, [100 * c["error"] for c in curve], marker=".", label=name)
+        axes[1].plot(ks, [c["nll"] for c in curve], marker=".", label=name)
+    axes[0].set(xlabel="members averaged", ylabel="test error (%)", title="error vs ensemble size")
+    axes[1].set(xlabel="members averaged", ylabel="test NLL", title="NLL vs ensemble size")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "members_curve.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    # 2. the accuracy-cost frontier
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        for ax, key in zip(axes, ("params_ratio", "flops_ratio")):
+            ax.scatter(r[key], 100 * r["error"])
+            ax.annotate(r["method"], (r[key], 100 * r["error"]), fontsize=7)
+    axes[0].set(xscale="log", xlabel="parameters (x one dense model)", ylabel="test error (%)")
+    axes[1].set(xscale="log", xlabel="FLOPs (x one dense model)", ylabel="test error (%)")
+    fig.suptitle("accuracy-cost frontier")
+    fig.tight_layout()
+    written.append(out / "frontier.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    # 3. input pixels that survive structured pruning (28 x 28 inputs only)
+    side = int(round(math.sqrt(in_features)))
+    for name, models in members.items():
+        if side * side != in_features or not all(hasattr(m, "input_index") for m in models):
+            continue
+        cols = min(6, len(models))
+        rows = math.ceil(len(models) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for k, (ax, m) in enumerate(zip(axes.flat, models)):
+            img = [0.0] * in_features
+            for i in m.input_index.tolist():
+                img[i] = 1.0
+            ax.imshow([img[r * side:(r + 1) * side] for r in range(side)], cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"#{k}: {len(m.input_index)} px", fontsize=7)
+        fig.suptitle(f"{name}: live input pixels per member")
+        fig.tight_layout()
+        slug = name.replace(" ", "_").replace("+", "_").replace("%", "pct")
+        written.append(out / f"pixels_{slug}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written

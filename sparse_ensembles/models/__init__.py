@@ -1,0 +1,3 @@
+from .mlp import mlp
+
+__all__ = ["mlp"]

@@ -1,0 +1,119 @@
+"""Priors as stateless math objects over *named* parameters.
+
+Every prior offers ``neg_log_prob(params)`` (up to a constant) and
+``add_grad_(grads, params, num_data)``, which adds ``grad(-log p(theta)) / num_data`` into
+``grads`` in place. Dividing by ``N = num_data`` puts the prior in the units of the *mean*
+minibatch loss that ``backward()`` sees (docs/scaling.md): with temperature 0 a sampler is then
+exactly SGD with the prior as weight decay.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .structure import GroupFamily
+
+
+class Prior:
+    def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def add_grad_(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], num_data: int) -> None:
+        raise NotImplementedError
+
+
+def _check_positive(name: str, value: float) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+class Gaussian(Prior):
+    """Isotropic N(0, 1/precision) on every parameter: -log p = precision/2 * ||theta||^2."""
+
+    def __init__(self, precision: float):
+        self.precision = _check_positive("Gaussian precision", precision)
+
+    def neg_log_prob(self, params):
+        return 0.5 * self.precision * sum(p.pow(2).sum() for p in params.values())
+
+    def add_grad_(self, grads, params, num_data):
+        wd = self.precision / num_data  # the equivalent SGD weight decay
+        for name, g in grads.items():
+            g.add_(params[name], alpha=wd)
+
+
+class Laplace(Prior):
+    """Laplace(0, scale) on every parameter: -log p = ||theta||_1 / scale (subgradient 0 at 0)."""
+
+    def __init__(self, scale: float):
+        self.scale = _check_positive("Laplace scale", scale)
+
+    def neg_log_prob(self, params):
+        return sum(p.abs().sum() for p in params.values()) / self.scale
+
+    def add_grad_(self, grads, params, num_data):
+        alpha = 1.0 / (self.scale * num_data)
+        for name, g in grads.items():
+            g.add_(params[name].sign(), alpha=alpha)
+
+
+class GroupLasso(Prior):
+    """Group sparse prior (GSP) of Zhang & Ou 2018, eq. (5):
+
+        -log p(theta) = lam * sum_g sqrt(dim_g) * ||theta_g||_2
+
+    over the declared ``groups``. Its gradient ``lam * sqrt(dim_g) * theta_g / ||theta_g||`` is
+    taken as 0 on an all-zero group (the minimal-norm subgradient), so it stays finite there.
+    Parameters not in any group get no prior from this object; combine with ``Sum`` if needed.
+    """
+
+    def __init__(self, groups: Sequence[GroupFamily], lam: float, eps: float = 1e-12):
+        self.groups = list(groups)
+        if not self.groups:
+            raise ValueError("GroupLasso needs at least one GroupFamily (see model.unit_groups())")
+        self.lam = _check_positive("group Lasso lambda", lam)
+        self.eps = eps
+
+    def _check(self, params):
+        for fam in self.groups:
+            for part in fam.parts:
+                if part.param not in params:
+                    raise KeyError(
+                        f"group {fam.name!r} refers to parameter {part.param!r}, which the sampler "
+                        f"does not hold (it holds {sorted(params)[:6]}...); pass "
+                        "model.named_parameters() to the sampler so names are known"
+                    )
+
+    def neg_log_prob(self, params):
+        self._check(params)
+        return self.lam * sum(math.sqrt(f.group_dim(params)) * f.norms(params).sum() for f in self.groups)
+
+    def add_grad_(self, grads, params, num_data):
+        self._check(params)
+        for fam in self.groups:
+            norms = fam.norms(params)
+            coef = self.lam * math.sqrt(fam.group_dim(params)) / num_data
+            # theta_g / ||theta_g||, and exactly 0 where the whole group is 0
+            scale = torch.where(norms > self.eps, coef / norms.clamp_min(self.eps), torch.zeros_like(norms))
+            for part in fam.parts:
+                if part.param in grads:
+                    p = params[part.param]
+                    grads[part.param].addcmul_(fam.expand(scale, part, p), p)
+
+
+class Sum(Prior):
+    """Sum of priors, e.g. GroupLasso + a weak Gaussian on biases."""
+
+    def __init__(self, *priors: Prior):
+        self.priors = priors
+
+    def neg_log_prob(self, params):
+        return sum(p.neg_log_prob(params) for p in self.priors)
+
+    def add_grad_(self, grads, params, num_data):
+        for p in self.priors:
+            p.add_grad_(grads, params, num_data)

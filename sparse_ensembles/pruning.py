@@ -1,0 +1,129 @@
+"""Pruning masks. Masks are data: ``dict[name, BoolTensor]`` with True = keep.
+
+``sparsity`` is always the fraction *removed*, in [0, 1]. Mask builders never change the model;
+:func:`apply_masks` zeroes the pruned entries and :func:`keep_pruned_at_zero` makes any torch
+optimizer leave them at zero during retraining (the samplers take ``masks=`` directly).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .structure import GroupFamily
+
+Masks = dict[str, Tensor]
+
+
+def _check_sparsity(sparsity: float) -> float:
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity <= 1.0):
+        raise ValueError(f"sparsity is the fraction removed and must lie in [0, 1]; got {sparsity!r}")
+    return float(sparsity)
+
+
+def prunable_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The weight matrices (dim >= 2) of a model — biases are never pruned by magnitude."""
+    return {n: p for n, p in model.named_parameters() if p.dim() >= 2}
+
+
+def _keep_largest(scores: Tensor, sparsity: float) -> Tensor:
+    """Bool mask keeping the ``round((1 - sparsity) * n)`` largest scores (ties by position)."""
+    n = scores.numel()
+    n_remove = int(round(sparsity * n))
+    keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+    if n_remove > 0:
+        keep[torch.argsort(scores.flatten(), stable=True)[:n_remove]] = False
+    return keep.view_as(scores)
+
+
+def magnitude_masks(params: Mapping[str, Tensor], sparsity: float, *, scope: str = "global") -> Masks:
+    """Unstructured magnitude pruning: remove the ``sparsity`` fraction of smallest |w|.
+
+    ``scope="global"``: one threshold over all given tensors; ``"layer"``: the same fraction in
+    each tensor.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if scope == "layer":
+        return {n: _keep_largest(p.detach().abs(), sparsity) for n, p in params.items()}
+    if scope != "global":
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    names = list(params)
+    flat = torch.cat([params[n].detach().abs().flatten() for n in names])
+    keep = _keep_largest(flat, sparsity)
+    out, start = {}, 0
+    for n in names:
+        k = params[n].numel()
+        out[n] = keep[start:start + k].view_as(params[n])
+        start += k
+    return out
+
+
+def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
+                sparsity: Optional[float] = None, threshold: Optional[float] = None) -> Masks:
+    """Structured pruning of whole groups (neurons, LSTM units, blocks) by group norm.
+
+    Scores are RMS norms ``||theta_g|| / sqrt(dim_g)`` so families of different group sizes are
+    comparable. Either remove the ``sparsity`` fraction of groups with the lowest score in each
+    family, or every group whose score is below ``threshold``.
+    """
+    if (sparsity is None) == (threshold is None):
+        raise ValueError("group_masks needs exactly one of sparsity= or threshold=")
+    out: Masks = {}
+    for fam in groups:
+        score = fam.norms(params) / math.sqrt(fam.group_dim(params))
+        if sparsity is not None:
+            keep = _keep_largest(score, _check_sparsity(sparsity))
+        else:
+            keep = score >= threshold
+        for part in fam.parts:
+            p = params[part.param]
+            m = fam.expand(keep, part, p)
+            out[part.param] = out[part.param] & m if part.param in out else m.clone()
+    return out
+
+
+def combine(*mask_sets: Mapping[str, Tensor]) -> Masks:
+    """Entry kept only if every mask set that mentions it keeps it."""
+    out: Masks = {}
+    for masks in mask_sets:
+        for n, m in masks.items():
+            out[n] = out[n] & m if n in out else m.clone()
+    return out
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Set pruned entries to exactly zero, in place."""
+    params = dict(model.named_parameters())
+    for n, m in masks.items():
+        if n not in params:
+            raise KeyError(f"mask names {n!r}, which is not a parameter of the model")
+        params[n].mul_(m.to(params[n].dtype))
+
+
+def keep_pruned_at_zero(model: nn.Module, masks: Mapping[str, Tensor]) -> list:
+    """Zero the gradients of pruned entries with hooks, so SGD/Adam/momentum (with or without
+    weight decay) keep masked weights at exactly zero. Returns the hook handles (``.remove()``)."""
+    params = dict(model.named_parameters())
+    handles = []
+    for n, m in masks.items():
+        mf = m.to(params[n].dtype)
+        handles.append(params[n].register_hook(lambda g, mf=mf: g * mf))
+    return handles
+
+
+def masks_from_zeros(params: Mapping[str, Tensor]) -> Masks:
+    return {n: p.detach() != 0 for n, p in params.items()}
+
+
+def sparsity_of(masks: Mapping[str, Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:
+    """Deng et al. 2019's pruning schedule ``s_k = S * (1 - D ** (k / U))``: sparsity ``final`` = S
+    approached geometrically, ``rate`` = D in (0, 1), ``period`` = U steps."""
+    return _check_sparsity(final) * (1.0 - rate ** (step / period))

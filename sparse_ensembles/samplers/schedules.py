@@ -1,0 +1,50 @@
+"""Step-size schedules: callables ``step -> lr`` (step counts from 0).
+
+Every sampler takes ``lr`` as a number or as one of these (or any callable of the step).
+Schedules are plain frozen dataclasses so configs can name them and tests can compare them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Constant:
+    lr: float
+
+    def __call__(self, step: int) -> float:
+        return self.lr
+
+
+@dataclass(frozen=True)
+class StepDecay:
+    """``lr * factor ** (step // every)`` — e.g. the SSE paper's SGD: 0.5, halved every 10 epochs."""
+
+    lr: float
+    factor: float
+    every: int
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.factor ** (step // self.every)
+
+
+@dataclass(frozen=True)
+class Polynomial:
+    """``a / (b + step) ** gamma`` — the decaying step of Welling & Teh 2011 and of SA updates
+    (Deng et al. 2019 use c / (A + k)^alpha with c=0.02, A=1000, alpha=0.75)."""
+
+    a: float
+    b: float = 1.0
+    gamma: float = 0.55
+
+    def __call__(self, step: int) -> float:
+        return self.a / (self.b + step) ** self.gamma
+
+
+def resolve(lr, step: int) -> float:
+    """The learning rate at ``step`` for a number or a schedule."""
+    value = lr(step) if callable(lr) else lr
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"learning rate at step {step} is {value}; it must be finite and >= 0")
+    return value

@@ -1,0 +1,263 @@
+"""Stochastic-gradient MCMC samplers as ``torch.optim.Optimizer`` subclasses.
+
+Scaling convention (docs/scaling.md): the loss given to ``backward()`` is the *mean* negative
+log-likelihood of the minibatch; the sampler knows ``num_data = N`` and a temperature ``T`` and
+targets ``p(theta | D) ** (1 / T)``. With ``U(theta) = mean_nll - log p(theta) / N``:
+
+    SGLD   theta <- theta - lr * grad U + sqrt(2 * lr * T / N) * xi                (Welling & Teh 2011)
+    SGHMC  v <- (1 - alpha) * v - lr * grad U + sqrt(2 * alpha * lr * T / N - lr^2 * V) * xi
+           theta <- theta + v                                                     (Chen et al. 2014)
+
+with ``xi ~ N(0, I)``. ``T = 0`` is plain SGD (SGD with momentum ``1 - alpha`` for SGHMC) with the
+prior as weight decay. Masked entries (``masks[name] == False``) get no update and no noise, so a
+pruned weight stays exactly where it is (zero after :func:`sparse_ensembles.pruning.apply_masks`).
+
+Parameters should be passed as ``model.named_parameters()`` so priors and masks can refer to them
+by name; a state-dict round trip (noise generator included) resumes a chain bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..priors import Prior
+from .schedules import resolve
+
+
+class _NoiseSource:
+    """Standard-normal noise for every parameter, one list per step, from one generator.
+
+    With ``prefetch=True`` the next step's noise is drawn in a worker thread while the model
+    computes its gradients (the draw is single-threaded in torch and costs about as much as an
+    MLP's whole SGD step). The sequence of draws is the same either way, so results do not depend
+    on ``prefetch``; ``get_state`` returns the state *before* any pending draw.
+    """
+
+    def __init__(self, params: list[Tensor], generator: torch.Generator, prefetch: bool):
+        self.params = params
+        self.generator = generator
+        self.prefetch = prefetch and all(p.device.type == "cpu" for p in params)
+        self._pending: Optional[Future] = None
+        self._state_before_pending: Optional[Tensor] = None
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def _draw(self) -> list[Tensor]:
+        return [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=self.generator) for p in self.params]
+
+    def next(self) -> list[Tensor]:
+        if not self.prefetch:
+            return self._draw()
+        noise = self._pending.result() if self._pending is not None else self._draw()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="sgmcmc-noise")
+        self._state_before_pending = self.generator.get_state()
+        self._pending = self._pool.submit(self._draw)
+        return noise
+
+    def get_state(self) -> Tensor:
+        if self._pending is not None:
+            return self._state_before_pending.clone()
+        return self.generator.get_state()
+
+    def set_state(self, state: Tensor) -> None:
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+        self.generator.set_state(state)
+
+
+class SGMCMC(Optimizer):
+    """Shared machinery: validation, named parameters, prior, masks, noise, schedules, state."""
+
+    def __init__(self, params, defaults: dict, *, num_data: int, prior: Optional[Prior],
+                 masks: Optional[Mapping[str, Tensor]], generator: Optional[torch.Generator],
+                 prefetch_noise: bool):
+        lr = defaults["lr"]
+        if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"invalid learning rate {lr!r}: use a number >= 0 or a schedule (step -> lr)")
+        if not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1:
+            raise ValueError(f"num_data must be the training-set size, a positive int; got {num_data!r}")
+        t = defaults["temperature"]
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"invalid temperature {t!r}: use a number >= 0 (1 = the posterior, 0 = SGD)")
+        super().__init__(params, defaults)
+        self.num_data = num_data
+        self.prior = prior
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        names = [n for g in self.param_groups for n in g.get("param_names", [])]
+        self._names = names if len(names) == len(self._params) else [f"param{i}" for i in range(len(self._params))]
+        self._by_name = dict(zip(self._names, self._params))
+        self._masks: dict[int, Tensor] = {}
+        if masks:
+            self.set_masks(masks)
+        if generator is None:
+            # seeded from the global RNG so torch.manual_seed makes a chain reproducible
+            device = self._params[0].device if self._params else torch.device("cpu")
+            generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()).item()))
+        self._noise = _NoiseSource(self._params, generator, prefetch_noise)
+
+    # -- masks ---------------------------------------------------------------------------------
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Fix a pruning mask (True = keep) for the named parameters; None entries are unmasked."""
+        unknown = sorted(set(masks) - set(self._by_name))
+        if unknown:
+            raise KeyError(
+                f"masks name parameters the sampler does not hold: {unknown[:5]}; pass "
+                "model.named_parameters() to the sampler so names match the model's"
+            )
+        self._masks = {}
+        for name, mask in masks.items():
+            p = self._by_name[name]
+            if mask.shape != p.shape:
+                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(p.shape)}")
+            self._masks[id(p)] = mask.to(device=p.device, dtype=p.dtype)
+
+    # -- the step ------------------------------------------------------------------------------
+    def _effective_grads(self) -> dict[int, Tensor]:
+        """grad U = grad mean_nll - grad log p / N, masked; keyed by id(param)."""
+        grads = {n: p.grad.clone() for n, p in self._by_name.items() if p.grad is not None}
+        if self.prior is not None:
+            self.prior.add_grad_(grads, {n: p.detach() for n, p in self._by_name.items()}, self.num_data)
+        out = {}
+        for n, g in grads.items():
+            p = self._by_name[n]
+            if not torch.isfinite(g).all():
+                raise FloatingPointError(
+                    f"non-finite gradient in {n!r}: the chain diverged; lower the learning rate "
+                    "or the temperature and resume from the last checkpoint"
+                )
+            m = self._masks.get(id(p))
+            out[id(p)] = g.mul_(m) if m is not None else g
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = self._effective_grads()
+        noise = dict(zip(map(id, self._params), self._noise.next()))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) not in grads:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    self._init_state(p, state, group)
+                lr = resolve(group["lr"], int(state["step"].item()))
+                z = noise[id(p)]
+                m = self._masks.get(id(p))
+                if m is not None:
+                    z.mul_(m)
+                self._update(p, grads[id(p)], z, lr, group, state)
+                state["step"] += 1
+        return loss
+
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
+        pass
+
+    def _update(self, p, grad, noise, lr, group, state) -> None:
+        raise NotImplementedError
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        # schedules are code, not data: they stay with the sampler that was constructed
+        for g in sd["param_groups"]:
+            if callable(g["lr"]):
+                g["lr"] = None
+        sd["noise_generator"] = self._noise.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        gen_state = state_dict.pop("noise_generator", None)
+        current_lrs = [g["lr"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, lr in zip(self.param_groups, current_lrs):
+            if g["lr"] is None:
+                g["lr"] = lr
+        if gen_state is not None:
+            self._noise.set_state(gen_state)
+
+
+class SGLD(SGMCMC):
+    r"""Stochastic gradient Langevin dynamics (Welling & Teh 2011) under the mean-loss convention:
+
+    ``theta <- theta - lr * (grad mean_nll - grad log p(theta) / N) + sqrt(2 * lr * T / N) * xi``.
+
+    Args:
+        params: ``model.named_parameters()`` (names let priors and masks find tensors).
+        lr: step size, a number or a schedule ``step -> lr``.
+        num_data: N, the number of training examples.
+        temperature: T; the chain targets p(theta | D)^(1/T). T = 0 is SGD.
+        prior: a :class:`~sparse_ensembles.priors.Prior`, or None for a flat prior.
+        masks: ``{name: BoolTensor}``, True = keep; masked entries are never changed.
+        generator: a ``torch.Generator`` for the noise (else one seeded from the global RNG).
+        prefetch_noise: draw the next step's noise in a worker thread (CPU only; same results).
+    """
+
+    def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, prior: Optional[Prior] = None,
+                 masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False):
+        super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
+                         masks=masks, generator=generator, prefetch_noise=prefetch_noise)
+
+    def _update(self, p, grad, noise, lr, group, state):
+        p.add_(grad, alpha=-lr)
+        t = group["temperature"]
+        if t > 0:
+            p.add_(noise, alpha=math.sqrt(2.0 * lr * t / self.num_data))
+
+
+class SGHMC(SGMCMC):
+    r"""Stochastic gradient Hamiltonian Monte Carlo (Chen, Fox & Guestrin 2014), SGD-momentum form:
+
+    ``v <- (1 - alpha) v - lr * grad U + sqrt(2 alpha lr T / N - lr^2 V) xi``;  ``theta <- theta + v``
+
+    where ``alpha = friction`` and ``V`` is an optional estimate of the minibatch-gradient variance
+    (``estimate_gradient_noise=True``: a running per-entry variance of the gradient, decay
+    ``noise_decay``; the injected variance is clamped at 0). ``T = 0`` is SGD with momentum
+    ``1 - alpha``. Other arguments as :class:`SGLD`.
+    """
+
+    def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, friction: float = 0.1,
+                 estimate_gradient_noise: bool = False, noise_decay: float = 0.99,
+                 prior: Optional[Prior] = None, masks=None, generator: Optional[torch.Generator] = None,
+                 prefetch_noise: bool = False):
+        if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
+            raise ValueError(f"invalid friction {friction!r}: use 0 < friction <= 1 (momentum = 1 - friction)")
+        if not 0 < noise_decay < 1:
+            raise ValueError(f"invalid noise_decay {noise_decay!r}: use 0 < noise_decay < 1")
+        super().__init__(params, dict(lr=lr, temperature=temperature, friction=friction,
+                                      estimate_gradient_noise=estimate_gradient_noise, noise_decay=noise_decay),
+                         num_data=num_data, prior=prior, masks=masks, generator=generator,
+                         prefetch_noise=prefetch_noise)
+
+    def _init_state(self, p, state, group):
+        state["momentum"] = torch.zeros_like(p)
+        if group["estimate_gradient_noise"]:
+            state["grad_mean"] = torch.zeros_like(p)
+            state["grad_sq"] = torch.zeros_like(p)
+
+    def _update(self, p, grad, noise, lr, group, state):
+        alpha, t = group["friction"], group["temperature"]
+        v = state["momentum"]
+        v.mul_(1 - alpha).add_(grad, alpha=-lr)
+        if t > 0:
+            var = 2.0 * alpha * lr * t / self.num_data
+            if group["estimate_gradient_noise"]:
+                d = group["noise_decay"]
+                state["grad_mean"].mul_(d).add_(grad, alpha=1 - d)
+                state["grad_sq"].mul_(d).addcmul_(grad, grad, value=1 - d)
+                grad_var = (state["grad_sq"] - state["grad_mean"].pow(2)).clamp_min_(0)
+                v.addcmul_((var - lr * lr * grad_var).clamp_min_(0).sqrt_(), noise)
+            else:
+                v.add_(noise, alpha=math.sqrt(var))
+        p.add_(v)
