@@ -1,0 +1,102 @@
+"""The tiny config end to end through the CLI, resume, bad input."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparse_ensembles.experiments.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.toml")
+KEYS = {"method", "members", "sparsity", "error", "nll", "ece", "brier", "params", "flops", "params_ratio",
+        "flops_ratio", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    assert main(["run", TINY, "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_tiny_config_runs_end_to_end_and_writes_results_members_and_plots(tiny_run):
+    rows = json.loads((tiny_run / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["SGD x1", "SGD x2", "SGLD x3", "SGLD+GSP x3", "SGLD+GSP+PR 90%"]
+    for r in rows:
+        assert KEYS <= set(r)
+        assert 0 <= r["error"] <= 1 and r["nll"] > 0
+    pruned = rows[-1]
+    assert pruned["params"] < rows[2]["params"] and pruned["flops"] <= rows[2]["flops"]
+    assert (tiny_run / "config.toml").exists()
+    assert len(list((tiny_run / "pruned_90").glob("member_*.pt"))) == 3
+    for png in ("members_curve.png", "frontier.png", "pixels_SGLD_GSP_PR_90pct.png"):
+        assert (tiny_run / png).stat().st_size > 1000
+
+
+def test_resume_redoes_only_missing_work(tiny_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    kept = out / "sgld" / "sample_000.pt"
+    stamp = kept.stat().st_mtime_ns
+    (out / "pruned_90" / "member_001.pt").unlink()
+    assert main(["run", TINY, "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert kept.stat().st_mtime_ns == stamp  # finished samples are not recomputed
+    assert (out / "pruned_90" / "member_001.pt").exists()
+
+
+def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tiny_run, tmp_path):
+    out = tmp_path / "cut"
+    shutil.copytree(tiny_run, out)
+    # pretend the GSP chain stopped after epoch 3: drop its later samples and results
+    import torch
+    from sparse_ensembles import checkpoint
+
+    for f in ["done.json", "sample_001.pt", "sample_002.pt"]:
+        (out / "sgld_gsp" / f).unlink()
+    shutil.rmtree(out / "pruned_90")
+    # rebuild the epoch-3 chain state by rerunning the chain only up to there
+    assert main(["run", TINY, "--out", str(tmp_path / "short"), "--no-progress", "--set", "sgld.samples=1",
+                 "--set", "sgd.members=0", "--set", "prune.sparsities=[]"]) == 0
+    shutil.copy(tmp_path / "short" / "sgld_gsp" / "chain.pt", out / "sgld_gsp" / "chain.pt")
+    assert main(["run", TINY, "--out", str(out), "--resume", "--no-progress"]) == 0
+    for k in (1, 2):
+        a = torch.load(out / "sgld_gsp" / f"sample_00{k}.pt", weights_only=True)["state_dict"]
+        b = torch.load(tiny_run / "sgld_gsp" / f"sample_00{k}.pt", weights_only=True)["state_dict"]
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_evaluate_recomputes_the_same_table(tiny_run, capsys):
+    before = json.loads((tiny_run / "results.json").read_text())
+    assert main(["evaluate", str(tiny_run)]) == 0
+    after = json.loads((tiny_run / "results.json").read_text())
+    assert [r["error"] for r in after] == [r["error"] for r in before]
+    assert "SGLD+GSP+PR 90%" in capsys.readouterr().out
+
+
+def test_existing_run_directory_without_resume_is_refused(tiny_run, capsys):
+    assert main(["run", TINY, "--out", str(tiny_run), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_diverging_chain_gives_clear_error_and_leaves_no_partial_files(tmp_path, capsys):
+    out = tmp_path / "boom"
+    code = main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0",
+                 "--set", "sgld.lr=1e12"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "diverged" in err and "learning rate" in err
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+    for f in out.rglob("*.pt"):  # whatever was written is complete and loadable
+        import torch
+        torch.load(f, weights_only=True)
+
+
+def test_bad_config_value_and_missing_data_are_clear_errors(tmp_path, capsys, monkeypatch):
+    assert main(["run", TINY, "--out", str(tmp_path / "a"), "--set", "prune.scope=diagonal"]) == 2
+    assert "prune.scope" in capsys.readouterr().err
+    monkeypatch.setenv("SPARSE_ENSEMBLES_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["run", TINY, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err

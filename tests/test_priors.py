@@ -1,0 +1,65 @@
+import math
+
+import torch
+from torch import nn
+
+from sparse_ensembles.priors import Gaussian, GroupLasso, Laplace
+from sparse_ensembles.structure import GroupFamily, Part, sequential_groups
+
+
+def _mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+
+
+def _autograd_grad(prior, params):
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+    prior.neg_log_prob(leaves).backward()
+    return {n: p.grad for n, p in leaves.items()}
+
+
+def test_group_lasso_gradient_matches_autograd_divided_by_num_data():
+    model = _mlp()
+    params = dict(model.named_parameters())
+    prior = GroupLasso(sequential_groups(model), lam=0.7)
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    prior.add_grad_(grads, {n: p.detach() for n, p in params.items()}, num_data=10)
+    expected = _autograd_grad(prior, params)
+    for n in params:
+        if n.endswith("bias"):  # biases belong to no group: no prior from GroupLasso
+            assert expected[n] is None and torch.equal(grads[n], torch.zeros_like(grads[n]))
+        else:
+            torch.testing.assert_close(grads[n], expected[n] / 10)
+
+
+def test_group_lasso_value_is_lambda_sqrt_dim_times_group_norms():
+    w = torch.tensor([[3.0, 0.0], [4.0, 1.0]])  # columns are groups: norms 5 and 1, dim 2
+    fam = GroupFamily("cols", 2, (Part("w", 1),))
+    assert math.isclose(float(GroupLasso([fam], 2.0).neg_log_prob({"w": w})), 2.0 * math.sqrt(2) * 6, rel_tol=1e-6)
+
+
+def test_group_lasso_gradient_is_finite_and_zero_on_an_all_zero_group():
+    w = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    fam = GroupFamily("cols", 2, (Part("w", 1),))
+    g = {"w": torch.zeros(2, 2)}
+    GroupLasso([fam], 1.0).add_grad_(g, {"w": w}, num_data=1)
+    assert torch.isfinite(g["w"]).all()
+    assert torch.equal(g["w"][:, 0], torch.zeros(2))
+
+
+def test_lstm_style_blocked_group_spans_all_four_gates():
+    n = 3
+    w = torch.zeros(4 * n, 2)
+    w[1::n] = 1.0  # unit 1 in every gate
+    fam = GroupFamily("units", n, (Part("w", 0, blocks=4),))
+    norms = fam.norms({"w": w})
+    torch.testing.assert_close(norms, torch.tensor([0.0, math.sqrt(8), 0.0]))
+
+
+def test_gaussian_and_laplace_gradients_match_autograd():
+    params = {"a": torch.randn(5, 3), "b": torch.randn(4)}
+    for prior in (Gaussian(3.0), Laplace(0.5)):
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        prior.add_grad_(grads, params, num_data=4)
+        expected = _autograd_grad(prior, params)
+        for n in params:
+            torch.testing.assert_close(grads[n], expected[n] / 4)
