@@ -60,6 +60,7 @@ class SGLDConfig:
     thin: int = 5
     samples: int = 18
     prior_precision: float = 1.0  # Gaussian prior N(0, 1/precision) on every weight and bias
+    plain_chain: bool = True  # also run a chain with the Gaussian prior only (the "SGLD xM" row)
     prefetch_noise: bool = True
 
     @property

@@ -110,7 +110,8 @@ class Pipeline:
         self.train_sgd(data)
         n = len(data.x_train)
         if self.cfg.sgld.samples:
-            self.run_chain(data, "sgld", Gaussian(self.cfg.sgld.prior_precision))
+            if self.cfg.sgld.plain_chain:
+                self.run_chain(data, "sgld", Gaussian(self.cfg.sgld.prior_precision))
             if self.cfg.gsp.enabled:
                 model = self._new_model(0)
                 gsp = Sum(GroupLasso(groups_of(model), self.cfg.gsp.lam), Gaussian(self.cfg.sgld.prior_precision))

@@ -1,0 +1,90 @@
+"""Inference latency on the 10k test images: one dense model, the dense ensemble, and the
+compacted sparse ensemble (members physically shrunk), in batches of 100 and as one batch of 10k.
+
+Members come from a finished run (default: runs/mnist_fnn_sse, SGD members and the 96% pruned
+members). The compacted ensemble is timed two ways: member by member (``Ensemble`` of
+``CompactMLP``) and fused into batched matmuls (``FusedMLPEnsemble``, zero-padded to the widest
+member). Every variant runs in one process, interleaved, repeated; medians are reported.
+Target: compacted ensemble of 18 at <= 1.5x the latency of one dense model (batch 100).
+
+    python benchmarks/compact_inference.py [--run DIR] [--sparsity 96] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import median, timed, write  # noqa: E402
+
+from sparse_ensembles import checkpoint, metrics  # noqa: E402
+from sparse_ensembles.compact import FusedMLPEnsemble  # noqa: E402
+from sparse_ensembles.data import load_idx_dataset  # noqa: E402
+from sparse_ensembles.ensembles import Ensemble  # noqa: E402
+from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/mnist_fnn_sse")
+    ap.add_argument("--sparsity", default="96")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    run = Path(args.run)
+    dense_files = sorted((run / "sgd").glob("member_*.pt"))
+    sparse_files = sorted((run / f"pruned_{args.sparsity}").glob("member_*.pt"))
+    if not dense_files or not sparse_files:
+        sys.exit(f"{run} has no SGD members or no pruned_{args.sparsity} members; run "
+                 "`sparse-ensembles run configs/mnist_fnn_sse.toml` first (or pass --run)")
+    cfg = config_mod.load(run / "config.toml")
+    _, _, x, y = load_idx_dataset(cfg.data.name, cfg.data.path or None)
+    dense = [checkpoint.load_member(f)[0] for f in dense_files]
+    sparse = [checkpoint.load_member(f)[0] for f in sparse_files]
+    m = len(sparse)
+    dense = (dense * m)[:m] if len(dense) < m else dense[:m]  # same ensemble size on both sides
+    models = {"single_dense": dense[0], "dense_ensemble": Ensemble(dense), "compact_ensemble": Ensemble(sparse),
+              "fused_compact_ensemble": FusedMLPEnsemble(sparse)}
+    for mod in models.values():
+        mod.eval()
+    with torch.no_grad():
+        ref = models["compact_ensemble"](x)
+        gap = (models["fused_compact_ensemble"](x) - ref).abs().max().item()
+    reps = 5 if args.quick else 21
+    batches = [x[i:i + 100] for i in range(0, len(x), 100)]
+    times = {(k, b): [] for k in models for b in ("b100", "b10k")}
+    with torch.inference_mode():
+        for r in range(reps + 1):
+            for k, mod in models.items():
+                t100 = timed(lambda: [mod(b) for b in batches])
+                t10k = timed(lambda: mod(x))
+                if r:
+                    times[(k, "b100")].append(t100)
+                    times[(k, "b10k")].append(t10k)
+    med = {f"{k}_{b}_seconds": median(v) for (k, b), v in times.items()}
+    base100, base10k = med["single_dense_b100_seconds"], med["single_dense_b10k_seconds"]
+    cost = {k: metrics.cost(v) for k, v in {"single_dense": [dense[0]], "dense_ensemble": dense, "compact_ensemble": sparse}.items()}
+    # the compacted ensemble is the fused execution of the shrunk members (same function, checked above)
+    out = {"run": str(run), "members": m, "sparsity_pct": args.sparsity, "repetitions": reps,
+           "fused_vs_member_by_member_max_abs_gap": gap, **med,
+           "compact_ensemble_vs_single_dense": med["fused_compact_ensemble_b100_seconds"] / base100,
+           "member_by_member_compact_ensemble_vs_single_dense": med["compact_ensemble_b100_seconds"] / base100,
+           "dense_ensemble_vs_single_dense": med["dense_ensemble_b100_seconds"] / base100,
+           "compact_ensemble_vs_single_dense_b10k": med["fused_compact_ensemble_b10k_seconds"] / base10k,
+           "dense_ensemble_vs_single_dense_b10k": med["dense_ensemble_b10k_seconds"] / base10k,
+           "cost": cost, "target": 1.5, "quick": args.quick,
+           "test_error": {"single_dense": metrics.error(metrics.predict_logprobs(dense[0], x), y),
+                          "compact_ensemble": metrics.error(ref, y)}}
+    path = write("compact_inference" + ("_quick" if args.quick else ""), out)
+    for k in models:
+        print(f"{k:<24} batch100 {1e3 * med[k + '_b100_seconds']:8.1f} ms   batch10k {1e3 * med[k + '_b10k_seconds']:8.1f} ms")
+    print(f"compact_inference: {m} members at {args.sparsity}%: compact_ensemble_vs_single_dense "
+          f"{out['compact_ensemble_vs_single_dense']:.2f} (member by member "
+          f"{out['member_by_member_compact_ensemble_vs_single_dense']:.2f}), dense_ensemble_vs_single_dense "
+          f"{out['dense_ensemble_vs_single_dense']:.2f} (batch 100; target <= 1.5) -> {path.name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Epoch time of SGLD and SGHMC against torch.optim.SGD on the 784-300-100-10 MLP (batch 100).
+
+All optimizers run in one process, interleaved round by round, on real MNIST when it is found
+(random images of the same shape otherwise); each ratio is median(sampler) / median(SGD) at the
+same torch thread count. SGLD/SGHMC draw their noise in a worker thread (``prefetch_noise``); the
+inline variant is reported too. Target: ratio <= 1.3 on CPU.
+
+    python benchmarks/sampler_overhead.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import median, timed, write  # noqa: E402
+
+from sparse_ensembles.models import mlp  # noqa: E402
+from sparse_ensembles.samplers import SGHMC, SGLD  # noqa: E402
+from sparse_ensembles.training import minibatches, train_epoch  # noqa: E402
+
+
+def data():
+    try:
+        from sparse_ensembles.data import load_idx_dataset
+
+        x, y, _, _ = load_idx_dataset("mnist")
+        return x, y, "mnist"
+    except Exception:  # the benchmark measures speed; any 60k x 784 data will do
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(60000, 28, 28, generator=g), torch.randint(0, 10, (60000,), generator=g), "random"
+
+
+def make(kind: str, model, n: int):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+    prefetch = not kind.endswith("_inline")
+    if kind.startswith("sgld"):
+        return SGLD(model.named_parameters(), 0.1, num_data=n, temperature=1.0, prefetch_noise=prefetch)
+    return SGHMC(model.named_parameters(), 0.01, num_data=n, friction=0.1, prefetch_noise=prefetch)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions and 1/4 epochs (< 60 s)")
+    args = ap.parse_args()
+    x, y, source = data()
+    reps, n_use = (3, 15000) if args.quick else (7, 60000)
+    x, y = x[:n_use], y[:n_use]
+    kinds = ["sgd", "sgld", "sghmc", "sgld_inline", "sghmc_inline"]
+    out = {"data": source, "examples_per_epoch": n_use, "repetitions": reps, "by_threads": {}}
+    default_threads = torch.get_num_threads()
+    for threads in sorted({1, default_threads}):
+        torch.set_num_threads(threads)
+        times = {k: [] for k in kinds}
+        for r in range(reps + 1):  # round 0 warms up
+            for k in kinds:
+                torch.manual_seed(r)
+                model = mlp([784, 300, 100, 10])
+                opt = make(k, model, n_use)
+                gen = torch.Generator().manual_seed(r)
+                t = timed(lambda: train_epoch(model, opt, minibatches(x, y, 100, gen)))
+                if r:
+                    times[k].append(t)
+        med = {k: median(v) for k, v in times.items()}
+        out["by_threads"][str(threads)] = {"median_epoch_seconds": med,
+                                           **{f"{k}_vs_sgd": med[k] / med["sgd"] for k in kinds[1:]}}
+        print(f"threads={threads}: " + ", ".join(f"{k} {med[k]:.3f}s" for k in kinds))
+    torch.set_num_threads(default_threads)
+    # headline: the thread count the shipped configs use (1), plus the best-vs-best comparison
+    one = out["by_threads"]["1"]
+    best = {k: min(out["by_threads"][t]["median_epoch_seconds"][k] for t in out["by_threads"]) for k in kinds}
+    out.update(sgld_vs_sgd=one["sgld_vs_sgd"], sghmc_vs_sgd=one["sghmc_vs_sgd"],
+               sgld_vs_sgd_best_settings=best["sgld"] / best["sgd"], sghmc_vs_sgd_best_settings=best["sghmc"] / best["sgd"],
+               target=1.3, quick=args.quick)
+    path = write("sampler_overhead" + ("_quick" if args.quick else ""), out)
+    print(f"sampler_overhead: sgld_vs_sgd {out['sgld_vs_sgd']:.2f}, sghmc_vs_sgd {out['sghmc_vs_sgd']:.2f} "
+          f"(1 thread; best settings {out['sgld_vs_sgd_best_settings']:.2f} / {out['sghmc_vs_sgd_best_settings']:.2f}; "
+          f"target <= 1.3) -> {path.name}")
+
+
+if __name__ == "__main__":
+    main()

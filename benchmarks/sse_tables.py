@@ -1,0 +1,51 @@
+"""The SSE paper's FNN tables from the shipped configs, via the same pipeline as the CLI.
+
+Runs (or resumes) ``configs/<name>.toml`` into ``runs/<name>`` and copies its rows to
+``benchmarks/results/<name>.json`` with the machine and the wall time.
+
+    python benchmarks/sse_tables.py mnist_fnn_sse fmnist_fnn_sse     # the full tables (about 1 h each on 1 core)
+    python benchmarks/sse_tables.py --quick mnist_fnn_sse             # same rows on a 5k subset, short chains (< 60 s)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import write  # noqa: E402
+
+from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+from sparse_ensembles.experiments.pipeline import Pipeline  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["data.train_subset=5000", "data.test_subset=2000", "sgd.members=3", "sgd.epochs=3", "sgld.burn_in=2",
+         "sgld.thin=1", "sgld.samples=3", "retrain.epochs=1"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("names", nargs="+", help="config names under configs/")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    for name in args.names:
+        cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", QUICK if args.quick else [])
+        out = ROOT / "runs" / (name + ("_quick" if args.quick else ""))
+        t0 = time.perf_counter()
+        rows = Pipeline(cfg, out, resume=True, progress=False).run()
+        wall = time.perf_counter() - t0
+        total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
+        path = write(name + ("_quick" if args.quick else ""),
+                     {"config": f"configs/{name}.toml", "overrides": QUICK if args.quick else [],
+                      "wall_seconds_this_invocation": wall, "summed_train_seconds": total_train, "rows": rows})
+        best = {r["method"]: r for r in rows}
+        sparse = [r for r in rows if r["method"].startswith("SGLD+GSP+PR")]
+        msg = ", ".join(f"{r['method']} {100 * r['error']:.2f}% at {r['params_ratio']:.2f}x params / "
+                        f"{r['flops_ratio']:.2f}x FLOPs" for r in sparse)
+        sgd1 = best.get("SGD x1")
+        print(f"{name}: SGD x1 {100 * sgd1['error']:.2f}%; {msg} -> {path.name}" if sgd1 else f"{name}: {msg}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+import re
+from pathlib import Path
+
+import torch
+
+from sparse_ensembles.compact import CompactMLP
+from sparse_ensembles.metrics import nonzero_params
+
+
+def test_readme_library_snippet_runs_and_builds_a_shrunk_ensemble(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- snippet:library -->\s*```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 30
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    members, ensemble, x = scope["members"], scope["ensemble"], scope["x"]
+    assert len(members) == 3 and all(isinstance(m, CompactMLP) for m in members)
+    dense = 784 * 100 + 100 + 100 * 10 + 10
+    assert all(m.widths[-1] == 10 and nonzero_params(m) < 0.15 * dense for m in members)
+    probs = ensemble(x[:5]).exp().sum(-1)
+    torch.testing.assert_close(probs, torch.ones(5))
