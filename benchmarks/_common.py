@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+if "SPARSE_ENSEMBLES_DATA" not in os.environ and _SHARED.is_dir():
+    os.environ["SPARSE_ENSEMBLES_DATA"] = str(_SHARED)  # our machines keep MNIST in ../shared/data
 
 
 def machine() -> dict:
