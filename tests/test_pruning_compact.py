@@ -87,3 +87,17 @@ def test_ensemble_returns_log_of_mean_member_probabilities():
     x = torch.randn(7, 4)
     expected = torch.stack([torch.softmax(m(x), -1) for m in members]).mean(0).log()
     torch.testing.assert_close(Ensemble(members)(x), expected)
+
+
+def test_gradual_sparsity_schedule_starts_at_zero_and_approaches_the_target():
+    assert pruning.gradual_sparsity(0, 0.9, rate=0.5, period=10) == 0.0
+    assert pruning.gradual_sparsity(10, 0.9, rate=0.5, period=10) == pytest.approx(0.45)
+    assert pruning.gradual_sparsity(1000, 0.9, rate=0.5, period=10) == pytest.approx(0.9)
+
+
+def test_group_threshold_masks_drop_neurons_whose_rms_weight_is_below_it():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.5, 1e-4, 0.5], [0.5, -1e-4, 0.5]]))
+    masks = pruning.group_masks(dict(model.named_parameters()), sequential_groups(model)[:1], threshold=1e-3)
+    assert torch.equal(masks["0.weight"].all(0), torch.tensor([True, False, True]))

@@ -159,3 +159,18 @@ def test_non_finite_gradient_is_reported_as_divergence():
     p.grad = torch.tensor([float("nan"), 0.0])
     with pytest.raises(FloatingPointError, match="diverged"):
         opt.step()
+
+
+def test_sghmc_gradient_noise_estimate_reduces_injected_noise():
+    """With a noisy constant-mean gradient, the estimate V subtracts lr^2 V from the noise variance."""
+    moves = {}
+    for estimate in (False, True):
+        p = nn.Parameter(torch.zeros(2000))
+        opt = SGHMC([("p", p)], 0.1, num_data=1, friction=0.5, estimate_gradient_noise=estimate,
+                    generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        for _ in range(200):
+            p.grad = torch.randn(2000, generator=g)  # pure gradient noise, variance 1
+            opt.step()
+        moves[estimate] = opt.state[p]["momentum"].var().item()
+    assert moves[True] < moves[False]
