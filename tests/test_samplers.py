@@ -174,3 +174,11 @@ def test_sghmc_gradient_noise_estimate_reduces_injected_noise():
             opt.step()
         moves[estimate] = opt.state[p]["momentum"].var().item()
     assert moves[True] < moves[False]
+
+
+def test_cyclical_schedule_is_constant_in_burn_in_then_decays_to_near_zero_each_cycle():
+    from sparse_ensembles.samplers import Cyclical
+
+    s = Cyclical(0.2, cycle=10, start=5)
+    assert s(0) == s(4) == 0.2 and s(5) == pytest.approx(0.2)
+    assert s(14) < 0.01 and s(15) == pytest.approx(0.2)

@@ -55,6 +55,7 @@ class SGDConfig:
 class SGLDConfig:
     """One chain per prior; samples after epoch burn_in + thin * k, k = 1..samples."""
     lr: float = 0.5
+    schedule: str = "constant"  # constant | cyclical (cosine cycles of `thin` epochs after burn-in)
     temperature: float = 1.0
     burn_in: int = 10
     thin: int = 5
@@ -136,6 +137,7 @@ def _validate(cfg: Config) -> None:
     for k in ("lr",):
         need(getattr(cfg.sgd, k) > 0, f"sgd.{k}", "must be > 0")
         need(getattr(cfg.sgld, k) > 0, f"sgld.{k}", "must be > 0")
+    need(cfg.sgld.schedule in ("constant", "cyclical"), "sgld.schedule", "use 'constant' or 'cyclical'")
     need(cfg.sgld.temperature >= 0, "sgld.temperature", "must be >= 0")
     need(cfg.sgld.burn_in >= 0 and cfg.sgld.thin >= 1 and cfg.sgld.samples >= 0, "sgld.samples",
          "need burn_in >= 0, thin >= 1, samples >= 0")

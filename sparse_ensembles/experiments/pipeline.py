@@ -35,7 +35,7 @@ from ..data import load_idx_dataset
 from ..ensembles import mean_of_probs
 from ..models import mlp
 from ..priors import Gaussian, GroupLasso, Sum
-from ..samplers import SGLD
+from ..samplers import SGLD, Cyclical
 from ..structure import groups_of
 from ..training import minibatches, train_epoch
 from .config import Config, to_toml
@@ -163,7 +163,9 @@ class Pipeline:
             return
         stage_seed = seed * 1000 + (500 if name == "sgld" else 700)
         model = self._new_model(stage_seed)
-        sampler = SGLD(model.named_parameters(), c.lr, num_data=len(data.x_train), temperature=c.temperature,
+        steps = math.ceil(len(data.x_train) / self.cfg.data.batch_size)  # per epoch
+        lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
+        sampler = SGLD(model.named_parameters(), lr, num_data=len(data.x_train), temperature=c.temperature,
                        prior=prior, generator=torch.Generator().manual_seed(stage_seed + 1),
                        prefetch_noise=c.prefetch_noise)
         gen = torch.Generator().manual_seed(stage_seed + 2)

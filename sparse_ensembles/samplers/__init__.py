@@ -1,5 +1,5 @@
 """SG-MCMC samplers (drop-in ``torch.optim.Optimizer`` subclasses) and step-size schedules."""
-from .schedules import Constant, Polynomial, StepDecay
+from .schedules import Constant, Cyclical, Polynomial, StepDecay
 from .sgmcmc import SGHMC, SGLD, SGMCMC
 
-__all__ = ["SGLD", "SGHMC", "SGMCMC", "Constant", "StepDecay", "Polynomial"]
+__all__ = ["SGLD", "SGHMC", "SGMCMC", "Constant", "Cyclical", "StepDecay", "Polynomial"]

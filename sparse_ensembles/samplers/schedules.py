@@ -48,3 +48,21 @@ def resolve(lr, step: int) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"learning rate at step {step} is {value}; it must be finite and >= 0")
     return value
+
+
+@dataclass(frozen=True)
+class Cyclical:
+    """Cyclical cosine step size (Zhang et al. 2020, *Cyclical SG-MCMC*): constant ``lr`` until
+    ``start``, then cycles of ``cycle`` steps, ``lr/2 * (cos(pi * (k mod cycle) / cycle) + 1)``.
+    Samples taken at the end of a cycle (step size near 0) sit in a mode; the large steps at the
+    start of the next cycle move the chain on to another one."""
+
+    lr: float
+    cycle: int
+    start: int = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.start:
+            return self.lr
+        k = (step - self.start) % self.cycle
+        return self.lr / 2 * (math.cos(math.pi * k / self.cycle) + 1)
