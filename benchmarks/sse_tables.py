@@ -28,16 +28,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="+", help="config names under configs/")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override (recorded in the results file)")
     args = ap.parse_args()
     for name in args.names:
-        cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", QUICK if args.quick else [])
+        overrides = (QUICK if args.quick else []) + args.set
+        cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
         out = ROOT / "runs" / (name + ("_quick" if args.quick else ""))
         t0 = time.perf_counter()
         rows = Pipeline(cfg, out, resume=True, progress=False).run()
         wall = time.perf_counter() - t0
         total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
         path = write(name + ("_quick" if args.quick else ""),
-                     {"config": f"configs/{name}.toml", "overrides": QUICK if args.quick else [],
+                     {"config": f"configs/{name}.toml", "overrides": overrides,
                       "wall_seconds_this_invocation": wall, "summed_train_seconds": total_train, "rows": rows})
         best = {r["method"]: r for r in rows}
         sparse = [r for r in rows if r["method"].startswith("SGLD+GSP+PR")]
