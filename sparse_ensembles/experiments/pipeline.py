@@ -273,7 +273,7 @@ def _stage_seconds(out: Path, stage: str) -> float:
 
 def evaluate_run(out: Path, cfg: Config, data: Optional[Data] = None, log: Callable[[str], None] = print) -> list[dict]:
     """Metrics of every method in ``out``; writes metrics/*.json, results.json and the plots."""
-    from .plots import write_plots  # matplotlib only when needed
+    from .plots import slug, write_plots  # matplotlib only when needed
 
     out = Path(out)
     data = data or load_data(cfg)
@@ -303,10 +303,9 @@ def evaluate_run(out: Path, cfg: Config, data: Optional[Data] = None, log: Calla
         results.append(result)
         curves[name] = curve
         members_by_row[name] = models
-        checkpoint_dir = out / "metrics"
-        checkpoint_dir.mkdir(exist_ok=True)
-        slug = name.replace(" ", "_").replace("+", "_").replace("%", "pct")
-        (checkpoint_dir / f"{slug}.json").write_text(json.dumps({**result, "curve": curve}, indent=1))
+        metrics_dir = out / "metrics"
+        metrics_dir.mkdir(exist_ok=True)
+        (metrics_dir / f"{slug(name)}.json").write_text(json.dumps({**result, "curve": curve}, indent=1))
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     tmp.replace(out / "results.json")

@@ -11,6 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 
+def slug(method: str) -> str:
+    """A file-name form of a method label: 'SGLD+GSP+PR 96%' -> 'SGLD_GSP_PR_96pct'."""
+    return method.replace(" ", "_").replace("+", "_").replace("%", "pct")
+
+
 def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_features: int) -> list[Path]:
     written = []
     # 1. error and NLL against the number of members averaged
@@ -62,8 +67,7 @@ def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_
             ax.set_title(f"#{k}: {len(m.input_index)} px", fontsize=7)
         fig.suptitle(f"{name}: live input pixels per member")
         fig.tight_layout()
-        slug = name.replace(" ", "_").replace("+", "_").replace("%", "pct")
-        written.append(out / f"pixels_{slug}.png")
+        written.append(out / f"pixels_{slug(name)}.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written

@@ -120,7 +120,9 @@ class SGMCMC(Optimizer):
     # -- the step ------------------------------------------------------------------------------
     def _effective_grads(self) -> dict[int, Tensor]:
         """grad U = grad mean_nll - grad log p / N, masked; keyed by id(param)."""
-        grads = {n: p.grad.clone() for n, p in self._by_name.items() if p.grad is not None}
+        # copy only when the prior or a mask will modify the gradient: p.grad stays the user's
+        copy = self.prior is not None or bool(self._masks)
+        grads = {n: (p.grad.clone() if copy else p.grad) for n, p in self._by_name.items() if p.grad is not None}
         if self.prior is not None:
             self.prior.add_grad_(grads, {n: p.detach() for n, p in self._by_name.items()}, self.num_data)
         out = {}
