@@ -53,7 +53,7 @@ def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tin
     import torch
     from sparse_ensembles import checkpoint
 
-    for f in ["done.json", "sample_001.pt", "sample_002.pt"]:
+    for f in ["done.json", "chain_0.done", "sample_001.pt", "sample_002.pt"]:
         (out / "sgld_gsp" / f).unlink()
     shutil.rmtree(out / "pruned_90")
     # rebuild the epoch-3 chain state by rerunning the chain only up to there
@@ -65,6 +65,22 @@ def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tin
         a = torch.load(out / "sgld_gsp" / f"sample_00{k}.pt", weights_only=True)["state_dict"]
         b = torch.load(tiny_run / "sgld_gsp" / f"sample_00{k}.pt", weights_only=True)["state_dict"]
         assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_several_chains_share_the_samples_each_from_its_own_init(tmp_path):
+    import torch
+    from sparse_ensembles import checkpoint
+
+    out = tmp_path / "chains"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
+                 "sgld.plain_chain=false", "--set", "sgld.chains=3", "--set", "prune.sparsities=[]"]) == 0
+    files = sorted((out / "sgld_gsp").glob("sample_*.pt"))
+    metas = [torch.load(f, weights_only=True)["meta"] for f in files]
+    assert [m["chain"] for m in metas] == [0, 1, 2]
+    assert [m["epoch"] for m in metas] == [3, 3, 3]  # burn_in 2 + thin 1: one sample per chain
+    w = [dict(checkpoint.load_member(f)[0].named_parameters())["1.weight"] for f in files]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "sgld.chains=2"]) != 0
 
 
 def test_evaluate_recomputes_the_same_table(tiny_run, capsys):

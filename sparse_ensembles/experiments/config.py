@@ -53,20 +53,22 @@ class SGDConfig:
 
 @dataclass
 class SGLDConfig:
-    """One chain per prior; samples after epoch burn_in + thin * k, k = 1..samples."""
+    """Per prior, ``chains`` independent chains share ``samples``; each chain collects its share
+    after epoch burn_in + thin * k, k = 1..samples / chains."""
     lr: float = 0.5
     schedule: str = "constant"  # constant | cyclical (cosine cycles of `thin` epochs after burn-in)
     temperature: float = 1.0
     burn_in: int = 10
     thin: int = 5
     samples: int = 18
+    chains: int = 1  # independent chains (own init and noise): more diverse samples, one burn-in each
     prior_precision: float = 1.0  # Gaussian prior N(0, 1/precision) on every weight and bias
     plain_chain: bool = True  # also run a chain with the Gaussian prior only (the "SGLD xM" row)
     prefetch_noise: bool = True
 
     @property
-    def epochs(self) -> int:
-        return self.burn_in + self.thin * self.samples
+    def epochs_per_chain(self) -> int:
+        return self.burn_in + self.thin * (self.samples // self.chains)
 
 
 @dataclass
@@ -141,6 +143,9 @@ def _validate(cfg: Config) -> None:
     need(cfg.sgld.temperature >= 0, "sgld.temperature", "must be >= 0")
     need(cfg.sgld.burn_in >= 0 and cfg.sgld.thin >= 1 and cfg.sgld.samples >= 0, "sgld.samples",
          "need burn_in >= 0, thin >= 1, samples >= 0")
+    need(1 <= cfg.sgld.chains <= 60, "sgld.chains", "must be between 1 and 60")
+    need(cfg.sgld.samples % cfg.sgld.chains == 0, "sgld.samples",
+         f"{cfg.sgld.samples} samples cannot be shared evenly by {cfg.sgld.chains} chains; use a multiple of sgld.chains")
     need(cfg.sgld.prior_precision > 0, "sgld.prior_precision", "must be > 0")
     need(cfg.gsp.lam > 0, "gsp.lam", "must be > 0")
     need(all(0 <= s < 1 for s in cfg.prune.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")

@@ -156,12 +156,30 @@ class Pipeline:
             self.log(f"SGD member {k + 1}/{c.members}: {elapsed:.1f} s, final loss {loss:.4f}")
 
     def run_chain(self, data: Data, name: str, prior) -> None:
-        """One SGLD chain; a sample is written after epoch burn_in + thin * k, k = 1..samples."""
-        c, seed = self.cfg.sgld, self.cfg.experiment.seed
+        """``sgld.chains`` independent SGLD chains sharing ``sgld.samples``; chain ``c`` writes its
+        ``j``-th sample after epoch burn_in + thin * (j + 1) as ``sample_{c * per_chain + j}``."""
+        c = self.cfg.sgld
         folder = self.out / name
         if (folder / "done.json").exists():
             return
-        stage_seed = seed * 1000 + (500 if name == "sgld" else 700)
+        per_chain = c.samples // c.chains
+        elapsed = 0.0
+        for chain in range(c.chains):
+            elapsed += self._run_one_chain(data, name, prior, chain, first_sample=chain * per_chain, samples=per_chain)
+        (folder / "done.json").write_text(json.dumps({"train_seconds": elapsed, "chains": c.chains,
+                                                     "epochs_per_chain": c.epochs_per_chain}))
+        self.log(f"{name}: {c.samples} samples from {c.chains} chain(s) in {elapsed:.1f} s")
+
+    def _run_one_chain(self, data: Data, name: str, prior, chain: int, *, first_sample: int, samples: int) -> float:
+        c, seed = self.cfg.sgld, self.cfg.experiment.seed
+        folder = self.out / name
+        # chain 0 keeps the seeds of a single-chain run; later chains get their own init and noise
+        stage_seed = seed * 1000 + (500 if name == "sgld" else 700) + 3 * chain
+        epochs = c.burn_in + c.thin * samples
+        ckpt = folder / ("chain.pt" if chain == 0 else f"chain_{chain}.pt")
+        marker = folder / f"chain_{chain}.done"
+        if marker.exists():
+            return json.loads(marker.read_text())["train_seconds"]
         model = self._new_model(stage_seed)
         steps = math.ceil(len(data.x_train) / self.cfg.data.batch_size)  # per epoch
         lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
@@ -169,30 +187,31 @@ class Pipeline:
                        prior=prior, generator=torch.Generator().manual_seed(stage_seed + 1),
                        prefetch_noise=c.prefetch_noise)
         gen = torch.Generator().manual_seed(stage_seed + 2)
-        ckpt, start, elapsed = folder / "chain.pt", 0, 0.0
+        start, elapsed = 0, 0.0
         if ckpt.exists():
             st = checkpoint.load(ckpt)
             model.load_state_dict(st["model"]); sampler.load_state_dict(st["sampler"]); gen.set_state(st["gen"])
             start, elapsed = st["epoch"], st["elapsed"]
-            self.log(f"{name}: resuming the chain after epoch {start}")
-        bar = self._bar(c.epochs, f"{name} chain", start)
+            self.log(f"{name}: resuming chain {chain + 1}/{c.chains} after epoch {start}")
+        label = f"{name} chain" if c.chains == 1 else f"{name} chain {chain + 1}/{c.chains}"
+        bar = self._bar(epochs, label, start)
         loss = float("nan")
-        for epoch in range(start, c.epochs):
+        for epoch in range(start, epochs):
             t0 = time.perf_counter()
             loss = train_epoch(model, sampler, minibatches(data.x_train, data.y_train, self.cfg.data.batch_size, gen),
-                               where=f"{name} chain epoch {epoch + 1}")
+                               where=f"{label} epoch {epoch + 1}")
             elapsed += time.perf_counter() - t0
             done = epoch + 1
             if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
-                k = (done - c.burn_in) // c.thin - 1
-                checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, self.spec, epoch=done)
+                k = first_sample + (done - c.burn_in) // c.thin - 1
+                checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, self.spec, epoch=done, chain=chain)
             checkpoint.atomic_save({"epoch": done, "elapsed": elapsed, "model": model.state_dict(),
                                     "sampler": sampler.state_dict(), "gen": gen.get_state()}, ckpt)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
         bar.close()
-        (folder / "done.json").write_text(json.dumps({"train_seconds": elapsed, "epochs": c.epochs}))
-        self.log(f"{name}: {c.samples} samples in {elapsed:.1f} s (last epoch loss {loss:.4f})")
+        marker.write_text(json.dumps({"train_seconds": elapsed, "epochs": epochs}))
+        return elapsed
 
     def masks_for(self, model: nn.Module, sparsity: float) -> dict:
         """SSE pruning: optional whole-neuron removal by group RMS norm, then magnitude pruning of

@@ -32,31 +32,48 @@ from .schedules import resolve
 class _NoiseSource:
     """Standard-normal noise for every parameter, one list per step, from one generator.
 
-    With ``prefetch=True`` the next step's noise is drawn in a worker thread while the model
-    computes its gradients (the draw is single-threaded in torch and costs about as much as an
-    MLP's whole SGD step). The sequence of draws is the same either way, so results do not depend
-    on ``prefetch``; ``get_state`` returns the state *before* any pending draw.
+    All parameters' noise is one ``randn`` into a flat buffer (views per parameter), so a step
+    costs one generator call. With ``prefetch=True`` the next step's noise is drawn in a worker
+    thread into a second buffer while the model computes its gradients (the draw is
+    single-threaded in torch and costs about as much as an MLP's whole SGD step). The sequence of
+    draws is the same either way, so results do not depend on ``prefetch``; ``get_state`` returns
+    the state *before* any pending draw.
     """
 
     def __init__(self, params: list[Tensor], generator: torch.Generator, prefetch: bool):
         self.params = params
         self.generator = generator
+        kinds = {(p.dtype, p.device) for p in params}
+        self.flat = len(kinds) == 1  # one buffer needs one dtype and device
         self.prefetch = prefetch and all(p.device.type == "cpu" for p in params)
+        self._buffers = [self._new_buffer() for _ in range(2 if self.prefetch else 1)] if self.flat else []
+        self._which = 0
         self._pending: Optional[Future] = None
         self._state_before_pending: Optional[Tensor] = None
         self._pool: Optional[ThreadPoolExecutor] = None
 
-    def _draw(self) -> list[Tensor]:
-        return [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=self.generator) for p in self.params]
+    def _new_buffer(self) -> Tensor:
+        p0 = self.params[0]
+        return torch.empty(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+
+    def _draw(self, which: int = 0) -> list[Tensor]:
+        if not self.flat:
+            return [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=self.generator)
+                    for p in self.params]
+        buf = self._buffers[which]
+        buf.normal_(generator=self.generator)
+        return [v.view_as(p) for v, p in zip(buf.split([p.numel() for p in self.params]), self.params)]
 
     def next(self) -> list[Tensor]:
+        """This step's noise; valid until the next call (the buffer is then refilled)."""
         if not self.prefetch:
             return self._draw()
-        noise = self._pending.result() if self._pending is not None else self._draw()
+        noise = self._pending.result() if self._pending is not None else self._draw(self._which)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sgmcmc-noise")
         self._state_before_pending = self.generator.get_state()
-        self._pending = self._pool.submit(self._draw)
+        self._which = 1 - self._which
+        self._pending = self._pool.submit(self._draw, self._which)
         return noise
 
     def get_state(self) -> Tensor:
@@ -85,7 +102,8 @@ class SGMCMC(Optimizer):
         t = defaults["temperature"]
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise ValueError(f"invalid temperature {t!r}: use a number >= 0 (1 = the posterior, 0 = SGD)")
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, "step": 0})  # step: per group, drives lr schedules
+        self.check_finite = True  # raise FloatingPointError on a non-finite gradient (one sync/step)
         self.num_data = num_data
         self.prior = prior
         self._params = [p for g in self.param_groups for p in g["params"]]
@@ -125,14 +143,18 @@ class SGMCMC(Optimizer):
         grads = {n: (p.grad.clone() if copy else p.grad) for n, p in self._by_name.items() if p.grad is not None}
         if self.prior is not None:
             self.prior.add_grad_(grads, {n: p.detach() for n, p in self._by_name.items()}, self.num_data)
+        if grads and self.check_finite:
+            # one fused reduction and one sync per step, not one per tensor
+            norms = torch._foreach_norm(list(grads.values()))
+            if not torch.isfinite(torch.stack(norms)).all():
+                bad = next(n for n, v in zip(grads, norms) if not torch.isfinite(v))
+                raise FloatingPointError(
+                    f"non-finite gradient in {bad!r}: the chain diverged; lower the learning rate "
+                    "or the temperature and resume from the last checkpoint"
+                )
         out = {}
         for n, g in grads.items():
             p = self._by_name[n]
-            if not torch.isfinite(g).all():
-                raise FloatingPointError(
-                    f"non-finite gradient in {n!r}: the chain diverged; lower the learning rate "
-                    "or the temperature and resume from the last checkpoint"
-                )
             m = self._masks.get(id(p))
             out[id(p)] = g.mul_(m) if m is not None else g
         return out
@@ -146,26 +168,26 @@ class SGMCMC(Optimizer):
         grads = self._effective_grads()
         noise = dict(zip(map(id, self._params), self._noise.next()))
         for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) not in grads:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    self._init_state(p, state, group)
-                lr = resolve(group["lr"], int(state["step"].item()))
-                z = noise[id(p)]
-                m = self._masks.get(id(p))
-                if m is not None:
-                    z.mul_(m)
-                self._update(p, grads[id(p)], z, lr, group, state)
-                state["step"] += 1
+            ps = [p for p in group["params"] if id(p) in grads]
+            if not ps:
+                continue
+            lr = resolve(group["lr"], group["step"])
+            zs = [noise[id(p)] for p in ps]
+            masked = [(z, self._masks[id(p)]) for z, p in zip(zs, ps) if id(p) in self._masks]
+            if masked:
+                torch._foreach_mul_([z for z, _ in masked], [m for _, m in masked])
+            for p in ps:
+                if not self.state[p]:
+                    self._init_state(p, self.state[p], group)
+            self._update(ps, [grads[id(p)] for p in ps], zs, lr, group)
+            group["step"] += 1
         return loss
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
-        pass
+        state["initialized"] = True
 
-    def _update(self, p, grad, noise, lr, group, state) -> None:
+    def _update(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], lr: float, group: dict) -> None:
+        """Move ``params`` of one param group (lists aligned) with this step's ``lr``."""
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------------
@@ -211,11 +233,11 @@ class SGLD(SGMCMC):
         super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
                          masks=masks, generator=generator, prefetch_noise=prefetch_noise)
 
-    def _update(self, p, grad, noise, lr, group, state):
-        p.add_(grad, alpha=-lr)
+    def _update(self, params, grads, noise, lr, group):
+        torch._foreach_add_(params, grads, alpha=-lr)
         t = group["temperature"]
         if t > 0:
-            p.add_(noise, alpha=math.sqrt(2.0 * lr * t / self.num_data))
+            torch._foreach_add_(params, noise, alpha=math.sqrt(2.0 * lr * t / self.num_data))
 
 
 class SGHMC(SGMCMC):
@@ -248,18 +270,21 @@ class SGHMC(SGMCMC):
             state["grad_mean"] = torch.zeros_like(p)
             state["grad_sq"] = torch.zeros_like(p)
 
-    def _update(self, p, grad, noise, lr, group, state):
+    def _update(self, params, grads, noise, lr, group):
         alpha, t = group["friction"], group["temperature"]
-        v = state["momentum"]
-        v.mul_(1 - alpha).add_(grad, alpha=-lr)
+        vs = [self.state[p]["momentum"] for p in params]
+        torch._foreach_mul_(vs, 1 - alpha)
+        torch._foreach_add_(vs, grads, alpha=-lr)
         if t > 0:
             var = 2.0 * alpha * lr * t / self.num_data
             if group["estimate_gradient_noise"]:
                 d = group["noise_decay"]
-                state["grad_mean"].mul_(d).add_(grad, alpha=1 - d)
-                state["grad_sq"].mul_(d).addcmul_(grad, grad, value=1 - d)
-                grad_var = (state["grad_sq"] - state["grad_mean"].pow(2)).clamp_min_(0)
-                v.addcmul_((var - lr * lr * grad_var).clamp_min_(0).sqrt_(), noise)
+                for p, v, g, z in zip(params, vs, grads, noise):
+                    st = self.state[p]
+                    st["grad_mean"].mul_(d).add_(g, alpha=1 - d)
+                    st["grad_sq"].mul_(d).addcmul_(g, g, value=1 - d)
+                    grad_var = (st["grad_sq"] - st["grad_mean"].pow(2)).clamp_min_(0)
+                    v.addcmul_((var - lr * lr * grad_var).clamp_min_(0).sqrt_(), z)
             else:
-                v.add_(noise, alpha=math.sqrt(var))
-        p.add_(v)
+                torch._foreach_add_(vs, noise, alpha=math.sqrt(var))
+        torch._foreach_add_(params, vs)
