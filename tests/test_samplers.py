@@ -62,7 +62,8 @@ def test_same_seed_noise_at_two_temperatures_differs_by_sqrt_of_temperature_rati
     assert moves[0.25].abs().sum() > 0
 
 
-@pytest.mark.parametrize("cls,kwargs", [(SGLD, {}), (SGHMC, {"estimate_gradient_noise": True}), (SGLD, {"prefetch_noise": True})])
+@pytest.mark.parametrize("cls,kwargs", [(SGLD, {}), (SGHMC, {"estimate_gradient_noise": True}), (SGLD, {"prefetch_noise": True}),
+                                        (SGLD, {"noise": "rademacher", "prefetch_noise": True})])
 def test_state_dict_round_trip_resumes_chain_bit_for_bit(cls, kwargs):
     batches = _batches(10)
     ref = _net()
@@ -123,11 +124,23 @@ def _gaussian_target_samples(cls, steps, lr, **kwargs):
     return out[steps // 10:], mu, cov
 
 
-@pytest.mark.parametrize("cls,lr,kwargs", [(SGLD, 0.01, {}), (SGHMC, 0.01, {"friction": 0.2})])
+@pytest.mark.parametrize("cls,lr,kwargs", [(SGLD, 0.01, {}), (SGHMC, 0.01, {"friction": 0.2}),
+                                           (SGLD, 0.01, {"noise": "rademacher"})])
 def test_sampler_recovers_mean_and_covariance_of_a_gaussian_target(cls, lr, kwargs):
     samples, mu, cov = _gaussian_target_samples(cls, 60000, lr, **kwargs)
     torch.testing.assert_close(samples.mean(0), mu, atol=0.1, rtol=0)
     torch.testing.assert_close(torch.cov(samples.T), cov, atol=0.1, rtol=0.1)
+
+
+def test_rademacher_noise_is_plus_minus_one_with_unit_variance_and_reproducible():
+    from sparse_ensembles.samplers.sgmcmc import rademacher_
+
+    a = rademacher_(torch.empty(100_003), torch.Generator().manual_seed(0))
+    b = rademacher_(torch.empty(100_003), torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert abs(a.mean().item()) < 0.01 and abs(a.var().item() - 1) < 0.01
+    assert abs((a[1:] * a[:-1]).mean().item()) < 0.01  # neighbouring bits are uncorrelated
 
 
 def test_invalid_constructor_arguments_name_the_bad_value():

@@ -65,6 +65,7 @@ class SGLDConfig:
     prior_precision: float = 1.0  # Gaussian prior N(0, 1/precision) on every weight and bias
     plain_chain: bool = True  # also run a chain with the Gaussian prior only (the "SGLD xM" row)
     prefetch_noise: bool = True
+    noise: str = "gaussian"  # gaussian | rademacher (+-1: same covariance, ~3x cheaper; see SGLD docs)
 
     @property
     def epochs_per_chain(self) -> int:
@@ -143,6 +144,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.sgld.temperature >= 0, "sgld.temperature", "must be >= 0")
     need(cfg.sgld.burn_in >= 0 and cfg.sgld.thin >= 1 and cfg.sgld.samples >= 0, "sgld.samples",
          "need burn_in >= 0, thin >= 1, samples >= 0")
+    need(cfg.sgld.noise in ("gaussian", "rademacher"), "sgld.noise", "use 'gaussian' or 'rademacher'")
     need(1 <= cfg.sgld.chains <= 60, "sgld.chains", "must be between 1 and 60")
     need(cfg.sgld.samples % cfg.sgld.chains == 0, "sgld.samples",
          f"{cfg.sgld.samples} samples cannot be shared evenly by {cfg.sgld.chains} chains; use a multiple of sgld.chains")

@@ -185,7 +185,7 @@ class Pipeline:
         lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
         sampler = SGLD(model.named_parameters(), lr, num_data=len(data.x_train), temperature=c.temperature,
                        prior=prior, generator=torch.Generator().manual_seed(stage_seed + 1),
-                       prefetch_noise=c.prefetch_noise)
+                       prefetch_noise=c.prefetch_noise, noise=c.noise)
         gen = torch.Generator().manual_seed(stage_seed + 2)
         start, elapsed = 0, 0.0
         if ckpt.exists():

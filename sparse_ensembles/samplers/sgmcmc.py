@@ -29,6 +29,22 @@ from ..priors import Prior
 from .schedules import resolve
 
 
+NOISE_KINDS = ("gaussian", "rademacher")
+
+
+def rademacher_(out: Tensor, generator: torch.Generator) -> Tensor:
+    """Fill ``out`` with independent +1/-1 (probability 1/2 each), 31 values per random integer.
+
+    Same mean (0) and covariance (I) as N(0, I) at about a third of the cost of ``normal_`` on CPU,
+    where torch spends one Mersenne-twister draw per normal value.
+    """
+    n = out.numel()
+    words = torch.randint(0, 2**31, ((n + 30) // 31,), dtype=torch.int32, generator=generator, device=out.device)
+    shifts = torch.arange(31, dtype=torch.int32, device=out.device)
+    bits = words.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[:n]
+    return out.copy_(bits.view_as(out)).mul_(2).sub_(1)
+
+
 class _NoiseSource:
     """Standard-normal noise for every parameter, one list per step, from one generator.
 
@@ -40,9 +56,12 @@ class _NoiseSource:
     the state *before* any pending draw.
     """
 
-    def __init__(self, params: list[Tensor], generator: torch.Generator, prefetch: bool):
+    def __init__(self, params: list[Tensor], generator: torch.Generator, prefetch: bool, kind: str = "gaussian"):
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {kind!r}; use one of {NOISE_KINDS}")
         self.params = params
         self.generator = generator
+        self.kind = kind
         kinds = {(p.dtype, p.device) for p in params}
         self.flat = len(kinds) == 1  # one buffer needs one dtype and device
         self.prefetch = prefetch and all(p.device.type == "cpu" for p in params)
@@ -56,12 +75,13 @@ class _NoiseSource:
         p0 = self.params[0]
         return torch.empty(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
 
+    def _fill(self, t: Tensor) -> Tensor:
+        return t.normal_(generator=self.generator) if self.kind == "gaussian" else rademacher_(t, self.generator)
+
     def _draw(self, which: int = 0) -> list[Tensor]:
         if not self.flat:
-            return [torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=self.generator)
-                    for p in self.params]
-        buf = self._buffers[which]
-        buf.normal_(generator=self.generator)
+            return [self._fill(torch.empty_like(p)) for p in self.params]
+        buf = self._fill(self._buffers[which])
         return [v.view_as(p) for v, p in zip(buf.split([p.numel() for p in self.params]), self.params)]
 
     def next(self) -> list[Tensor]:
@@ -93,7 +113,7 @@ class SGMCMC(Optimizer):
 
     def __init__(self, params, defaults: dict, *, num_data: int, prior: Optional[Prior],
                  masks: Optional[Mapping[str, Tensor]], generator: Optional[torch.Generator],
-                 prefetch_noise: bool):
+                 prefetch_noise: bool, noise: str = "gaussian"):
         lr = defaults["lr"]
         if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid learning rate {lr!r}: use a number >= 0 or a schedule (step -> lr)")
@@ -117,7 +137,7 @@ class SGMCMC(Optimizer):
             # seeded from the global RNG so torch.manual_seed makes a chain reproducible
             device = self._params[0].device if self._params else torch.device("cpu")
             generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()).item()))
-        self._noise = _NoiseSource(self._params, generator, prefetch_noise)
+        self._noise = _NoiseSource(self._params, generator, prefetch_noise, noise)
 
     # -- masks ---------------------------------------------------------------------------------
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -226,12 +246,18 @@ class SGLD(SGMCMC):
         masks: ``{name: BoolTensor}``, True = keep; masked entries are never changed.
         generator: a ``torch.Generator`` for the noise (else one seeded from the global RNG).
         prefetch_noise: draw the next step's noise in a worker thread (CPU only; same results).
+        noise: ``"gaussian"`` (xi ~ N(0, I)) or ``"rademacher"`` (xi = +-1 with probability 1/2):
+            same mean and covariance, so the update is the *simplified weak Euler scheme* of the
+            Langevin SDE, which keeps the weak order 1 of Euler-Maruyama (Kloeden & Platen 1992,
+            sec. 14.1): expectations under the chain converge as with Gaussian noise. About 3x
+            cheaper to draw on CPU; single draws are not Gaussian, so keep the default when that matters.
     """
 
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, prior: Optional[Prior] = None,
-                 masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False):
+                 masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False,
+                 noise: str = "gaussian"):
         super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
-                         masks=masks, generator=generator, prefetch_noise=prefetch_noise)
+                         masks=masks, generator=generator, prefetch_noise=prefetch_noise, noise=noise)
 
     def _update(self, params, grads, noise, lr, group):
         torch._foreach_add_(params, grads, alpha=-lr)
@@ -254,7 +280,7 @@ class SGHMC(SGMCMC):
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, friction: float = 0.1,
                  estimate_gradient_noise: bool = False, noise_decay: float = 0.99,
                  prior: Optional[Prior] = None, masks=None, generator: Optional[torch.Generator] = None,
-                 prefetch_noise: bool = False):
+                 prefetch_noise: bool = False, noise: str = "gaussian"):
         if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
             raise ValueError(f"invalid friction {friction!r}: use 0 < friction <= 1 (momentum = 1 - friction)")
         if not 0 < noise_decay < 1:
@@ -262,7 +288,7 @@ class SGHMC(SGMCMC):
         super().__init__(params, dict(lr=lr, temperature=temperature, friction=friction,
                                       estimate_gradient_noise=estimate_gradient_noise, noise_decay=noise_decay),
                          num_data=num_data, prior=prior, masks=masks, generator=generator,
-                         prefetch_noise=prefetch_noise)
+                         prefetch_noise=prefetch_noise, noise=noise)
 
     def _init_state(self, p, state, group):
         state["momentum"] = torch.zeros_like(p)
