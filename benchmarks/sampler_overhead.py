@@ -11,6 +11,9 @@ headline keys ``sgld_vs_sgd`` / ``sghmc_vs_sgd`` are the default Gaussian noise.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -44,36 +47,52 @@ def make(kind: str, model, n: int):
     return SGHMC(model.named_parameters(), 0.01, num_data=n, friction=0.1, **opts)
 
 
+def measure(threads: int, quick: bool) -> dict:
+    """Median epoch seconds per optimizer at ``threads`` torch threads (set before any torch work,
+    as the pipeline does: set later, the noise worker thread and an idle OpenMP team can fight for
+    the cores and the sampler looks up to 2x slower than it is in a real run)."""
+    torch.set_num_threads(threads)
+    x, y, source = data()
+    reps, n_use = (3, 15000) if quick else (7, 60000)
+    x, y = x[:n_use], y[:n_use]
+    times = {k: [] for k in KINDS}
+    for r in range(reps + 1):  # round 0 warms up
+        for k in KINDS:
+            torch.manual_seed(r)
+            model = mlp([784, 300, 100, 10])
+            opt = make(k, model, n_use)
+            gen = torch.Generator().manual_seed(r)
+            t = timed(lambda: train_epoch(model, opt, minibatches(x, y, 100, gen)))
+            if r:
+                times[k].append(t)
+    return {"data": source, "examples_per_epoch": n_use, "repetitions": reps,
+            "median_epoch_seconds": {k: median(v) for k, v in times.items()}}
+
+
+KINDS = ["sgd", "sgld", "sghmc", "sgld_rademacher", "sghmc_rademacher", "sgld_inline"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions and 1/4 epochs (< 60 s)")
+    ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # child mode: one thread count
     args = ap.parse_args()
-    x, y, source = data()
-    reps, n_use = (3, 15000) if args.quick else (7, 60000)
-    x, y = x[:n_use], y[:n_use]
-    kinds = ["sgd", "sgld", "sghmc", "sgld_rademacher", "sghmc_rademacher", "sgld_inline"]
-    out = {"data": source, "examples_per_epoch": n_use, "repetitions": reps, "by_threads": {}}
-    default_threads = torch.get_num_threads()
-    for threads in sorted({1, default_threads}):
-        torch.set_num_threads(threads)
-        times = {k: [] for k in kinds}
-        for r in range(reps + 1):  # round 0 warms up
-            for k in kinds:
-                torch.manual_seed(r)
-                model = mlp([784, 300, 100, 10])
-                opt = make(k, model, n_use)
-                gen = torch.Generator().manual_seed(r)
-                t = timed(lambda: train_epoch(model, opt, minibatches(x, y, 100, gen)))
-                if r:
-                    times[k].append(t)
-        med = {k: median(v) for k, v in times.items()}
+    if args.threads:
+        print(json.dumps(measure(args.threads, args.quick)))
+        return
+    out = {"by_threads": {}}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        # a fresh process per thread count, so the count is set before torch starts any threads
+        cmd = [sys.executable, __file__, "--threads", str(threads)] + (["--quick"] if args.quick else [])
+        res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        med = res.pop("median_epoch_seconds")
+        out.update(res)
         out["by_threads"][str(threads)] = {"median_epoch_seconds": med,
-                                           **{f"{k}_vs_sgd": med[k] / med["sgd"] for k in kinds[1:]}}
-        print(f"threads={threads}: " + ", ".join(f"{k} {med[k]:.3f}s" for k in kinds))
-    torch.set_num_threads(default_threads)
+                                           **{f"{k}_vs_sgd": med[k] / med["sgd"] for k in KINDS[1:]}}
+        print(f"threads={threads}: " + ", ".join(f"{k} {med[k]:.3f}s" for k in KINDS))
     # headline: the thread count the shipped configs use (1), plus the best-vs-best comparison
     one = out["by_threads"]["1"]
-    best = {k: min(out["by_threads"][t]["median_epoch_seconds"][k] for t in out["by_threads"]) for k in kinds}
+    best = {k: min(out["by_threads"][t]["median_epoch_seconds"][k] for t in out["by_threads"]) for k in KINDS}
     out.update(sgld_vs_sgd=one["sgld_vs_sgd"], sghmc_vs_sgd=one["sghmc_vs_sgd"],
                sgld_vs_sgd_best_settings=best["sgld"] / best["sgd"], sghmc_vs_sgd_best_settings=best["sghmc"] / best["sgd"],
                sgld_rademacher_vs_sgd=one["sgld_rademacher_vs_sgd"], sghmc_rademacher_vs_sgd=one["sghmc_rademacher_vs_sgd"],
