@@ -13,6 +13,8 @@ widths + plain tensors and rebuilt without pickled modules (``torch.load(weights
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -165,3 +167,64 @@ class FusedMLPEnsemble(nn.Module):
             h = torch.baddbmm(b, self.acts[i](h), w)
         logp = torch.log_softmax(h, dim=-1)
         return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(self.M)))
+
+
+class SparseMLPEnsemble(nn.Module):
+    """All members of a compacted MLP ensemble as one block-diagonal *sparse* network.
+
+    Layer ``i`` of the ensemble is ``diag(W_i^(1), ..., W_i^(M))`` stored in CSR (the first layer:
+    the members' rows stacked over the union of live inputs), so only nonzero weights are
+    multiplied: the cost follows the nonzero multiply-accumulates, not the sub-matrix FLOPs that
+    the zero-padded :class:`FusedMLPEnsemble` pays for unstructured sparsity left inside each
+    member. Activations run feature-major (features x batch), so every layer is one
+    sparse-times-dense product ``W @ H + b`` with no transposes in between.
+    Returns ``log mean_m softmax(f_m(x))``, the same function as :class:`FusedMLPEnsemble`.
+    """
+
+    def __init__(self, members: Sequence[CompactMLP]):
+        super().__init__()
+        if not members:
+            raise ValueError("SparseMLPEnsemble needs at least one member")
+        acts = members[0].activations
+        if any(m.activations != acts or len(m.widths) != len(members[0].widths) for m in members):
+            raise ValueError("SparseMLPEnsemble: members must share depth and activations")
+        if len({m.widths[-1] for m in members}) != 1:
+            raise ValueError("SparseMLPEnsemble: members must have the same number of outputs")
+        union = torch.unique(torch.cat([m.input_index for m in members]))
+        self.register_buffer("input_index", union)
+        self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in acts)
+        self.M, self.n_out = len(members), members[0].widths[-1]
+        self.weights, self.biases = [], []  # CSR tensors are kept as plain attributes (see _apply)
+        with torch.no_grad():
+            first = torch.zeros(sum(m.widths[1] for m in members), union.numel())
+            row = 0
+            for m in members:
+                w = m.layers[0].weight
+                first[row: row + w.shape[0], torch.searchsorted(union, m.input_index)] = w
+                row += w.shape[0]
+            dense = [first] + [torch.block_diag(*[m.layers[i].weight for m in members])
+                               for i in range(1, len(members[0].layers))]
+            with warnings.catch_warnings():  # torch flags its CSR support as beta on every construction
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                self.weights = [w.to_sparse_csr() for w in dense]
+            self.biases = [torch.cat([m.layers[i].bias for m in members]).unsqueeze(1)
+                           for i in range(len(dense))]
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) / .double() reach the CSR weights too
+        self.weights = [fn(w) for w in self.weights]
+        self.biases = [fn(b) for b in self.biases]
+        return super()._apply(fn, recurse)
+
+    @property
+    def nonzeros(self) -> int:
+        return sum(int(w._nnz()) for w in self.weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1).index_select(1, self.input_index).t()  # (n_in, B)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.sparse.mm(w, h).add_(b)
+            if i < len(self.acts):
+                h = self.acts[i](h)
+        logp = torch.log_softmax(h.view(self.M, self.n_out, -1), dim=1)
+        return (torch.logsumexp(logp, dim=0) - math.log(self.M)).t()

@@ -22,7 +22,15 @@ class Prior:
         raise NotImplementedError
 
     def add_grad_(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], num_data: int) -> None:
+        """``grads[name] += grad(-log p(theta)) / num_data`` in place."""
         raise NotImplementedError
+
+    def plus_grad(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], num_data: int) -> dict[str, Tensor]:
+        """New tensors ``grads + grad(-log p) / num_data``; ``grads`` is left untouched. Priors
+        override this when they can fuse the copy into the addition (one pass over memory)."""
+        out = {n: g.clone() for n, g in grads.items()}
+        self.add_grad_(out, params, num_data)
+        return out
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -42,8 +50,12 @@ class Gaussian(Prior):
 
     def add_grad_(self, grads, params, num_data):
         wd = self.precision / num_data  # the equivalent SGD weight decay
-        for name, g in grads.items():
-            g.add_(params[name], alpha=wd)
+        torch._foreach_add_(list(grads.values()), [params[n] for n in grads], alpha=wd)
+
+    def plus_grad(self, grads, params, num_data):
+        # out-of-place add: copy and decay in one pass, bit-identical to clone-then-add_
+        wd = self.precision / num_data
+        return dict(zip(grads, torch._foreach_add(list(grads.values()), [params[n] for n in grads], alpha=wd)))
 
 
 class Laplace(Prior):
@@ -117,3 +129,11 @@ class Sum(Prior):
     def add_grad_(self, grads, params, num_data):
         for p in self.priors:
             p.add_grad_(grads, params, num_data)
+
+    def plus_grad(self, grads, params, num_data):
+        if not self.priors:
+            return {n: g.clone() for n, g in grads.items()}
+        out = self.priors[0].plus_grad(grads, params, num_data)
+        for p in self.priors[1:]:
+            p.add_grad_(out, params, num_data)
+        return out

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from sparse_ensembles import checkpoint, pruning
-from sparse_ensembles.compact import CompactMLP, FusedMLPEnsemble, compact_mlp
+from sparse_ensembles.compact import CompactMLP, FusedMLPEnsemble, SparseMLPEnsemble, compact_mlp
 from sparse_ensembles.ensembles import Ensemble
 from sparse_ensembles.models import mlp
 from sparse_ensembles.structure import sequential_groups
@@ -80,6 +80,22 @@ def test_fused_ensemble_equals_ensemble_of_compacted_members():
     members = [compact_mlp(_pruned_mlp(s, sparsity=0.8 + 0.05 * s)) for s in range(3)]
     x = torch.rand(50, 1, 28, 28)
     torch.testing.assert_close(FusedMLPEnsemble(members)(x), Ensemble(members)(x), atol=1e-5, rtol=0)
+
+
+def test_sparse_csr_ensemble_equals_ensemble_and_stores_only_the_nonzero_weights():
+    members = [compact_mlp(_pruned_mlp(s, sparsity=0.8 + 0.05 * s)) for s in range(3)]
+    x = torch.rand(50, 1, 28, 28)
+    sparse = SparseMLPEnsemble(members)
+    torch.testing.assert_close(sparse(x), Ensemble(members)(x), atol=1e-5, rtol=0)
+    assert sparse.nonzeros == sum(int((layer.weight != 0).sum()) for m in members for layer in m.layers)
+    torch.testing.assert_close(sparse.double()(x.double()), Ensemble(members).double()(x.double()), atol=1e-10, rtol=0)
+
+
+def test_sparse_csr_ensemble_rejects_members_with_different_output_sizes():
+    a = compact_mlp(_pruned_mlp(0))
+    b = CompactMLP(784, torch.arange(5), [5, 3, 2, 4], ["relu", "relu"])
+    with pytest.raises(ValueError, match="same number of outputs"):
+        SparseMLPEnsemble([a, b])
 
 
 def test_ensemble_returns_log_of_mean_member_probabilities():

@@ -130,6 +130,8 @@ class SGMCMC(Optimizer):
         names = [n for g in self.param_groups for n in g.get("param_names", [])]
         self._names = names if len(names) == len(self._params) else [f"param{i}" for i in range(len(self._params))]
         self._by_name = dict(zip(self._names, self._params))
+        # detached views share storage with the parameters, so they follow in-place updates
+        self._detached = {n: p.detach() for n, p in self._by_name.items()}
         self._masks: dict[int, Tensor] = {}
         if masks:
             self.set_masks(masks)
@@ -158,25 +160,26 @@ class SGMCMC(Optimizer):
     # -- the step ------------------------------------------------------------------------------
     def _effective_grads(self) -> dict[int, Tensor]:
         """grad U = grad mean_nll - grad log p / N, masked; keyed by id(param)."""
-        # copy only when the prior or a mask will modify the gradient: p.grad stays the user's
-        copy = self.prior is not None or bool(self._masks)
-        grads = {n: (p.grad.clone() if copy else p.grad) for n, p in self._by_name.items() if p.grad is not None}
+        # p.grad stays the user's: the prior adds out of place (a copy fused with the addition),
+        # and masks multiply our copy; with neither, the gradients are used as they are
+        grads = {n: p.grad for n, p in self._by_name.items() if p.grad is not None}
         if self.prior is not None:
-            self.prior.add_grad_(grads, {n: p.detach() for n, p in self._by_name.items()}, self.num_data)
+            grads = self.prior.plus_grad(grads, self._detached, self.num_data)
+        elif self._masks:
+            grads = {n: g.clone() for n, g in grads.items()}
         if grads and self.check_finite:
             # one fused reduction and one sync per step, not one per tensor
             norms = torch._foreach_norm(list(grads.values()))
-            if not torch.isfinite(torch.stack(norms)).all():
+            if not math.isfinite(torch.stack(norms).sum().item()):
                 bad = next(n for n, v in zip(grads, norms) if not torch.isfinite(v))
                 raise FloatingPointError(
                     f"non-finite gradient in {bad!r}: the chain diverged; lower the learning rate "
                     "or the temperature and resume from the last checkpoint"
                 )
-        out = {}
-        for n, g in grads.items():
-            p = self._by_name[n]
-            m = self._masks.get(id(p))
-            out[id(p)] = g.mul_(m) if m is not None else g
+        out = {id(self._by_name[n]): g for n, g in grads.items()}
+        masked = [(out[i], m) for i, m in self._masks.items() if i in out]
+        if masked:
+            torch._foreach_mul_([g for g, _ in masked], [m for _, m in masked])
         return out
 
     @torch.no_grad()
