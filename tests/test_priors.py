@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from sparse_ensembles.priors import Gaussian, GroupLasso, Laplace
+from sparse_ensembles.priors import Gaussian, GroupLasso, Laplace, Sum
 from sparse_ensembles.structure import GroupFamily, Part, sequential_groups
 
 
@@ -63,3 +63,18 @@ def test_gaussian_and_laplace_gradients_match_autograd():
         expected = _autograd_grad(prior, params)
         for n in params:
             torch.testing.assert_close(grads[n], expected[n] / 4)
+
+
+def test_plus_grad_equals_in_place_add_bit_for_bit_and_leaves_the_input_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    before = {n: g.clone() for n, g in grads.items()}
+    for prior in (Gaussian(2.0), Laplace(0.5), Sum(GroupLasso(sequential_groups(model), 3.0), Gaussian(1.0))):
+        expected = {n: g.clone() for n, g in grads.items()}
+        prior.add_grad_(expected, params, 100)
+        got = prior.plus_grad(grads, params, 100)
+        for n in grads:
+            assert torch.equal(got[n], expected[n]), (type(prior).__name__, n)
+            assert torch.equal(grads[n], before[n])
