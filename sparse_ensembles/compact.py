@@ -114,6 +114,20 @@ def compact_mlp(model: nn.Sequential) -> CompactMLP:
     return out
 
 
+def _shared_layout(members: Sequence[CompactMLP], who: str) -> tuple[list[str], Tensor]:
+    """Check that compacted members can run as one network; their activations and the union
+    of their live inputs."""
+    if not members:
+        raise ValueError(f"{who} needs at least one member")
+    acts = members[0].activations
+    if any(m.activations != acts or len(m.widths) != len(members[0].widths) for m in members):
+        raise ValueError(f"{who}: members must share depth and activations")
+    if len({m.widths[-1] for m in members}) != 1:
+        # padded output units would add mass to the softmax; every member needs all outputs
+        raise ValueError(f"{who}: members must have the same number of outputs")
+    return acts, torch.unique(torch.cat([m.input_index for m in members]))
+
+
 class FusedMLPEnsemble(nn.Module):
     """All members of a compacted MLP ensemble evaluated in a handful of batched ops.
 
@@ -124,12 +138,7 @@ class FusedMLPEnsemble(nn.Module):
 
     def __init__(self, members: Sequence[CompactMLP]):
         super().__init__()
-        if not members:
-            raise ValueError("FusedMLPEnsemble needs at least one member")
-        acts = members[0].activations
-        if any(m.activations != acts or len(m.widths) != len(members[0].widths) for m in members):
-            raise ValueError("FusedMLPEnsemble: members must share depth and activations")
-        union = torch.unique(torch.cat([m.input_index for m in members]))
+        acts, union = _shared_layout(members, "FusedMLPEnsemble")
         self.register_buffer("input_index", union)
         M = len(members)
         depth = len(members[0].layers)
@@ -151,9 +160,6 @@ class FusedMLPEnsemble(nn.Module):
                 bi[k, :rows] = layer.bias.detach()
             weights.append(Wi)
             biases.append(bi)
-        # padded output units would add mass to the softmax; every member has all outputs
-        if any(m.widths[-1] != widths[-1] for m in members):
-            raise ValueError("FusedMLPEnsemble: members must have the same number of outputs")
         self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
         self.register_buffer("b0", biases[0].reshape(-1))
         self.rest_w = nn.ParameterList(nn.Parameter(w.transpose(1, 2).contiguous(), requires_grad=False) for w in weights[1:])
@@ -183,14 +189,7 @@ class SparseMLPEnsemble(nn.Module):
 
     def __init__(self, members: Sequence[CompactMLP]):
         super().__init__()
-        if not members:
-            raise ValueError("SparseMLPEnsemble needs at least one member")
-        acts = members[0].activations
-        if any(m.activations != acts or len(m.widths) != len(members[0].widths) for m in members):
-            raise ValueError("SparseMLPEnsemble: members must share depth and activations")
-        if len({m.widths[-1] for m in members}) != 1:
-            raise ValueError("SparseMLPEnsemble: members must have the same number of outputs")
-        union = torch.unique(torch.cat([m.input_index for m in members]))
+        acts, union = _shared_layout(members, "SparseMLPEnsemble")
         self.register_buffer("input_index", union)
         self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in acts)
         self.M, self.n_out = len(members), members[0].widths[-1]
