@@ -123,6 +123,16 @@ def sparsity_of(masks: Mapping[str, Tensor]) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 
 
+def cubic_sparsity(step: int, start: float, final: float, ramp: int) -> float:
+    """Zhu & Gupta 2017's gradual pruning schedule
+    ``s_t = s_f + (s_0 - s_f) * (1 - t / ramp) ** 3`` for ``0 <= t <= ramp``, then ``s_f``:
+    prune fast while many redundant weights remain, slowly near the target."""
+    start, final = _check_sparsity(start), _check_sparsity(final)
+    if ramp <= 0 or step >= ramp:
+        return final
+    return final + (start - final) * (1.0 - max(step, 0) / ramp) ** 3
+
+
 def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:
     """Deng et al. 2019's pruning schedule ``s_k = S * (1 - D ** (k / U))``: sparsity ``final`` = S
     approached geometrically, ``rate`` = D in (0, 1), ``period`` = U steps."""

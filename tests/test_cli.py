@@ -83,6 +83,20 @@ def test_several_chains_share_the_samples_each_from_its_own_init(tmp_path):
     assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "sgld.chains=2"]) != 0
 
 
+def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path):
+    import torch
+
+    out = tmp_path / "ramp"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
+                 "sgld.plain_chain=false", "--set", "sgld.samples=1", "--set", "retrain.epochs=3",
+                 "--set", "retrain.ramp_epochs=2"]) == 0
+    meta = torch.load(out / "pruned_90" / "member_000.pt", weights_only=True)["meta"]
+    row = json.loads((out / "results.json").read_text())[-1]
+    assert row["method"] == "SGLD+GSP+PR 90%" and row["params_ratio"] < 0.12
+    assert meta["sparsity"] >= 0.9
+    assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "retrain.ramp_epochs=5"]) != 0
+
+
 def test_evaluate_recomputes_the_same_table(tiny_run, capsys):
     before = json.loads((tiny_run / "results.json").read_text())
     assert main(["evaluate", str(tiny_run)]) == 0

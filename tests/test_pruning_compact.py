@@ -111,6 +111,15 @@ def test_gradual_sparsity_schedule_starts_at_zero_and_approaches_the_target():
     assert pruning.gradual_sparsity(1000, 0.9, rate=0.5, period=10) == pytest.approx(0.9)
 
 
+def test_cubic_sparsity_rises_from_start_to_final_fast_then_slow_and_stays():
+    s = [pruning.cubic_sparsity(t, 0.5, 0.9, ramp=10) for t in range(13)]
+    assert s[0] == 0.5 and s[10] == s[12] == pytest.approx(0.9)
+    assert s[1] == pytest.approx(0.9 - 0.4 * 0.9 ** 3)
+    steps = [b - a for a, b in zip(s, s[1:11])]
+    assert all(d > 0 for d in steps) and steps == sorted(steps, reverse=True)  # fast first, then slow
+    assert pruning.cubic_sparsity(0, 0.5, 0.9, ramp=0) == 0.9  # no ramp: one-shot
+
+
 def test_group_threshold_masks_drop_neurons_whose_rms_weight_is_below_it():
     model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
     with torch.no_grad():

@@ -88,10 +88,15 @@ class PruneConfig:
 
 @dataclass
 class RetrainConfig:
-    """Masked retraining of every pruned sample (SSE: 20 epochs, lr 0.01 divided by 1.15 per epoch)."""
+    """Masked retraining of every pruned sample (SSE: 20 epochs, lr 0.01 divided by 1.15 per epoch).
+
+    ``ramp_epochs`` > 0 prunes gradually instead of at once: over the first ``ramp_epochs``
+    epochs (of ``epochs``) the sparsity rises along Zhu & Gupta's cubic schedule from that of the
+    group-pruned sample to the target, the mask re-chosen by magnitude each epoch."""
     epochs: int = 20
     lr: float = 0.01
     lr_decay: float = 1.15
+    ramp_epochs: int = 0  # 0 = one-shot pruning (the paper)
 
 
 @dataclass
@@ -154,6 +159,8 @@ def _validate(cfg: Config) -> None:
     need(cfg.prune.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
     need(cfg.prune.group_threshold >= 0, "prune.group_threshold", "must be >= 0")
     need(cfg.retrain.epochs >= 0 and cfg.retrain.lr > 0 and cfg.retrain.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
+    need(0 <= cfg.retrain.ramp_epochs <= cfg.retrain.epochs, "retrain.ramp_epochs",
+         f"must be between 0 (one-shot pruning) and retrain.epochs = {cfg.retrain.epochs}")
 
 
 def from_dict(raw: dict) -> Config:

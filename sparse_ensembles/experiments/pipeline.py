@@ -213,15 +213,17 @@ class Pipeline:
         marker.write_text(json.dumps({"train_seconds": elapsed, "epochs": epochs}))
         return elapsed
 
-    def masks_for(self, model: nn.Module, sparsity: float) -> dict:
+    def masks_for(self, model: nn.Module, sparsity: float, masks: Optional[dict] = None) -> dict:
         """SSE pruning: optional whole-neuron removal by group RMS norm, then magnitude pruning of
-        the weights to the target sparsity (fraction of weights removed)."""
+        the weights to the target sparsity (fraction of weights removed). Given the ``masks`` of
+        an earlier, lower sparsity, the new mask keeps nothing those removed."""
         p = self.cfg.prune
         weights = pruning.prunable_weights(model)
-        masks = {}
-        if p.group_threshold > 0:
-            masks = pruning.group_masks(dict(model.named_parameters()), groups_of(model), threshold=p.group_threshold)
-            pruning.apply_masks(model, masks)
+        if masks is None:
+            masks = {}
+            if p.group_threshold > 0:
+                masks = pruning.group_masks(dict(model.named_parameters()), groups_of(model), threshold=p.group_threshold)
+        pruning.apply_masks(model, masks)
         return pruning.combine(masks, pruning.magnitude_masks(weights, sparsity, scope=p.scope))
 
     def prune_retrain(self, data: Data, sparsity: float) -> None:
@@ -234,14 +236,23 @@ class Pipeline:
                 continue
             t0 = time.perf_counter()
             model, _ = checkpoint.load_member(sample)
-            masks = self.masks_for(model, sparsity)
-            pruning.apply_masks(model, masks)
-            hooks = pruning.keep_pruned_at_zero(model, masks)
+            masks = self.masks_for(model, 0.0)  # group pruning only; its sparsity starts the ramp
+            start = min(pruning.sparsity_of({n: masks.get(n, w != 0) for n, w in pruning.prunable_weights(model).items()}),
+                        sparsity)
             opt = torch.optim.SGD(model.parameters(), lr=c.lr)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
             gen = torch.Generator().manual_seed(seed * 1000 + 900 + k)
             bar = self._bar(c.epochs, f"retrain {_pct(sparsity)}% member {k + 1}/{len(samples)}")
-            for epoch in range(c.epochs):
+            hooks = []
+            for epoch in range(max(c.epochs, 1)):
+                if epoch <= c.ramp_epochs:  # one-shot (ramp 0): the target at epoch 0, then fixed
+                    masks = self.masks_for(model, pruning.cubic_sparsity(epoch, start, sparsity, c.ramp_epochs), masks)
+                    pruning.apply_masks(model, masks)
+                    for h in hooks:
+                        h.remove()
+                    hooks = pruning.keep_pruned_at_zero(model, masks)
+                if epoch == c.epochs:  # retrain.epochs = 0: prune, don't retrain
+                    break
                 train_epoch(model, opt, minibatches(data.x_train, data.y_train, self.cfg.data.batch_size, gen),
                             where=f"retraining member {k} at {_pct(sparsity)}% epoch {epoch + 1}")
                 sched.step()
