@@ -82,11 +82,22 @@ def main():
            "compact_ensemble_vs_single_dense_b10k": med[best + "_b10k_seconds"] / base10k,
            "dense_ensemble_vs_single_dense_b10k": med["dense_ensemble_b10k_seconds"] / base10k,
            "cost": cost, "target": 1.5, "quick": args.quick,
+           # throughput in nonzero multiply-accumulates per second (10k images): the target needs
+           # the sparse executor at >= required_fraction_of_dense_throughput of dense GEMM's rate
+           "gmac_per_s_b100": {"single_dense": 1e-9 * len(x) * cost["single_dense"]["nonzero_macs"] / base100,
+                               "csr_compact_ensemble": 1e-9 * len(x) * cost["compact_ensemble"]["nonzero_macs"]
+                               / med["csr_compact_ensemble_b100_seconds"]},
+           "required_fraction_of_dense_throughput": cost["compact_ensemble"]["nonzero_macs"]
+           / cost["single_dense"]["nonzero_macs"] / 1.5,
            "test_error": {"single_dense": metrics.error(metrics.predict_logprobs(dense[0], x), y),
                           "compact_ensemble": metrics.error(ref, y)}}
     path = write("compact_inference" + ("_quick" if args.quick else ""), out)
     for k in models:
         print(f"{k:<24} batch100 {1e3 * med[k + '_b100_seconds']:8.1f} ms   batch10k {1e3 * med[k + '_b10k_seconds']:8.1f} ms")
+    g = out["gmac_per_s_b100"]
+    print(f"nonzero MACs/s at batch 100: dense {g['single_dense']:.1f} G, CSR ensemble {g['csr_compact_ensemble']:.1f} G "
+          f"({g['csr_compact_ensemble'] / g['single_dense']:.0%} of dense; the target needs "
+          f"{out['required_fraction_of_dense_throughput']:.0%})")
     print(f"compact_inference: {m} members at {args.sparsity}%: compact_ensemble_vs_single_dense "
           f"{out['compact_ensemble_vs_single_dense']:.2f} ({best}; padded fused "
           f"{out['padded_fused_vs_single_dense']:.2f}, CSR {out['csr_vs_single_dense']:.2f}, member by member "

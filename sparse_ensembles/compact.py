@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -132,11 +132,14 @@ class FusedMLPEnsemble(nn.Module):
     """All members of a compacted MLP ensemble evaluated in a handful of batched ops.
 
     Members are zero-padded to the widest member in each layer (exact: padded units have zero
-    weights in and out, and a padded unit's activation of bias 0 is multiplied by a zero column);
-    the first layer reads the union of live inputs. Returns ``log mean_m softmax(f_m(x))``.
+    weights in and out, and a padded unit's activation of bias 0 is multiplied by a zero column).
+    The first layer either reads the union of live inputs with one matmul (members that share
+    their pixels), or gathers each member's own inputs and runs a batched matmul (members with
+    different pixel sets, e.g. structured ones), whichever multiplies fewer weights.
+    Returns ``log mean_m softmax(f_m(x))``.
     """
 
-    def __init__(self, members: Sequence[CompactMLP]):
+    def __init__(self, members: Sequence[CompactMLP], gather: Optional[bool] = None):
         super().__init__()
         acts, union = _shared_layout(members, "FusedMLPEnsemble")
         self.register_buffer("input_index", union)
@@ -160,15 +163,34 @@ class FusedMLPEnsemble(nn.Module):
                 bi[k, :rows] = layer.bias.detach()
             weights.append(Wi)
             biases.append(bi)
-        self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
-        self.register_buffer("b0", biases[0].reshape(-1))
+        k0 = max(m.widths[0] for m in members)
+        # first-layer weights multiplied per image: union * M * h1 (shared read) or M * k0 * h1
+        # gather when it saves a quarter of the work: batched small matmuls run slower than one large one
+        self.gather = k0 < 0.75 * union.numel() if gather is None else gather
+        if self.gather:
+            index = torch.zeros(M, k0, dtype=torch.long)
+            w0 = torch.zeros(M, k0, widths[1])
+            for k, m in enumerate(members):
+                n = m.input_index.numel()
+                index[k, :n] = m.input_index  # padded slots read pixel 0 through zero weights
+                w0[k, :n, : m.layers[0].out_features] = m.layers[0].weight.detach().t()
+            self.register_buffer("input_index", index.flatten())
+            self.register_buffer("w0", w0)
+            self.register_buffer("b0", biases[0].unsqueeze(1))
+        else:
+            self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
+            self.register_buffer("b0", biases[0].reshape(-1))
+        self.k0 = k0
         self.rest_w = nn.ParameterList(nn.Parameter(w.transpose(1, 2).contiguous(), requires_grad=False) for w in weights[1:])
         self.rest_b = nn.ParameterList(nn.Parameter(b.unsqueeze(1), requires_grad=False) for b in biases[1:])
         self.M, self.h1 = M, widths[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.addmm(self.b0, x.flatten(1).index_select(1, self.input_index), self.w0)
-        h = h.view(-1, self.M, self.h1).transpose(0, 1)  # (M, B, h1)
+        x = x.flatten(1).index_select(1, self.input_index)
+        if self.gather:  # x: (B, M * k0), each member's own pixels
+            h = torch.baddbmm(self.b0, x.view(-1, self.M, self.k0).transpose(0, 1), self.w0)
+        else:
+            h = torch.addmm(self.b0, x, self.w0).view(-1, self.M, self.h1).transpose(0, 1)  # (M, B, h1)
         for i, (w, b) in enumerate(zip(self.rest_w, self.rest_b)):
             h = torch.baddbmm(b, self.acts[i](h), w)
         logp = torch.log_softmax(h, dim=-1)

@@ -61,25 +61,34 @@ def magnitude_masks(params: Mapping[str, Tensor], sparsity: float, *, scope: str
 
 
 def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
-                sparsity: Optional[float] = None, threshold: Optional[float] = None) -> Masks:
+                sparsity: Optional[float] = None, threshold: Optional[float] = None,
+                keep: Optional[Sequence[int]] = None) -> Masks:
     """Structured pruning of whole groups (neurons, LSTM units, blocks) by group norm.
 
     Scores are RMS norms ``||theta_g|| / sqrt(dim_g)`` so families of different group sizes are
-    comparable. Either remove the ``sparsity`` fraction of groups with the lowest score in each
-    family, or every group whose score is below ``threshold``.
+    comparable. Exactly one of: remove the ``sparsity`` fraction of groups with the lowest score
+    in each family; remove every group whose score is below ``threshold``; or ``keep[i]`` groups
+    with the highest scores in family ``i`` (e.g. the widths of a structured MLP).
     """
-    if (sparsity is None) == (threshold is None):
-        raise ValueError("group_masks needs exactly one of sparsity= or threshold=")
+    if sum(a is not None for a in (sparsity, threshold, keep)) != 1:
+        raise ValueError("group_masks needs exactly one of sparsity=, threshold= or keep=")
+    if keep is not None and len(keep) != len(groups):
+        raise ValueError(f"keep= gives {len(keep)} group counts for {len(groups)} group families; give one per family")
     out: Masks = {}
-    for fam in groups:
+    for i, fam in enumerate(groups):
         score = fam.norms(params) / math.sqrt(fam.group_dim(params))
         if sparsity is not None:
-            keep = _keep_largest(score, _check_sparsity(sparsity))
+            keep_g = _keep_largest(score, _check_sparsity(sparsity))
+        elif keep is not None:
+            if not 1 <= keep[i] <= score.numel():
+                raise ValueError(f"keep[{i}] = {keep[i]} groups, but family {i} has {score.numel()}; use 1..{score.numel()}")
+            keep_g = torch.zeros_like(score, dtype=torch.bool)
+            keep_g[torch.argsort(score, descending=True, stable=True)[: keep[i]]] = True
         else:
-            keep = score >= threshold
+            keep_g = score >= threshold
         for part in fam.parts:
             p = params[part.param]
-            m = fam.expand(keep, part, p)
+            m = fam.expand(keep_g, part, p)
             out[part.param] = out[part.param] & m if part.param in out else m.clone()
     return out
 

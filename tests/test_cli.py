@@ -97,6 +97,19 @@ def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path)
     assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "retrain.ramp_epochs=5"]) != 0
 
 
+def test_prune_widths_give_structured_members_of_at_most_those_widths(tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "widths"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
+                 "sgld.plain_chain=false", "--set", "sgld.samples=1", "--set", "prune.widths=[100, 16, 8]"]) == 0
+    spec = torch.load(out / "pruned_90" / "member_000.pt", weights_only=True)["spec"]
+    assert all(w <= k for w, k in zip(spec["widths"], [100, 16, 8])) and spec["widths"][-1] == 10
+    capsys.readouterr()
+    assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "prune.widths=[100, 16]"]) != 0
+    assert "prune.widths" in capsys.readouterr().err
+
+
 def test_evaluate_recomputes_the_same_table(tiny_run, capsys):
     before = json.loads((tiny_run / "results.json").read_text())
     assert main(["evaluate", str(tiny_run)]) == 0

@@ -82,6 +82,23 @@ def test_fused_ensemble_equals_ensemble_of_compacted_members():
     torch.testing.assert_close(FusedMLPEnsemble(members)(x), Ensemble(members)(x), atol=1e-5, rtol=0)
 
 
+def test_structured_members_fuse_by_gathering_their_own_pixels_and_still_equal_the_ensemble():
+    members = []
+    for s in range(3):
+        torch.manual_seed(s)
+        model = mlp([784, 40, 20, 10])
+        masks = pruning.group_masks(dict(model.named_parameters()), sequential_groups(model), keep=[60, 12, 8])
+        assert [int(m.any(0).sum()) for n, m in masks.items() if n.endswith("weight")][:1] == [60]
+        pruning.apply_masks(model, masks)
+        members.append(compact_mlp(model.eval()))
+    assert [m.widths for m in members] == [[60, 12, 8, 10]] * 3
+    x = torch.rand(50, 1, 28, 28)
+    auto = FusedMLPEnsemble(members)
+    assert auto.gather  # three random pixel sets of 60: the union is far wider than one member's
+    for fused in (auto, FusedMLPEnsemble(members, gather=False)):
+        torch.testing.assert_close(fused(x), Ensemble(members)(x), atol=1e-5, rtol=0)
+
+
 def test_sparse_csr_ensemble_equals_ensemble_and_stores_only_the_nonzero_weights():
     members = [compact_mlp(_pruned_mlp(s, sparsity=0.8 + 0.05 * s)) for s in range(3)]
     x = torch.rand(50, 1, 28, 28)

@@ -84,6 +84,9 @@ class PruneConfig:
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.96])
     scope: str = "global"  # global | layer: one magnitude threshold, or the same fraction per layer
     group_threshold: float = 0.0  # also drop whole neurons whose RMS weight is below this (0 = off)
+    # structured members: keep only this many input pixels and hidden units per layer (largest RMS
+    # group norm) before magnitude pruning; [] = off. Small dense members run fast when fused.
+    widths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +161,11 @@ def _validate(cfg: Config) -> None:
     need(all(0 <= s < 1 for s in cfg.prune.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")
     need(cfg.prune.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
     need(cfg.prune.group_threshold >= 0, "prune.group_threshold", "must be >= 0")
+    if cfg.prune.widths:
+        fams = cfg.model.sizes[:-1]
+        need(len(cfg.prune.widths) == len(fams) and all(1 <= w <= n for w, n in zip(cfg.prune.widths, fams)),
+             "prune.widths", f"give one width per input/hidden layer of model.sizes = {cfg.model.sizes}, each between "
+             f"1 and that layer's size (e.g. {[max(1, n // 4) for n in fams]}), or [] for no structured pruning")
     need(cfg.retrain.epochs >= 0 and cfg.retrain.lr > 0 and cfg.retrain.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
     need(0 <= cfg.retrain.ramp_epochs <= cfg.retrain.epochs, "retrain.ramp_epochs",
          f"must be between 0 (one-shot pruning) and retrain.epochs = {cfg.retrain.epochs}")

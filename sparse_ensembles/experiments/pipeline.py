@@ -214,15 +214,18 @@ class Pipeline:
         return elapsed
 
     def masks_for(self, model: nn.Module, sparsity: float, masks: Optional[dict] = None) -> dict:
-        """SSE pruning: optional whole-neuron removal by group RMS norm, then magnitude pruning of
-        the weights to the target sparsity (fraction of weights removed). Given the ``masks`` of
+        """SSE pruning: optional whole-neuron removal by group RMS norm (below ``prune.group_threshold``,
+        and/or beyond the ``prune.widths`` strongest per layer), then magnitude pruning of the weights to the target sparsity (fraction of weights removed). Given the ``masks`` of
         an earlier, lower sparsity, the new mask keeps nothing those removed."""
         p = self.cfg.prune
         weights = pruning.prunable_weights(model)
         if masks is None:
+            params, groups = dict(model.named_parameters()), groups_of(model)
             masks = {}
             if p.group_threshold > 0:
-                masks = pruning.group_masks(dict(model.named_parameters()), groups_of(model), threshold=p.group_threshold)
+                masks = pruning.group_masks(params, groups, threshold=p.group_threshold)
+            if p.widths:
+                masks = pruning.combine(masks, pruning.group_masks(params, groups, keep=p.widths))
         pruning.apply_masks(model, masks)
         return pruning.combine(masks, pruning.magnitude_masks(weights, sparsity, scope=p.scope))
 
