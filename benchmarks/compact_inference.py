@@ -11,6 +11,7 @@ one process, interleaved, repeated; medians are reported.
 Target: compacted ensemble of 18 at <= 1.5x the latency of one dense model (batch 100).
 
     python benchmarks/compact_inference.py [--run DIR] [--sparsity 96] [--quick]
+    python benchmarks/compact_inference.py --run runs/mnist_fnn_sse_widths   # structured members
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ from sparse_ensembles.data import load_idx_dataset  # noqa: E402
 from sparse_ensembles.ensembles import Ensemble  # noqa: E402
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
 
+DEFAULT_RUN = "runs/mnist_fnn_sse"
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/mnist_fnn_sse")
+    ap.add_argument("--run", default=DEFAULT_RUN)
     ap.add_argument("--sparsity", default="96")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -91,7 +94,9 @@ def main():
            / cost["single_dense"]["nonzero_macs"] / 1.5,
            "test_error": {"single_dense": metrics.error(metrics.predict_logprobs(dense[0], x), y),
                           "compact_ensemble": metrics.error(ref, y)}}
-    path = write("compact_inference" + ("_quick" if args.quick else ""), out)
+    # a run other than the default gets its own results file: compact_inference_<run dir name>.json
+    name = "compact_inference" + ("" if run == Path(DEFAULT_RUN) else f"_{run.name}")
+    path = write(name + ("_quick" if args.quick else ""), out)
     for k in models:
         print(f"{k:<24} batch100 {1e3 * med[k + '_b100_seconds']:8.1f} ms   batch10k {1e3 * med[k + '_b10k_seconds']:8.1f} ms")
     g = out["gmac_per_s_b100"]

@@ -5,6 +5,8 @@ Runs (or resumes) ``configs/<name>.toml`` into ``runs/<name>`` and copies its ro
 
     python benchmarks/sse_tables.py mnist_fnn_sse fmnist_fnn_sse     # the full tables (about 1 h each on 1 core)
     python benchmarks/sse_tables.py --quick mnist_fnn_sse             # same rows on a 5k subset, short chains (< 60 s)
+    python benchmarks/sse_tables.py mnist_fnn_sse --tag ramp --set retrain.ramp_epochs=10   # a variant:
+        # runs/mnist_fnn_sse_ramp -> benchmarks/results/mnist_fnn_sse_ramp.json
 """
 from __future__ import annotations
 
@@ -30,16 +32,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override (recorded in the results file)")
+    ap.add_argument("--tag", default="", help="name a variant: runs/<name>_<tag>, results/<name>_<tag>.json")
     args = ap.parse_args()
     for name in args.names:
         overrides = (QUICK if args.quick else []) + args.set
         cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
-        out = ROOT / "runs" / (name + ("_quick" if args.quick else ""))
+        label = name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+        out = ROOT / "runs" / label
         t0 = time.perf_counter()
         rows = Pipeline(cfg, out, resume=True, progress=False).run()
         wall = time.perf_counter() - t0
         total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
-        path = write(name + ("_quick" if args.quick else ""),
+        path = write(label,
                      {"config": f"configs/{name}.toml", "overrides": overrides,
                       "wall_seconds_this_invocation": wall, "summed_train_seconds": total_train, "rows": rows})
         best = {r["method"]: r for r in rows}
@@ -47,7 +51,7 @@ def main():
         msg = ", ".join(f"{r['method']} {100 * r['error']:.2f}% at {r['params_ratio']:.2f}x params / "
                         f"{r['flops_ratio']:.2f}x FLOPs" for r in sparse)
         sgd1 = best.get("SGD x1")
-        print(f"{name}: SGD x1 {100 * sgd1['error']:.2f}%; {msg} -> {path.name}" if sgd1 else f"{name}: {msg}")
+        print(f"{label}: SGD x1 {100 * sgd1['error']:.2f}%; {msg} -> {path.name}" if sgd1 else f"{label}: {msg}")
 
 
 if __name__ == "__main__":
