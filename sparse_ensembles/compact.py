@@ -142,7 +142,6 @@ class FusedMLPEnsemble(nn.Module):
     def __init__(self, members: Sequence[CompactMLP], gather: Optional[bool] = None):
         super().__init__()
         acts, union = _shared_layout(members, "FusedMLPEnsemble")
-        self.register_buffer("input_index", union)
         M = len(members)
         depth = len(members[0].layers)
         widths = [max(m.widths[i] for m in members) for i in range(depth + 1)]
@@ -165,7 +164,7 @@ class FusedMLPEnsemble(nn.Module):
             biases.append(bi)
         k0 = max(m.widths[0] for m in members)
         # first-layer weights multiplied per image: union * M * h1 (shared read) or M * k0 * h1
-        # gather when it saves a quarter of the work: batched small matmuls run slower than one large one
+        # (gathered); gather only when that saves a quarter: batched small matmuls run slower
         self.gather = k0 < 0.75 * union.numel() if gather is None else gather
         if self.gather:
             index = torch.zeros(M, k0, dtype=torch.long)
@@ -178,6 +177,7 @@ class FusedMLPEnsemble(nn.Module):
             self.register_buffer("w0", w0)
             self.register_buffer("b0", biases[0].unsqueeze(1))
         else:
+            self.register_buffer("input_index", union)
             self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
             self.register_buffer("b0", biases[0].reshape(-1))
         self.k0 = k0

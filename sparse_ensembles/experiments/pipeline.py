@@ -214,9 +214,10 @@ class Pipeline:
         return elapsed
 
     def masks_for(self, model: nn.Module, sparsity: float, masks: Optional[dict] = None) -> dict:
-        """SSE pruning: optional whole-neuron removal by group RMS norm (below ``prune.group_threshold``,
-        and/or beyond the ``prune.widths`` strongest per layer), then magnitude pruning of the weights to the target sparsity (fraction of weights removed). Given the ``masks`` of
-        an earlier, lower sparsity, the new mask keeps nothing those removed."""
+        """SSE pruning: optional whole-neuron removal by group RMS norm (below
+        ``prune.group_threshold``, and/or beyond the ``prune.widths`` strongest per layer), then
+        magnitude pruning of the weights to the target sparsity (fraction of weights removed).
+        Given the ``masks`` of an earlier, lower sparsity, the new mask keeps nothing those removed."""
         p = self.cfg.prune
         weights = pruning.prunable_weights(model)
         if masks is None:
@@ -240,8 +241,7 @@ class Pipeline:
             t0 = time.perf_counter()
             model, _ = checkpoint.load_member(sample)
             masks = self.masks_for(model, 0.0)  # group pruning only; its sparsity starts the ramp
-            start = min(pruning.sparsity_of({n: masks.get(n, w != 0) for n, w in pruning.prunable_weights(model).items()}),
-                        sparsity)
+            start = min(pruning.sparsity_of({n: masks[n] for n in pruning.prunable_weights(model)}), sparsity)
             opt = torch.optim.SGD(model.parameters(), lr=c.lr)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
             gen = torch.Generator().manual_seed(seed * 1000 + 900 + k)
