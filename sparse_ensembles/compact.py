@@ -181,8 +181,14 @@ class FusedMLPEnsemble(nn.Module):
             self.register_buffer("w0", weights[0].reshape(M * widths[1], widths[0]).t().contiguous())
             self.register_buffer("b0", biases[0].reshape(-1))
         self.k0 = k0
-        self.rest_w = nn.ParameterList(nn.Parameter(w.transpose(1, 2).contiguous(), requires_grad=False) for w in weights[1:])
-        self.rest_b = nn.ParameterList(nn.Parameter(b.unsqueeze(1), requires_grad=False) for b in biases[1:])
+        # hidden layers after the first: (M, B, n_in) @ (M, n_in, n_out); the output layer runs
+        # transposed, W (M, C, n_in) @ H^T, so the logits come out as (M, C, B) (see forward)
+        self.mid_w = nn.ParameterList(nn.Parameter(w.transpose(1, 2).contiguous(), requires_grad=False)
+                                      for w in weights[1:-1])
+        self.mid_b = nn.ParameterList(nn.Parameter(b.unsqueeze(1), requires_grad=False) for b in biases[1:-1])
+        if depth > 1:
+            self.register_buffer("out_w", weights[-1])
+            self.register_buffer("out_b", biases[-1].unsqueeze(2))
         self.M, self.h1 = M, widths[1]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -191,10 +197,16 @@ class FusedMLPEnsemble(nn.Module):
             h = torch.baddbmm(self.b0, x.view(-1, self.M, self.k0).transpose(0, 1), self.w0)
         else:
             h = torch.addmm(self.b0, x, self.w0).view(-1, self.M, self.h1).transpose(0, 1)  # (M, B, h1)
-        for i, (w, b) in enumerate(zip(self.rest_w, self.rest_b)):
+        for i, (w, b) in enumerate(zip(self.mid_w, self.mid_b)):
             h = torch.baddbmm(b, self.acts[i](h), w)
-        logp = torch.log_softmax(h, dim=-1)
-        return torch.logsumexp(logp, dim=0) - torch.log(torch.tensor(float(self.M)))
+        if hasattr(self, "out_w"):
+            logits = torch.baddbmm(self.out_b, self.out_w, self.acts[-1](h).transpose(1, 2))  # (M, C, B)
+        else:  # a single layer: h already holds the logits
+            logits = h.transpose(1, 2)
+        # classes on dim 1 with the batch innermost: CPU log_softmax over a short *last* dim
+        # (10 classes) is about 10x slower and dominated the whole ensemble's time
+        logp = torch.log_softmax(logits, dim=1)
+        return (torch.logsumexp(logp, dim=0) - math.log(self.M)).t()
 
 
 class SparseMLPEnsemble(nn.Module):

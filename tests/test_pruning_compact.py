@@ -82,6 +82,19 @@ def test_fused_ensemble_equals_ensemble_of_compacted_members():
     torch.testing.assert_close(FusedMLPEnsemble(members)(x), Ensemble(members)(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("sizes", [[784, 10], [784, 30, 10], [784, 30, 20, 15, 10]])
+def test_fused_ensemble_equals_ensemble_for_one_two_and_four_layers(sizes):
+    members = []
+    for s in range(3):
+        torch.manual_seed(s)
+        model = mlp(sizes)
+        pruning.apply_masks(model, pruning.magnitude_masks(pruning.prunable_weights(model), 0.7, scope="layer"))
+        members.append(compact_mlp(model.eval()))
+    x = torch.rand(20, 1, 28, 28)
+    for gather in (False, True):
+        torch.testing.assert_close(FusedMLPEnsemble(members, gather=gather)(x), Ensemble(members)(x), atol=1e-5, rtol=0)
+
+
 def test_structured_members_fuse_by_gathering_their_own_pixels_and_still_equal_the_ensemble():
     members = []
     for s in range(3):
