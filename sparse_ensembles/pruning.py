@@ -132,14 +132,29 @@ def sparsity_of(masks: Mapping[str, Tensor]) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 
 
-def cubic_sparsity(step: int, start: float, final: float, ramp: int) -> float:
+def cubic_ramp(step: int, start: float, final: float, ramp: int) -> float:
     """Zhu & Gupta 2017's gradual pruning schedule
     ``s_t = s_f + (s_0 - s_f) * (1 - t / ramp) ** 3`` for ``0 <= t <= ramp``, then ``s_f``:
     prune fast while many redundant weights remain, slowly near the target."""
-    start, final = _check_sparsity(start), _check_sparsity(final)
     if ramp <= 0 or step >= ramp:
         return final
     return final + (start - final) * (1.0 - max(step, 0) / ramp) ** 3
+
+
+def cubic_sparsity(step: int, start: float, final: float, ramp: int) -> float:
+    """:func:`cubic_ramp` of a sparsity (a fraction in [0, 1))."""
+    return cubic_ramp(step, _check_sparsity(start), _check_sparsity(final), ramp)
+
+
+def cubic_widths(step: int, start: Sequence[int], final: Sequence[int], ramp: int) -> list[int]:
+    """:func:`cubic_ramp` of group counts per family (e.g. layer widths), rounded, never below
+    ``final``: structured pruning removes neurons as gradually as the weights go."""
+    return [max(f, round(cubic_ramp(step, s, f, ramp))) for s, f in zip(start, final)]
+
+
+def live_groups(params: Mapping[str, Tensor], groups: Sequence[GroupFamily]) -> list[int]:
+    """Number of groups with any nonzero weight, per family (e.g. the live widths of an MLP)."""
+    return [int((fam.norms(params) > 0).sum()) for fam in groups]
 
 
 def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:

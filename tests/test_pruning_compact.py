@@ -150,6 +150,15 @@ def test_cubic_sparsity_rises_from_start_to_final_fast_then_slow_and_stays():
     assert pruning.cubic_sparsity(0, 0.5, 0.9, ramp=0) == 0.9  # no ramp: one-shot
 
 
+def test_cubic_widths_shrink_layer_by_layer_from_live_to_target_and_never_below_it():
+    w = [pruning.cubic_widths(t, [300, 100], [160, 64], ramp=10) for t in range(12)]
+    assert w[0] == [300, 100] and w[10] == w[11] == [160, 64]
+    assert all(a[i] >= b[i] >= t for a, b in zip(w, w[1:]) for i, t in enumerate([160, 64]))
+    assert 160 < w[3][0] < 300  # gradual, not one-shot
+    assert pruning.cubic_widths(0, [300, 100], [160, 64], ramp=0) == [160, 64]
+    assert pruning.cubic_widths(0, [100, 50], [160, 64], ramp=5) == [160, 64]  # fewer live than asked: target
+
+
 def test_group_threshold_masks_drop_neurons_whose_rms_weight_is_below_it():
     model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 2))
     with torch.no_grad():

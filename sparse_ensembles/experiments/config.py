@@ -167,8 +167,10 @@ def _validate(cfg: Config) -> None:
              "prune.widths", f"give one width per input/hidden layer of model.sizes = {cfg.model.sizes}, each between "
              f"1 and that layer's size (e.g. {[max(1, n // 4) for n in fams]}), or [] for no structured pruning")
     need(cfg.retrain.epochs >= 0 and cfg.retrain.lr > 0 and cfg.retrain.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
-    need(0 <= cfg.retrain.ramp_epochs <= cfg.retrain.epochs, "retrain.ramp_epochs",
-         f"must be between 0 (one-shot pruning) and retrain.epochs = {cfg.retrain.epochs}")
+    # the target mask is set at the start of epoch ramp_epochs, so at least one epoch must follow
+    need(cfg.retrain.ramp_epochs == 0 or 0 < cfg.retrain.ramp_epochs < cfg.retrain.epochs, "retrain.ramp_epochs",
+         f"must be 0 (one-shot pruning) or below retrain.epochs = {cfg.retrain.epochs}, so that the "
+         "members retrain at the target sparsity for at least one epoch")
 
 
 def from_dict(raw: dict) -> Config:

@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -213,25 +213,26 @@ class Pipeline:
         marker.write_text(json.dumps({"train_seconds": elapsed, "epochs": epochs}))
         return elapsed
 
-    def masks_for(self, model: nn.Module, sparsity: float, masks: Optional[dict] = None) -> dict:
-        """SSE pruning: optional whole-neuron removal by group RMS norm (below
-        ``prune.group_threshold``, and/or beyond the ``prune.widths`` strongest per layer), then
-        magnitude pruning of the weights to the target sparsity (fraction of weights removed).
-        Given the ``masks`` of an earlier, lower sparsity, the new mask keeps nothing those removed."""
+    def masks_for(self, model: nn.Module, sparsity: float, masks: Optional[dict] = None,
+                  widths: Optional[Sequence[int]] = None) -> dict:
+        """SSE pruning: whole-neuron removal by group RMS norm (below ``prune.group_threshold``,
+        and beyond the ``widths`` strongest per layer), then magnitude pruning of the weights to
+        the target sparsity (fraction of weights removed). Given the ``masks`` of an earlier,
+        lower sparsity, the new mask keeps nothing those removed."""
         p = self.cfg.prune
-        weights = pruning.prunable_weights(model)
+        params, groups = dict(model.named_parameters()), groups_of(model)
         if masks is None:
-            params, groups = dict(model.named_parameters()), groups_of(model)
             masks = {}
             if p.group_threshold > 0:
                 masks = pruning.group_masks(params, groups, threshold=p.group_threshold)
-            if p.widths:
-                masks = pruning.combine(masks, pruning.group_masks(params, groups, keep=p.widths))
         pruning.apply_masks(model, masks)
-        return pruning.combine(masks, pruning.magnitude_masks(weights, sparsity, scope=p.scope))
+        if widths:
+            masks = pruning.combine(masks, pruning.group_masks(params, groups, keep=widths))
+            pruning.apply_masks(model, masks)
+        return pruning.combine(masks, pruning.magnitude_masks(pruning.prunable_weights(model), sparsity, scope=p.scope))
 
     def prune_retrain(self, data: Data, sparsity: float) -> None:
-        c, seed = self.cfg.retrain, self.cfg.experiment.seed
+        c, p, seed = self.cfg.retrain, self.cfg.prune, self.cfg.experiment.seed
         folder = self.out / f"pruned_{_pct(sparsity)}"
         samples = sorted((self.out / "sgld_gsp").glob("sample_*.pt"))
         for k, sample in enumerate(samples):
@@ -240,8 +241,9 @@ class Pipeline:
                 continue
             t0 = time.perf_counter()
             model, _ = checkpoint.load_member(sample)
-            masks = self.masks_for(model, 0.0)  # group pruning only; its sparsity starts the ramp
+            masks = self.masks_for(model, 0.0)  # group pruning only; its sparsity and widths start the ramp
             start = min(pruning.sparsity_of({n: masks[n] for n in pruning.prunable_weights(model)}), sparsity)
+            live = pruning.live_groups(dict(model.named_parameters()), groups_of(model))
             opt = torch.optim.SGD(model.parameters(), lr=c.lr)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
             gen = torch.Generator().manual_seed(seed * 1000 + 900 + k)
@@ -249,7 +251,8 @@ class Pipeline:
             hooks = []
             for epoch in range(max(c.epochs, 1)):
                 if epoch <= c.ramp_epochs:  # one-shot (ramp 0): the target at epoch 0, then fixed
-                    masks = self.masks_for(model, pruning.cubic_sparsity(epoch, start, sparsity, c.ramp_epochs), masks)
+                    widths = pruning.cubic_widths(epoch, live, p.widths, c.ramp_epochs) if p.widths else None
+                    masks = self.masks_for(model, pruning.cubic_sparsity(epoch, start, sparsity, c.ramp_epochs), masks, widths)
                     pruning.apply_masks(model, masks)
                     for h in hooks:
                         h.remove()
