@@ -85,7 +85,8 @@ class PruneConfig:
     scope: str = "global"  # global | layer: one magnitude threshold, or the same fraction per layer
     group_threshold: float = 0.0  # also drop whole neurons whose RMS weight is below this (0 = off)
     # structured members: keep only this many input pixels and hidden units per layer (largest RMS
-    # group norm) before magnitude pruning; [] = off. Small dense members run fast when fused.
+    # group norm) before magnitude pruning, gradually if retrain.ramp_epochs > 0; [] = off. Small
+    # dense members run fast when fused.
     widths: list[int] = field(default_factory=list)
 
 
@@ -95,7 +96,8 @@ class RetrainConfig:
 
     ``ramp_epochs`` > 0 prunes gradually instead of at once: over the first ``ramp_epochs``
     epochs (of ``epochs``) the sparsity rises along Zhu & Gupta's cubic schedule from that of the
-    group-pruned sample to the target, the mask re-chosen by magnitude each epoch."""
+    group-pruned sample to the target, the mask re-chosen by magnitude each epoch (and
+    ``prune.widths``, if set, shrink from the live widths along the same schedule)."""
     epochs: int = 20
     lr: float = 0.01
     lr_decay: float = 1.15
