@@ -1,0 +1,5 @@
+"""Priors as math objects over *named* parameters (see :mod:`.base` for the convention)."""
+from .base import Gaussian, Laplace, Prior, Sum
+from .group import GroupLasso
+
+__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso"]
