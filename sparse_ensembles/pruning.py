@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .structure import GroupFamily
+from .structure import GroupFamily, norms
 
 Masks = dict[str, Tensor]
 
@@ -76,7 +76,7 @@ def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
         raise ValueError(f"keep= gives {len(keep)} group counts for {len(groups)} group families; give one per family")
     out: Masks = {}
     for i, fam in enumerate(groups):
-        score = fam.norms(params) / math.sqrt(fam.group_dim(params))
+        score = norms(fam, params) / math.sqrt(fam.group_dim(params))
         if sparsity is not None:
             keep_g = _keep_largest(score, _check_sparsity(sparsity))
         elif keep is not None:
@@ -86,10 +86,9 @@ def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
             keep_g[torch.argsort(score, descending=True, stable=True)[: keep[i]]] = True
         else:
             keep_g = score >= threshold
-        for part in fam.parts:
-            p = params[part.param]
-            m = fam.expand(keep_g, part, p)
-            out[part.param] = out[part.param] & m if part.param in out else m.clone()
+        for name in fam.params:
+            m = fam.broadcast_keep(keep_g, name, params[name])
+            out[name] = out[name] & m if name in out else m.clone()
     return out
 
 
@@ -154,7 +153,7 @@ def cubic_widths(step: int, start: Sequence[int], final: Sequence[int], ramp: in
 
 def live_groups(params: Mapping[str, Tensor], groups: Sequence[GroupFamily]) -> list[int]:
     """Number of groups with any nonzero weight, per family (e.g. the live widths of an MLP)."""
-    return [int((fam.norms(params) > 0).sum()) for fam in groups]
+    return [int((norms(fam, params) > 0).sum()) for fam in groups]
 
 
 def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:

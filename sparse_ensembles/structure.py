@@ -1,80 +1,206 @@
 """Declared coupled groups of weights.
 
-A *group family* is a set of ``size`` groups of the same shape; group ``k`` is the ``k``-th slice
-along dimension ``dim`` of each listed parameter (a :class:`Part`). A part with ``blocks > 1``
-sees that dimension as ``blocks`` consecutive copies of ``size`` (LSTM gate matrices stack four
-gates, so the ISS group of hidden unit ``k`` takes rows ``k, n+k, 2n+k, 3n+k``).
+A *group family* is ``size`` groups of weights that a model declares; the group prior, structured
+pruning and physical shrinking all read the same declaration, so they never disagree about what a
+"neuron" or an "LSTM unit" is. Every family follows the small :class:`GroupFamily` protocol:
 
-Models declare their families (``model.unit_groups()``); the group prior, structured pruning and
-physical compaction all read the same declaration, so they can never disagree about what a
-"neuron" is. For a plain ``nn.Sequential`` MLP, :func:`sequential_groups` declares them.
+* ``params``: the names of the parameters it touches;
+* ``sq_norms(params)``: squared L2 norm of each group, shape ``(size,)``;
+* ``group_dim(params)``: weights in one group (``dim_g`` of the group Lasso);
+* ``broadcast(values, name, like)``: a per-group vector onto parameter ``name``; an entry gets
+  the sum over the distinct groups that hold it (the gradient of sum_g c_g ||theta_g||);
+* ``broadcast_keep(keep, name, like)``: a per-group keep vector onto ``name``; an entry is kept
+  only if every group that holds it is kept (a structured mask).
+
+Two kinds of family:
+
+* :class:`SliceFamily`: group ``k`` is the ``k``-th slice along ``dim`` of each listed
+  :class:`Part`. A part with ``stack > 1`` sees that dimension as ``stack`` consecutive copies of
+  ``size`` (an LSTM's gate matrices stack four gates, so unit ``k`` owns rows ``k, n+k, 2n+k,
+  3n+k``). Two parts of one group may cover the same parameter along its two dimensions (an LSTM
+  unit's rows *and* column of the recurrent matrix); the entries they share count once.
+* :class:`TileFamily`: the parameter cut into a grid of equal 2-D tiles, one group per tile
+  (a row or column of one gate matrix, or a block of block-sparse LSTMs).
+
+For a plain ``nn.Sequential`` MLP, :func:`sequential_groups` declares the neuron groups.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+
+@runtime_checkable
+class GroupFamily(Protocol):
+    name: str
+    size: int
+
+    @property
+    def params(self) -> tuple[str, ...]: ...
+
+    def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor: ...
+
+    def group_dim(self, params: Mapping[str, Tensor]) -> int: ...
+
+    def broadcast(self, values: Tensor, name: str, like: Tensor) -> Tensor: ...
+
+    def broadcast_keep(self, keep: Tensor, name: str, like: Tensor) -> Tensor: ...
+
+
+def norms(family: GroupFamily, params: Mapping[str, Tensor]) -> Tensor:
+    """L2 norm of each group of ``family``."""
+    return family.sq_norms(params).sqrt()
 
 
 @dataclass(frozen=True)
 class Part:
     param: str
     dim: int
-    blocks: int = 1
+    stack: int = 1  # the dim holds `stack` consecutive copies of the family's size (stacked gates)
 
 
 @dataclass(frozen=True)
-class GroupFamily:
-    """``size`` groups; group ``k`` is slice ``k`` of every part (see module docstring)."""
+class SliceFamily:
+    """``size`` groups; group ``k`` is slice ``k`` of every part (see the module docstring)."""
 
     name: str
     size: int
     parts: tuple[Part, ...]
 
+    def __post_init__(self):
+        by_param: dict[str, list[Part]] = {}
+        for part in self.parts:
+            by_param.setdefault(part.param, []).append(part)
+        for name, parts in by_param.items():
+            if len(parts) > 2 or (len(parts) == 2 and {p.dim for p in parts} != {0, 1}):
+                raise ValueError(
+                    f"group family {self.name!r}: parameter {name!r} is covered by {len(parts)} parts; "
+                    "a parameter may appear once, or twice along dims 0 and 1 of a matrix"
+                )
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.param for p in self.parts))
+
+    def _parts_of(self, name: str) -> list[Part]:
+        return [p for p in self.parts if p.param == name]
+
     def _view(self, part: Part, tensor: Tensor) -> Tensor:
-        """``tensor`` as (blocks, size, rest) with the group index in the middle."""
-        if tensor.shape[part.dim] != part.blocks * self.size:
+        """``tensor`` as (stack, size, rest) with the group index in the middle."""
+        if tensor.shape[part.dim] != part.stack * self.size:
             raise ValueError(
                 f"group family {self.name!r}: parameter {part.param!r} has {tensor.shape[part.dim]} "
-                f"entries along dim {part.dim}, expected blocks*size = {part.blocks}*{self.size}"
+                f"entries along dim {part.dim}, expected stack*size = {part.stack}*{self.size}"
             )
-        moved = tensor.movedim(part.dim, 0)
-        return moved.reshape(part.blocks, self.size, -1)
+        return tensor.movedim(part.dim, 0).reshape(part.stack, self.size, -1)
+
+    def _overlap(self, name: str) -> tuple[Part, Part] | None:
+        """(rows part, columns part) when both cover ``name``: their shared entries are the
+        diagonal of each (stack_r x stack_c) block of size x size."""
+        parts = sorted(self._parts_of(name), key=lambda p: p.dim)
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+    def _diagonal(self, name: str, tensor: Tensor) -> Tensor:
+        rows, cols = self._overlap(name)
+        blocks = tensor.reshape(rows.stack, self.size, cols.stack, self.size)
+        return torch.diagonal(blocks, dim1=1, dim2=3)  # (stack_r, stack_c, size)
 
     def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor:
-        """Squared L2 norm of each group, shape (size,)."""
-        total = None
+        total = 0
         for part in self.parts:
-            s = self._view(part, params[part.param]).pow(2).sum(dim=(0, 2))
-            total = s if total is None else total + s
+            total = total + self._view(part, params[part.param]).pow(2).sum(dim=(0, 2))
+        for name in self.params:
+            if self._overlap(name):  # counted by both parts: subtract once
+                total = total - self._diagonal(name, params[name]).pow(2).sum(dim=(0, 1))
         return total
 
-    def norms(self, params: Mapping[str, Tensor]) -> Tensor:
-        return self.sq_norms(params).sqrt()
-
     def group_dim(self, params: Mapping[str, Tensor]) -> int:
-        """Number of weights in one group (dim_g of the group Lasso)."""
-        return sum(params[p.param].numel() // self.size for p in self.parts)
+        dim = sum(params[p.param].numel() // self.size for p in self.parts)
+        for name in self.params:
+            if self._overlap(name):
+                rows, cols = self._overlap(name)
+                dim -= rows.stack * cols.stack
+        return dim
 
-    def expand(self, per_group: Tensor, part: Part, like: Tensor) -> Tensor:
-        """Broadcast a (size,) vector onto ``like`` (the tensor of ``part``)."""
+    def _expand(self, values: Tensor, part: Part, like: Tensor) -> Tensor:
         shape = [1] * like.dim()
         shape[part.dim] = self.size
         tiles = [1] * like.dim()
-        tiles[part.dim] = part.blocks  # blocks are consecutive copies: index b * size + k
-        return per_group.reshape(shape).repeat(*tiles).expand_as(like)
+        tiles[part.dim] = part.stack  # stacked copies: index b * size + k
+        return values.reshape(shape).repeat(*tiles).expand_as(like)
+
+    def broadcast(self, values: Tensor, name: str, like: Tensor) -> Tensor:
+        parts = self._parts_of(name)
+        out = self._expand(values, parts[0], like)
+        if len(parts) == 2:
+            rows, cols = self._overlap(name)
+            diag = torch.diag_embed(values).repeat(rows.stack, cols.stack)
+            out = out + self._expand(values, parts[1], like) - diag
+        return out
+
+    def broadcast_keep(self, keep: Tensor, name: str, like: Tensor) -> Tensor:
+        out = None
+        for part in self._parts_of(name):
+            m = self._expand(keep, part, like)
+            out = m if out is None else out & m
+        return out
 
 
-def sequential_groups(model: nn.Sequential, *, include_inputs: bool = True) -> list[GroupFamily]:
+@dataclass(frozen=True)
+class TileFamily:
+    """Parameter ``param`` of shape (rows, cols) cut into tiles of ``tile = (th, tw)``; group
+    ``i * (cols / tw) + j`` is tile (i, j). ``tile = (1, cols)`` gives one group per row,
+    ``(rows, 1)`` one per column; square tiles are the blocks of block-sparse RNNs."""
+
+    name: str
+    param: str
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+
+    def __post_init__(self):
+        (r, c), (th, tw) = self.shape, self.tile
+        if th < 1 or tw < 1 or r % th or c % tw:
+            raise ValueError(f"tile family {self.name!r}: tiles {self.tile} do not divide {self.param!r} of shape {self.shape}")
+
+    @property
+    def size(self) -> int:
+        return (self.shape[0] // self.tile[0]) * (self.shape[1] // self.tile[1])
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return (self.param,)
+
+    def _grid(self, tensor: Tensor) -> Tensor:
+        if tuple(tensor.shape) != tuple(self.shape):
+            raise ValueError(f"tile family {self.name!r}: {self.param!r} has shape {tuple(tensor.shape)}, declared {self.shape}")
+        (r, c), (th, tw) = self.shape, self.tile
+        return tensor.reshape(r // th, th, c // tw, tw)
+
+    def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor:
+        return self._grid(params[self.param]).pow(2).sum(dim=(1, 3)).flatten()
+
+    def group_dim(self, params: Mapping[str, Tensor]) -> int:
+        return self.tile[0] * self.tile[1]
+
+    def broadcast(self, values: Tensor, name: str, like: Tensor) -> Tensor:
+        (r, c), (th, tw) = self.shape, self.tile
+        grid = values.reshape(r // th, 1, c // tw, 1).expand(r // th, th, c // tw, tw)
+        return grid.reshape(r, c)
+
+    broadcast_keep = broadcast
+
+
+def sequential_groups(model: nn.Sequential, *, include_inputs: bool = True) -> list[SliceFamily]:
     """Neuron groups of an MLP written as ``nn.Sequential`` (SSE paper, section 3.2).
 
     Group of a neuron = all its outgoing weights: input feature ``j`` owns column ``j`` of the first
     ``Linear``; hidden neuron ``j`` of layer ``l`` owns column ``j`` of the next ``Linear``. Output
     neurons own nothing and are never pruned.
     """
-    linears = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("sequential_groups needs an nn.Sequential with at least one nn.Linear")
     families = []
@@ -82,17 +208,20 @@ def sequential_groups(model: nn.Sequential, *, include_inputs: bool = True) -> l
         if i == 0 and not include_inputs:
             continue
         label = "input" if i == 0 else f"hidden{i}"
-        families.append(GroupFamily(label, layer.in_features, (Part(f"{name}.weight", 1),)))
+        families.append(SliceFamily(label, layer.in_features, (Part(f"{name}.weight", 1),)))
     return families
 
 
-def groups_of(model: nn.Module) -> list[GroupFamily]:
-    """The model's declared groups: ``model.unit_groups()``, or inferred for an nn.Sequential MLP."""
+def groups_of(model: nn.Module, grouping: str | None = None) -> list[GroupFamily]:
+    """The model's declared groups (``model.groups(grouping)`` or ``model.unit_groups()``), or
+    inferred for an ``nn.Sequential`` MLP."""
+    if grouping is not None and hasattr(model, "groups"):
+        return list(model.groups(grouping))
     if hasattr(model, "unit_groups"):
         return list(model.unit_groups())
     if isinstance(model, nn.Sequential):
         return sequential_groups(model)
     raise TypeError(
         f"{type(model).__name__} declares no groups: give it a unit_groups() method returning "
-        "GroupFamily objects (see sparse_ensembles.structure)"
+        "group families (see sparse_ensembles.structure)"
     )

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from sparse_ensembles.priors import Gaussian, GroupLasso, Laplace, Sum
-from sparse_ensembles.structure import GroupFamily, Part, sequential_groups
+from sparse_ensembles.structure import Part, SliceFamily, norms, sequential_groups
 
 
 def _mlp():
@@ -33,13 +33,13 @@ def test_group_lasso_gradient_matches_autograd_divided_by_num_data():
 
 def test_group_lasso_value_is_lambda_sqrt_dim_times_group_norms():
     w = torch.tensor([[3.0, 0.0], [4.0, 1.0]])  # columns are groups: norms 5 and 1, dim 2
-    fam = GroupFamily("cols", 2, (Part("w", 1),))
+    fam = SliceFamily("cols", 2, (Part("w", 1),))
     assert math.isclose(float(GroupLasso([fam], 2.0).neg_log_prob({"w": w})), 2.0 * math.sqrt(2) * 6, rel_tol=1e-6)
 
 
 def test_group_lasso_gradient_is_finite_and_zero_on_an_all_zero_group():
     w = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
-    fam = GroupFamily("cols", 2, (Part("w", 1),))
+    fam = SliceFamily("cols", 2, (Part("w", 1),))
     g = {"w": torch.zeros(2, 2)}
     GroupLasso([fam], 1.0).add_grad_(g, {"w": w}, num_data=1)
     assert torch.isfinite(g["w"]).all()
@@ -50,9 +50,9 @@ def test_lstm_style_blocked_group_spans_all_four_gates():
     n = 3
     w = torch.zeros(4 * n, 2)
     w[1::n] = 1.0  # unit 1 in every gate
-    fam = GroupFamily("units", n, (Part("w", 0, blocks=4),))
-    norms = fam.norms({"w": w})
-    torch.testing.assert_close(norms, torch.tensor([0.0, math.sqrt(8), 0.0]))
+    fam = SliceFamily("units", n, (Part("w", 0, stack=4),))
+    got = norms(fam, {"w": w})
+    torch.testing.assert_close(got, torch.tensor([0.0, math.sqrt(8), 0.0]))
 
 
 def test_gaussian_and_laplace_gradients_match_autograd():

@@ -2,5 +2,8 @@
 from .errors import DataError
 from .idx import parse_idx, read_idx
 from .registry import DATASETS, download, load_idx_dataset, locate
+from .text import CORPORA, Corpus, TextCorpusSpec, batchify, bptt_segments, load_corpus, read_text_corpus
 
-__all__ = ["DataError", "parse_idx", "read_idx", "DATASETS", "download", "load_idx_dataset", "locate"]
+__all__ = ["DataError", "parse_idx", "read_idx", "DATASETS", "download", "load_idx_dataset", "locate",
+           "CORPORA", "Corpus", "TextCorpusSpec", "batchify", "bptt_segments", "load_corpus",
+           "read_text_corpus"]

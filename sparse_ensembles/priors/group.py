@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from ..structure import GroupFamily
+from ..structure import GroupFamily, norms
 from .base import Prior, _check_positive
 
 
@@ -29,26 +29,26 @@ class GroupLasso(Prior):
 
     def _check(self, params):
         for fam in self.groups:
-            for part in fam.parts:
-                if part.param not in params:
+            for name in fam.params:
+                if name not in params:
                     raise KeyError(
-                        f"group {fam.name!r} refers to parameter {part.param!r}, which the sampler "
+                        f"group {fam.name!r} refers to parameter {name!r}, which the sampler "
                         f"does not hold (it holds {sorted(params)[:6]}...); pass "
                         "model.named_parameters() to the sampler so names are known"
                     )
 
     def neg_log_prob(self, params):
         self._check(params)
-        return self.lam * sum(math.sqrt(f.group_dim(params)) * f.norms(params).sum() for f in self.groups)
+        return self.lam * sum(math.sqrt(f.group_dim(params)) * norms(f, params).sum() for f in self.groups)
 
     def add_grad_(self, grads, params, num_data):
         self._check(params)
         for fam in self.groups:
-            norms = fam.norms(params)
+            size = norms(fam, params)
             coef = self.lam * math.sqrt(fam.group_dim(params)) / num_data
             # theta_g / ||theta_g||, and exactly 0 where the whole group is 0
-            scale = torch.where(norms > self.eps, coef / norms.clamp_min(self.eps), torch.zeros_like(norms))
-            for part in fam.parts:
-                if part.param in grads:
-                    p = params[part.param]
-                    grads[part.param].addcmul_(fam.expand(scale, part, p), p)
+            scale = torch.where(size > self.eps, coef / size.clamp_min(self.eps), torch.zeros_like(size))
+            for name in fam.params:
+                if name in grads:
+                    p = params[name]
+                    grads[name].addcmul_(fam.broadcast(scale, name, p), p)
