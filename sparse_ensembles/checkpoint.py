@@ -1,55 +1,58 @@
 """Crash-safe files: every write goes to a temporary name and is renamed into place, so a run
-directory never holds a half-written member. Members are stored as a small spec + tensors and
-rebuilt without pickled modules (``torch.load(weights_only=True)``)."""
+directory never holds a half-written member. Members are stored as a small spec + tensors (saved
+from CPU copies) and rebuilt through the model registry without pickled modules
+(``torch.load(weights_only=True)``), onto any device."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .compact import CompactMLP
-from .models import mlp
+from .models import from_spec
 
 
-def atomic_save(obj, path) -> None:
+def _atomic(path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves nothing behind
 
 
-def load(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def atomic_save(obj, path) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def member_spec(model: nn.Module, sizes=None, activation: str = "relu") -> dict:
-    if isinstance(model, CompactMLP):
-        return model.spec()
-    return {"kind": "mlp", "sizes": list(sizes), "activation": activation}
+def atomic_write_text(path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
-def save_member(path, model: nn.Module, spec: dict, **meta) -> None:
-    atomic_save({"spec": spec, "state_dict": model.state_dict(), "meta": meta}, path)
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def build_member(spec: dict, state_dict: dict) -> nn.Module:
-    kind = spec.get("kind")
-    if kind == "mlp":
-        model = mlp(spec["sizes"], spec["activation"])
-    elif kind == "compact_mlp":
-        model = CompactMLP(spec["in_features"], state_dict["input_index"], spec["widths"], spec["activations"])
-    else:
-        raise ValueError(f"unknown member kind {kind!r}")
-    model.load_state_dict(state_dict)
-    return model
+def load(path, device="cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
 
 
-def load_member(path) -> tuple[nn.Module, dict]:
-    """(model in eval mode, meta) from a file written by :func:`save_member`."""
+def cpu_state(model: nn.Module) -> dict:
+    """The state dict as CPU copies (a checkpoint written on a GPU loads anywhere)."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def save_member(path, model: nn.Module, spec: dict | None = None, **meta) -> None:
+    atomic_save({"spec": spec or model.spec(), "state_dict": cpu_state(model), "meta": meta}, path)
+
+
+def load_member(path, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on ``device``, meta) from a file written by :func:`save_member`."""
     blob = load(path)
-    model = build_member(blob["spec"], blob["state_dict"])
+    model = from_spec(blob["spec"], blob["state_dict"]).to(device)
     model.eval()
     return model, blob.get("meta", {})

@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
-               "identity": nn.Identity, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
+from .models.mlp import ACTIVATIONS, CompactMLP
+
 _NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
 
 
@@ -51,35 +51,6 @@ def _mlp_layers(model: nn.Sequential) -> tuple[list[nn.Linear], list[str]]:
     while len(acts) < len(linears) - 1:
         acts.append("identity")
     return linears, acts
-
-
-class CompactMLP(nn.Module):
-    """A shrunk MLP: gathers its live input features, then dense Linear layers of reduced width.
-
-    ``widths = [n_live_inputs, h1, ..., n_out]``; ``input_index`` picks live features from the
-    flattened input.
-    """
-
-    def __init__(self, in_features: int, input_index: Tensor, widths: Sequence[int], activations: Sequence[str]):
-        super().__init__()
-        self.in_features = in_features
-        self.register_buffer("input_index", input_index.to(torch.long))
-        self.widths = list(widths)
-        self.activations = list(activations)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in activations)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.flatten(1).index_select(1, self.input_index)
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
-
-    def spec(self) -> dict:
-        return {"kind": "compact_mlp", "in_features": self.in_features, "widths": self.widths,
-                "activations": self.activations}
 
 
 @torch.no_grad()

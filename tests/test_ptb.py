@@ -161,6 +161,11 @@ def test_corrupt_gzip_is_reported_as_truncated_or_corrupt(tmp_path):
     train.write_bytes(train.read_bytes()[:-12])
     with pytest.raises(DataError, match=r"train\.txt\.gz: cannot read .*truncated or corrupt"):
         read_text_corpus(train, valid, test)
+    damaged = bytearray(gzip.compress(b"a b\n" * 1000))
+    damaged[30:40] = b"\xff" * 10  # a broken deflate stream (zlib.error), not just a short file
+    train.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"train\.txt\.gz: cannot read .*truncated or corrupt"):
+        read_text_corpus(train, valid, test)
     bad = tmp_path / "bad.gz"
     bad.write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"bad\.gz: cannot read"):

@@ -1,3 +1,5 @@
-from .mlp import mlp
+"""Model kinds (see :mod:`.registry` for what each kind owns)."""
+from .registry import MODELS, from_spec, model_class, register
+from .mlp import MLP, CompactMLP, mlp
 
-__all__ = ["mlp"]
+__all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp"]

@@ -1,23 +1,162 @@
-"""Feed-forward nets: the SSE paper's 784-300-100-10 ReLU MLP and friends."""
+"""Feed-forward nets: the SSE paper's 784-300-100-10 ReLU MLP and its compacted form."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from ..compact import ACTIVATIONS
+from ..structure import Part, SliceFamily, sequential_groups
+from .registry import register, unknown_layer
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+               "identity": nn.Identity, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
 
 
-def mlp(sizes: Sequence[int], activation: str = "relu") -> nn.Sequential:
-    """``Flatten -> Linear -> act -> ... -> Linear`` (logits). Groups: see
-    :func:`sparse_ensembles.structure.sequential_groups` (each neuron's outgoing weights)."""
-    if len(sizes) < 2 or any((not isinstance(s, int)) or s < 1 for s in sizes):
-        raise ValueError(f"model sizes must be >= 2 positive ints (input, hidden..., classes); got {list(sizes)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
-    layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
-    return nn.Sequential(*layers)
+def _linear_cost(model: nn.Module, linears: Sequence[nn.Linear]) -> dict:
+    """Nonzero params (weights and biases), sub-matrix FLOPs and nonzero MACs of Linear layers."""
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Flatten, nn.Dropout, nn.ModuleList, nn.Sequential, type(model),
+                              *ACTIVATIONS.values())):
+            raise unknown_layer(model, m, name)
+    params = flops = macs = 0
+    for layer in linears:
+        nz = layer.weight.detach().ne(0)
+        params += int(nz.sum()) + (int(layer.bias.detach().ne(0).sum()) if layer.bias is not None else 0)
+        flops += 2 * int(nz.any(1).sum()) * int(nz.any(0).sum())
+        macs += int(nz.sum())
+    return {"params": params, "flops": flops, "nonzero_macs": macs}
+
+
+@register("mlp")
+class MLP(nn.Sequential):
+    """``Flatten -> Linear -> act -> ... -> Linear`` (logits). Group of a neuron = its outgoing
+    weights (SSE paper, section 3.2): input pixel ``j`` owns column ``j`` of the first layer."""
+
+    @dataclass
+    class Config:
+        sizes: list[int] = field(default_factory=lambda: [784, 300, 100, 10])  # input, hidden..., classes
+        activation: str = "relu"
+
+    groupings = ("neurons",)
+
+    def __init__(self, sizes: Sequence[int], activation: str = "relu"):
+        if len(sizes) < 2 or any((not isinstance(s, int)) or s < 1 for s in sizes):
+            raise ValueError(f"model sizes must be >= 2 positive ints (input, hidden..., classes); got {list(sizes)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        super().__init__(*layers)
+        self.sizes, self.activation = list(sizes), activation
+
+    @classmethod
+    def from_config(cls, cfg: "MLP.Config", dims: dict) -> "MLP":
+        return cls(cfg.sizes, cfg.activation)
+
+    @property
+    def in_features(self) -> int:
+        return self.sizes[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.sizes[-1]
+
+    def spec(self) -> dict:
+        return {"kind": "mlp", "sizes": list(self.sizes), "activation": self.activation}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "MLP":
+        return cls(spec["sizes"], spec["activation"])
+
+    def groups(self, grouping: str = "neurons") -> list[SliceFamily]:
+        if grouping not in self.groupings:
+            raise ValueError(f"mlp has groupings {self.groupings}, not {grouping!r}")
+        return sequential_groups(self)
+
+    def unit_groups(self) -> list[SliceFamily]:
+        return sequential_groups(self)
+
+    def prunable_weights(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.dim() >= 2}
+
+    def cost(self) -> dict:
+        return _linear_cost(self, [m for m in self if isinstance(m, nn.Linear)])
+
+    def live_units(self) -> list[Tensor]:
+        """Inputs and hidden neurons whose outgoing weights are not all zero."""
+        params = dict(self.named_parameters())
+        return [fam.sq_norms(params) > 0 for fam in self.unit_groups()]
+
+    @torch.no_grad()
+    def shrink(self, keep: Sequence[Tensor]) -> "CompactMLP":
+        """Zero the outgoing weights of dropped neurons, then rebuild with smaller dense layers
+        (:func:`~sparse_ensembles.compact.compact_mlp` also drops neurons that read nothing, folding
+        their constant output into the next bias)."""
+        from ..compact import compact_mlp  # compact builds on the model kinds
+
+        params = dict(self.named_parameters())
+        for fam, k in zip(self.unit_groups(), keep):
+            for name in fam.params:
+                params[name].mul_(fam.broadcast_keep(k.to(params[name].device), name, params[name]))
+        return compact_mlp(self)
+
+
+def mlp(sizes: Sequence[int], activation: str = "relu") -> MLP:
+    """The :class:`MLP` of ``sizes`` (kept for code written against the first release)."""
+    return MLP(sizes, activation)
+
+
+@register("compact_mlp")
+class CompactMLP(nn.Module):
+    """A shrunk MLP: gathers its live input features, then dense Linear layers of reduced width.
+
+    ``widths = [n_live_inputs, h1, ..., n_out]``; ``input_index`` picks live features from the
+    flattened input.
+    """
+
+    def __init__(self, in_features: int, input_index: Tensor, widths: Sequence[int], activations: Sequence[str]):
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("input_index", input_index.to(torch.long))
+        self.widths = list(widths)
+        self.activations = list(activations)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.acts = nn.ModuleList(ACTIVATIONS[a]() for a in activations)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.flatten(1).index_select(1, self.input_index)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.acts):
+                h = self.acts[i](h)
+        return h
+
+    def spec(self) -> dict:
+        return {"kind": "compact_mlp", "in_features": self.in_features, "widths": self.widths,
+                "activations": self.activations}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "CompactMLP":
+        # input_index is a buffer of the state dict; only its length is needed here
+        index = torch.zeros(spec["widths"][0], dtype=torch.long)
+        return cls(spec["in_features"], index, spec["widths"], spec["activations"])
+
+    groupings = ("neurons",)
+
+    def groups(self, grouping: str = "neurons") -> list[SliceFamily]:
+        return self.unit_groups()
+
+    def unit_groups(self) -> list[SliceFamily]:
+        return [SliceFamily("input" if i == 0 else f"hidden{i}", layer.in_features, (Part(f"layers.{i}.weight", 1),))
+                for i, layer in enumerate(self.layers)]
+
+    def prunable_weights(self) -> dict[str, Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.dim() >= 2}
+
+    def cost(self) -> dict:
+        return _linear_cost(self, list(self.layers))
