@@ -131,6 +131,33 @@ def sparsity_of(masks: Mapping[str, Tensor]) -> float:
     return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 
 
+def _masked(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {n: p * masks[n] if n in masks else p for n, p in params.items()}
+
+
+def sse_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], unit_groups: Sequence[GroupFamily],
+              prunable: Sequence[str], sparsity: float, *, scope: str = "global", group_threshold: float = 0.0,
+              widths: Optional[Sequence[int]] = None, masks: Optional[Mapping[str, Tensor]] = None) -> Masks:
+    """The SSE mask policy (Zhang & Ou 2018, extended), a pure function of the weights:
+
+    1. without earlier ``masks``: remove every group of ``groups`` (the prior's grouping) whose RMS
+       norm is below ``group_threshold`` (the groups the group prior switched off);
+    2. with ``widths``: keep only the ``widths[i]`` strongest groups of ``unit_groups[i]``
+       (structured members: neurons, LSTM units);
+    3. magnitude-prune the ``prunable`` weights to ``sparsity`` (fraction removed), among what is left.
+
+    Given the ``masks`` of an earlier, lower sparsity, the new mask keeps nothing those removed.
+    """
+    params = {n: p.detach() for n, p in params.items()}
+    if masks is None:
+        masks = group_masks(params, groups, threshold=group_threshold) if group_threshold > 0 else {}
+    params = _masked(params, masks)
+    if widths:
+        masks = combine(masks, group_masks(params, unit_groups, keep=widths))
+        params = _masked(params, masks)
+    return combine(masks, magnitude_masks({n: params[n] for n in prunable}, sparsity, scope=scope))
+
+
 def cubic_ramp(step: int, start: float, final: float, ramp: int) -> float:
     """Zhu & Gupta 2017's gradual pruning schedule
     ``s_t = s_f + (s_0 - s_f) * (1 - t / ramp) ** 3`` for ``0 <= t <= ramp``, then ``s_f``:

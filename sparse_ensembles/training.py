@@ -1,12 +1,16 @@
-"""Minimal training loops over in-memory tensors (fast for MNIST-sized data) or any iterable."""
+"""The training loop every stage shares, and the resumable-epochs helper that checkpoints it."""
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import checkpoint
 
 
 class DivergenceError(FloatingPointError):
@@ -14,23 +18,31 @@ class DivergenceError(FloatingPointError):
 
 
 def minibatches(x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    """One shuffled pass over (x, y); the last partial batch is kept."""
-    perm = torch.randperm(len(x), generator=generator)
+    """One shuffled pass over in-memory (x, y); the last partial batch is kept."""
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
     for i in range(0, len(x), batch_size):
         idx = perm[i:i + batch_size]
         yield x[idx], y[idx]
 
 
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, *, where: str = "") -> float:
-    """One pass of ``loss = mean cross-entropy; backward; step``. Returns the mean loss.
+def cross_entropy_loss(model: nn.Module, batch, state=None):
+    x, y = batch
+    return F.cross_entropy(model(x), y), None
 
-    Raises :class:`DivergenceError` naming ``where`` at the first non-finite loss, before the
-    step, so the parameters are still the last finite ones.
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, where: str = "",
+                loss_fn: Callable = cross_entropy_loss, max_grad_norm: Optional[float] = None) -> float:
+    """One pass of ``loss, state = loss_fn(model, batch, state); backward; step``; the state (an
+    LSTM's hidden state) flows from batch to batch. Returns the mean loss over batches.
+
+    ``max_grad_norm`` clips the gradient norm before the step (for torch optimizers; samplers
+    clip themselves). Raises :class:`DivergenceError` naming ``where`` at the first non-finite
+    loss, before the step, so the parameters are still the last finite ones.
     """
     model.train()
-    total, count = 0.0, 0
-    for i, (xb, yb) in enumerate(batches):
-        loss = F.cross_entropy(model(xb), yb)
+    total, count, state = 0.0, 0, None
+    for i, batch in enumerate(batches):
+        loss, state = loss_fn(model, batch, state)
         value = loss.item()
         if not math.isfinite(value):
             raise DivergenceError(
@@ -40,7 +52,70 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches, *, 
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        total += value * len(yb)
-        count += len(yb)
+        total += value
+        count += 1
     return total / max(count, 1)
+
+
+class GeneratorState:
+    """A ``torch.Generator`` with ``state_dict`` / ``load_state_dict`` (for checkpoints)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.generator.set_state(sd["state"])
+
+
+class Holder:
+    """A plain value (e.g. the current masks) with ``state_dict`` / ``load_state_dict``."""
+
+    def __init__(self, value: Any = None):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.value = sd["value"]
+
+
+def run_epochs(ckpt: Path, epochs: int, state: Mapping[str, Any], epoch_fn: Callable[[int], float], *,
+               after_epoch: Optional[Callable[[int], None]] = None, bar=None, log: Callable[[str], None] = print,
+               label: str = "") -> float:
+    """Run ``epoch_fn(epoch)`` for epochs ``start .. epochs - 1``, checkpointing ``state`` (objects
+    with ``state_dict``/``load_state_dict``: model, optimizer or sampler, schedulers, generators)
+    atomically to ``ckpt`` after each epoch, and resuming from it if it exists. ``after_epoch(done)``
+    runs before the checkpoint (e.g. to save a sample), so a crash between the two redoes that
+    epoch rather than skipping its sample. Returns the training seconds of all epochs, resumed
+    ones included. The checkpoint is left in place; the caller deletes it once its result is saved.
+    """
+    start, elapsed = 0, 0.0
+    if ckpt.exists():
+        blob = checkpoint.load(ckpt)
+        for key, obj in state.items():
+            obj.load_state_dict(blob["state"][key])
+        start, elapsed = blob["epoch"], blob["elapsed"]
+        log(f"{label}: resuming after epoch {start}")
+    if bar is not None:
+        bar.update(start)
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        loss = epoch_fn(epoch)
+        elapsed += time.perf_counter() - t0
+        if after_epoch is not None:
+            after_epoch(epoch + 1)
+        states = {k: (checkpoint.cpu_state(o) if isinstance(o, nn.Module) else o.state_dict()) for k, o in state.items()}
+        checkpoint.atomic_save({"epoch": epoch + 1, "elapsed": elapsed, "state": states}, ckpt)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+    if bar is not None:
+        bar.close()
+    return elapsed

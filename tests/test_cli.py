@@ -57,9 +57,9 @@ def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tin
         (out / "sgld_gsp" / f).unlink()
     shutil.rmtree(out / "pruned_90")
     # rebuild the epoch-3 chain state by rerunning the chain only up to there
-    assert main(["run", TINY, "--out", str(tmp_path / "short"), "--no-progress", "--set", "sgld.samples=1",
+    assert main(["run", TINY, "--out", str(tmp_path / "short"), "--no-progress", "--set", "sampler.samples=1",
                  "--set", "sgd.members=0", "--set", "prune.sparsities=[]"]) == 0
-    shutil.copy(tmp_path / "short" / "sgld_gsp" / "chain.pt", out / "sgld_gsp" / "chain.pt")
+    shutil.copy(tmp_path / "short" / "sgld_gsp" / "chain_0.pt", out / "sgld_gsp" / "chain_0.pt")
     assert main(["run", TINY, "--out", str(out), "--resume", "--no-progress"]) == 0
     for k in (1, 2):
         a = torch.load(out / "sgld_gsp" / f"sample_00{k}.pt", weights_only=True)["state_dict"]
@@ -73,14 +73,14 @@ def test_several_chains_share_the_samples_each_from_its_own_init(tmp_path):
 
     out = tmp_path / "chains"
     assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
-                 "sgld.plain_chain=false", "--set", "sgld.chains=3", "--set", "prune.sparsities=[]"]) == 0
+                 "sampler.plain_chain=false", "--set", "sampler.chains=3", "--set", "prune.sparsities=[]"]) == 0
     files = sorted((out / "sgld_gsp").glob("sample_*.pt"))
     metas = [torch.load(f, weights_only=True)["meta"] for f in files]
     assert [m["chain"] for m in metas] == [0, 1, 2]
     assert [m["epoch"] for m in metas] == [3, 3, 3]  # burn_in 2 + thin 1: one sample per chain
     w = [dict(checkpoint.load_member(f)[0].named_parameters())["1.weight"] for f in files]
     assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
-    assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "sgld.chains=2"]) != 0
+    assert main(["run", TINY, "--out", str(tmp_path / "bad"), "--set", "sampler.chains=2"]) != 0
 
 
 def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path):
@@ -88,7 +88,7 @@ def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path)
 
     out = tmp_path / "ramp"
     assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
-                 "sgld.plain_chain=false", "--set", "sgld.samples=1", "--set", "retrain.epochs=3",
+                 "sampler.plain_chain=false", "--set", "sampler.samples=1", "--set", "retrain.epochs=3",
                  "--set", "retrain.ramp_epochs=2"]) == 0
     meta = torch.load(out / "pruned_90" / "member_000.pt", weights_only=True)["meta"]
     row = json.loads((out / "results.json").read_text())[-1]
@@ -104,7 +104,7 @@ def test_prune_widths_give_structured_members_of_at_most_those_widths(tmp_path, 
 
     out = tmp_path / "widths"
     assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
-                 "sgld.plain_chain=false", "--set", "sgld.samples=1", "--set", "prune.widths=[100, 16, 8]",
+                 "sampler.plain_chain=false", "--set", "sampler.samples=1", "--set", "prune.widths=[100, 16, 8]",
                  "--set", f"retrain.ramp_epochs={ramp}"]) == 0
     spec = torch.load(out / "pruned_90" / "member_000.pt", weights_only=True)["spec"]
     assert all(w <= k for w, k in zip(spec["widths"], [100, 16, 8])) and spec["widths"][-1] == 10
@@ -129,7 +129,7 @@ def test_existing_run_directory_without_resume_is_refused(tiny_run, capsys):
 def test_diverging_chain_gives_clear_error_and_leaves_no_partial_files(tmp_path, capsys):
     out = tmp_path / "boom"
     code = main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0",
-                 "--set", "sgld.lr=1e12"])
+                 "--set", "sampler.lr=1e12"])
     assert code == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "learning rate" in err

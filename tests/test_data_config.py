@@ -78,10 +78,14 @@ def test_real_mnist_loads_with_expected_shapes_and_range(mnist_small):
 
 
 def test_unknown_config_key_is_rejected_with_its_name():
-    with pytest.raises(config.ConfigError, match="sgld.learning_rate"):
-        config.from_dict({"sgld": {"learning_rate": 0.1}})
+    with pytest.raises(config.ConfigError, match="sampler.learning_rate"):
+        config.from_dict({"sampler": {"learning_rate": 0.1}})
     with pytest.raises(config.ConfigError, match=r"\[sgdl\]"):
         config.from_dict({"sgdl": {}})
+    with pytest.raises(config.ConfigError, match=r"\[sgld\] is now \[sampler\]"):  # the first release's schema
+        config.from_dict({"sgld": {"lr": 0.1}})
+    with pytest.raises(config.ConfigError, match="model.sizes"):  # a key of another kind
+        config.from_dict({"model": {"kind": "lstm_lm", "sizes": [3, 4]}})
 
 
 def test_wrong_type_and_invalid_value_are_rejected_with_the_key():
@@ -89,15 +93,21 @@ def test_wrong_type_and_invalid_value_are_rejected_with_the_key():
         config.from_dict({"sgd": {"epochs": "ten"}})
     with pytest.raises(config.ConfigError, match="prune.sparsities"):
         config.from_dict({"prune": {"sparsities": [1.5]}})
-    with pytest.raises(config.ConfigError, match="gsp.enabled must be bool"):
-        config.from_dict({"gsp": {"enabled": 1}})
+    with pytest.raises(config.ConfigError, match="sampler.prefetch_noise must be bool"):
+        config.from_dict({"sampler": {"prefetch_noise": 1}})
+    with pytest.raises(config.ConfigError, match="sampler.kind: unknown kind 'langevin'; known: \\['sghmc', 'sgld'\\]"):
+        config.from_dict({"sampler": {"kind": "langevin"}})
+    with pytest.raises(config.ConfigError, match="task.dataset"):
+        config.from_dict({"task": {"dataset": "cifar-100"}})
 
 
 def test_overrides_parse_toml_literals_and_resolved_config_round_trips(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[sgld]\nlr = 0.5\n')
-    cfg = config.load(path, ["sgld.lr=0.25", "prune.sparsities=[0.8, 0.9]", "data.name=fashion-mnist"])
-    assert cfg.sgld.lr == 0.25 and cfg.prune.sparsities == [0.8, 0.9] and cfg.data.name == "fashion-mnist"
+    path.write_text('[sampler]\nlr = 0.5\n')
+    cfg = config.load(path, ["sampler.lr=0.25", "prune.sparsities=[0.8, 0.9]", "task.dataset=fashion-mnist",
+                             "sampler.kind=sghmc", "sampler.friction=0.2"])
+    assert cfg.sampler.lr == 0.25 and cfg.prune.sparsities == [0.8, 0.9] and cfg.task.dataset == "fashion-mnist"
+    assert cfg.kinds["sampler"] == "sghmc" and cfg.sampler.friction == 0.2
     path.write_text(config.to_toml(cfg))
     assert config.load(path) == cfg
 

@@ -5,11 +5,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data import DataError, download
+from ..data import DATASETS, DataError, download
 from ..training import DivergenceError
 from . import config as config_mod
 from .config import ConfigError
-from .pipeline import Pipeline, RunDirError, evaluate_run
+from .evaluate import evaluate_run
+from .pipeline import Pipeline, RunDirError, run_config
 
 
 def main(argv=None) -> int:
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
     dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
-    dl.add_argument("name", choices=["mnist", "fashion-mnist"])
+    dl.add_argument("name", choices=sorted(DATASETS))
     dl.add_argument("--dest", help="target directory (default: the user cache)")
     args = parser.parse_args(argv)
     try:
@@ -32,12 +33,9 @@ def main(argv=None) -> int:
             cfg = config_mod.load(args.config, args.set)
             out = Path(args.out or Path("runs") / cfg.experiment.name)
             print(f"run directory: {out}")
-            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress).run()
+            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set).run()
         elif args.command == "evaluate":
-            run_dir = Path(args.run_dir)
-            if not (run_dir / "config.toml").exists():
-                raise RunDirError(f"{run_dir} holds no config.toml: not a run directory")
-            evaluate_run(run_dir, config_mod.load(run_dir / "config.toml"))
+            evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)))
         elif args.command == "download":
             print(f"saved to {download(args.name, args.dest)}")
     except (ConfigError, DataError, DivergenceError, RunDirError, FloatingPointError) as e:

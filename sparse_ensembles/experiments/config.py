@@ -1,7 +1,12 @@
 """Typed experiment configuration, read from TOML.
 
-Unknown keys and wrong types are errors that name the key. ``--set section.key=value`` overrides
-take TOML literals (``--set sgld.lr=0.1``, ``--set prune.sparsities=[0.9]``).
+Sections ``[experiment]``, ``[task]``, ``[model]``, ``[sgd]``, ``[sampler]``, ``[prior]``,
+``[prune]``, ``[retrain]``. Where several implementations exist the section carries a ``kind``
+(``task.kind = "language_model"``, ``model.kind = "lstm_lm"``, ``sampler.kind = "sghmc"``), and
+each kind is a dataclass of its own with its own checks; the kinds come from their registries
+(tasks, model kinds) or from the tables below. Unknown keys and wrong types are errors that name
+the key. ``--set section.key=value`` overrides take TOML literals (``--set sampler.lr=0.1``,
+``--set prune.sparsities=[0.9]``).
 """
 from __future__ import annotations
 
@@ -10,11 +15,19 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from ..models import MODELS
+from ..tasks import TASKS
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the key and what is allowed."""
+
+
+def need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass
@@ -22,22 +35,13 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
 
-
-@dataclass
-class DataConfig:
-    name: str = "mnist"  # mnist | fashion-mnist
-    path: str = ""  # a directory with the IDX files; empty = search (see data.registry)
-    download: bool = False  # opt-in fetch from the canonical mirror, checksum-verified
-    batch_size: int = 100
-    train_subset: int = 0  # use the first n training examples (0 = all); for quick runs
-    test_subset: int = 0
-
-
-@dataclass
-class ModelConfig:
-    sizes: list[int] = field(default_factory=lambda: [784, 300, 100, 10])
-    activation: str = "relu"
+    def validate(self, need) -> None:
+        d = self.device
+        ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
+        need(ok, "experiment.device", f"use 'auto', 'cpu', 'cuda' or 'cuda:N', not {d!r}")
+        need(self.threads >= 0, "experiment.threads", "must be >= 0 (0 = torch's default)")
 
 
 @dataclass
@@ -46,13 +50,20 @@ class SGDConfig:
     members: int = 18
     epochs: int = 100
     lr: float = 0.5
-    lr_decay: float = 0.5
+    lr_decay: float = 0.5  # multiplied in every `decay_every` epochs
     decay_every: int = 10
     weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # clip the gradient norm (LSTMs: Zaremba clip 5); 0 = off
+
+    def validate(self, need) -> None:
+        need(self.members >= 0, "sgd.members", "must be >= 0")
+        need(self.epochs >= 1 and self.decay_every >= 1, "sgd.epochs", "epochs and decay_every must be >= 1")
+        need(self.lr > 0 and self.lr_decay > 0, "sgd.lr", "lr and lr_decay must be > 0")
+        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "sgd.weight_decay", "must be >= 0")
 
 
 @dataclass
-class SGLDConfig:
+class ChainConfig:
     """Per prior, ``chains`` independent chains share ``samples``; each chain collects its share
     after epoch burn_in + thin * k, k = 1..samples / chains."""
     lr: float = 0.5
@@ -62,32 +73,81 @@ class SGLDConfig:
     thin: int = 5
     samples: int = 18
     chains: int = 1  # independent chains (own init and noise): more diverse samples, one burn-in each
-    prior_precision: float = 1.0  # Gaussian prior N(0, 1/precision) on every weight and bias
     plain_chain: bool = True  # also run a chain with the Gaussian prior only (the "SGLD xM" row)
     prefetch_noise: bool = True
     noise: str = "gaussian"  # gaussian | rademacher (+-1: same covariance, ~3x cheaper; see SGLD docs)
+    max_grad_norm: float = 0.0  # clip the likelihood gradient (biases the chain when it fires; see SGMCMC)
 
     @property
     def epochs_per_chain(self) -> int:
         return self.burn_in + self.thin * (self.samples // self.chains)
 
+    def validate(self, need) -> None:
+        need(self.lr > 0, "sampler.lr", "must be > 0")
+        need(self.schedule in ("constant", "cyclical"), "sampler.schedule", "use 'constant' or 'cyclical'")
+        need(self.temperature >= 0, "sampler.temperature", "must be >= 0")
+        need(self.burn_in >= 0 and self.thin >= 1 and self.samples >= 0, "sampler.samples",
+             "need burn_in >= 0, thin >= 1, samples >= 0")
+        need(self.noise in ("gaussian", "rademacher"), "sampler.noise", "use 'gaussian' or 'rademacher'")
+        need(1 <= self.chains, "sampler.chains", "must be >= 1")
+        need(self.samples % self.chains == 0, "sampler.samples",
+             f"{self.samples} samples cannot be shared evenly by {self.chains} chains; use a multiple of sampler.chains")
+        need(self.max_grad_norm >= 0, "sampler.max_grad_norm", "must be >= 0 (0 = off)")
+
 
 @dataclass
-class GSPConfig:
-    """SGLD + group sparse prior (Zhang & Ou 2018): R = lam * sum_g sqrt(dim_g) ||theta_g||."""
-    enabled: bool = True
+class SGLDConfig(ChainConfig):
+    """Stochastic gradient Langevin dynamics (Welling & Teh 2011)."""
+
+
+@dataclass
+class SGHMCConfig(ChainConfig):
+    """Stochastic gradient HMC (Chen et al. 2014) in SGD-momentum form; momentum = 1 - friction."""
+    friction: float = 0.1
+
+    def validate(self, need) -> None:
+        super().validate(need)
+        need(0 < self.friction <= 1, "sampler.friction", "use 0 < friction <= 1 (momentum = 1 - friction)")
+
+
+@dataclass
+class GroupLassoConfig:
+    """Group sparse prior (Zhang & Ou 2018) R = lam * sum_g sqrt(dim_g) ||theta_g||, plus a Gaussian
+    N(0, 1/precision) on every parameter."""
     lam: float = 3.0
+    precision: float = 1.0
+    grouping: str = ""  # one of the model kind's groupings ("" = its default; lstm_lm: untied | tied | iss)
+
+    def validate(self, need) -> None:
+        need(self.lam > 0, "prior.lam", "must be > 0")
+        need(self.precision > 0, "prior.precision", "must be > 0")
 
 
 @dataclass
-class PruneConfig:
+class GaussianConfig:
+    """Gaussian prior N(0, 1/precision) on every parameter only (no sparse chain)."""
+    precision: float = 1.0
+
+    def validate(self, need) -> None:
+        need(self.precision > 0, "prior.precision", "must be > 0")
+
+
+@dataclass
+class SSEPruneConfig:
+    """SSE pruning of every sample: whole groups by RMS norm, then weights by magnitude."""
     sparsities: list[float] = field(default_factory=lambda: [0.9, 0.96])
     scope: str = "global"  # global | layer: one magnitude threshold, or the same fraction per layer
-    group_threshold: float = 0.0  # also drop whole neurons whose RMS weight is below this (0 = off)
-    # structured members: keep only this many input pixels and hidden units per layer (largest RMS
-    # group norm) before magnitude pruning, gradually if retrain.ramp_epochs > 0; [] = off. Small
-    # dense members run fast when fused.
+    group_threshold: float = 0.0  # also drop whole groups whose RMS weight is below this (0 = off)
+    # structured members: keep only this many units per unit family (MLP: input pixels and hidden
+    # neurons; LSTM: [input features,] hidden units per layer), by largest RMS group norm, before
+    # magnitude pruning; gradually if retrain.ramp_epochs > 0; [] = off
     widths: list[int] = field(default_factory=list)
+
+    def validate(self, need) -> None:
+        need(all(0 <= s < 1 for s in self.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")
+        need(self.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
+        need(self.group_threshold >= 0, "prune.group_threshold", "must be >= 0")
+        need(all(w >= 1 for w in self.widths), "prune.widths", "each width must be >= 1")
 
 
 @dataclass
@@ -102,21 +162,55 @@ class RetrainConfig:
     lr: float = 0.01
     lr_decay: float = 1.15
     ramp_epochs: int = 0  # 0 = one-shot pruning (the paper)
+    max_grad_norm: float = 0.0
+
+    def validate(self, need) -> None:
+        need(self.epochs >= 0 and self.lr > 0 and self.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
+        # the target mask is set at the start of epoch ramp_epochs, so at least one epoch must follow
+        need(self.ramp_epochs == 0 or 0 < self.ramp_epochs < self.epochs, "retrain.ramp_epochs",
+             f"must be 0 (one-shot pruning) or below retrain.epochs = {self.epochs}, so that the "
+             "members retrain at the target sparsity for at least one epoch")
+        need(self.max_grad_norm >= 0, "retrain.max_grad_norm", "must be >= 0 (0 = off)")
+
+
+SAMPLERS = {"sgld": SGLDConfig, "sghmc": SGHMCConfig}
+PRIORS = {"group_lasso": GroupLassoConfig, "gaussian": GaussianConfig}
+PRUNERS = {"sse": SSEPruneConfig}
+
+
+def _kinds() -> dict[str, tuple[dict[str, type], str]]:
+    """Kind-tagged sections: the dataclass of each kind, and the default kind."""
+    return {"task": ({k: c.Config for k, c in TASKS.items()}, "classification"),
+            "model": ({k: c.Config for k, c in MODELS.items() if hasattr(c, "Config")}, "mlp"),
+            "sampler": (SAMPLERS, "sgld"), "prior": (PRIORS, "group_lasso"), "prune": (PRUNERS, "sse")}
+
+
+PLAIN = {"experiment": ExperimentConfig, "sgd": SGDConfig, "retrain": RetrainConfig}
+# sections of the first release's schema, and where their keys went
+MOVED = {"data": "[data] is now [task] (kind = \"classification\", name -> dataset)",
+         "sgld": "[sgld] is now [sampler] (kind = \"sgld\"; prior_precision -> prior.precision)",
+         "gsp": "[gsp] is now [prior] (kind = \"group_lasso\", lam; enabled = false -> kind = \"gaussian\")"}
+ORDER = ("experiment", "task", "model", "sgd", "sampler", "prior", "prune", "retrain")
 
 
 @dataclass
 class Config:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    task: Any = None
+    model: Any = None
     sgd: SGDConfig = field(default_factory=SGDConfig)
-    sgld: SGLDConfig = field(default_factory=SGLDConfig)
-    gsp: GSPConfig = field(default_factory=GSPConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
+    sampler: Any = None
+    prior: Any = None
+    prune: Any = None
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    kinds: dict = field(default_factory=dict)  # section -> kind
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {}
+        for section in ORDER:
+            values = dataclasses.asdict(getattr(self, section))
+            out[section] = {"kind": self.kinds[section], **values} if section in self.kinds else values
+        return out
 
 
 def _check_type(key: str, value: Any, tp) -> Any:
@@ -135,61 +229,40 @@ def _check_type(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _validate(cfg: Config) -> None:
-    def need(ok: bool, key: str, msg: str):
-        if not ok:
-            raise ConfigError(f"{key}: {msg}")
-
-    need(cfg.data.name in ("mnist", "fashion-mnist"), "data.name", f"unknown dataset {cfg.data.name!r}; use 'mnist' or 'fashion-mnist'")
-    need(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    need(cfg.data.train_subset >= 0 and cfg.data.test_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)")
-    need(len(cfg.model.sizes) >= 2 and all(s >= 1 for s in cfg.model.sizes), "model.sizes", "needs >= 2 positive widths")
-    need(cfg.sgd.members >= 0, "sgd.members", "must be >= 0")
-    need(cfg.sgd.epochs >= 1, "sgd.epochs", "must be >= 1")
-    need(cfg.sgd.decay_every >= 1, "sgd.decay_every", "must be >= 1")
-    for k in ("lr",):
-        need(getattr(cfg.sgd, k) > 0, f"sgd.{k}", "must be > 0")
-        need(getattr(cfg.sgld, k) > 0, f"sgld.{k}", "must be > 0")
-    need(cfg.sgld.schedule in ("constant", "cyclical"), "sgld.schedule", "use 'constant' or 'cyclical'")
-    need(cfg.sgld.temperature >= 0, "sgld.temperature", "must be >= 0")
-    need(cfg.sgld.burn_in >= 0 and cfg.sgld.thin >= 1 and cfg.sgld.samples >= 0, "sgld.samples",
-         "need burn_in >= 0, thin >= 1, samples >= 0")
-    need(cfg.sgld.noise in ("gaussian", "rademacher"), "sgld.noise", "use 'gaussian' or 'rademacher'")
-    need(1 <= cfg.sgld.chains <= 60, "sgld.chains", "must be between 1 and 60")
-    need(cfg.sgld.samples % cfg.sgld.chains == 0, "sgld.samples",
-         f"{cfg.sgld.samples} samples cannot be shared evenly by {cfg.sgld.chains} chains; use a multiple of sgld.chains")
-    need(cfg.sgld.prior_precision > 0, "sgld.prior_precision", "must be > 0")
-    need(cfg.gsp.lam > 0, "gsp.lam", "must be > 0")
-    need(all(0 <= s < 1 for s in cfg.prune.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")
-    need(cfg.prune.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
-    need(cfg.prune.group_threshold >= 0, "prune.group_threshold", "must be >= 0")
-    if cfg.prune.widths:
-        fams = cfg.model.sizes[:-1]
-        need(len(cfg.prune.widths) == len(fams) and all(1 <= w <= n for w, n in zip(cfg.prune.widths, fams)),
-             "prune.widths", f"give one width per input/hidden layer of model.sizes = {cfg.model.sizes}, each between "
-             f"1 and that layer's size (e.g. {[max(1, n // 4) for n in fams]}), or [] for no structured pruning")
-    need(cfg.retrain.epochs >= 0 and cfg.retrain.lr > 0 and cfg.retrain.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
-    # the target mask is set at the start of epoch ramp_epochs, so at least one epoch must follow
-    need(cfg.retrain.ramp_epochs == 0 or 0 < cfg.retrain.ramp_epochs < cfg.retrain.epochs, "retrain.ramp_epochs",
-         f"must be 0 (one-shot pruning) or below retrain.epochs = {cfg.retrain.epochs}, so that the "
-         "members retrain at the target sparsity for at least one epoch")
+def _build(section: str, cls: type, values: dict) -> Any:
+    obj = cls()
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {section}.{key}; known in [{section}]: {sorted(known)}")
+        setattr(obj, key, _check_type(f"{section}.{key}", value, hints[key]))
+    if hasattr(obj, "validate"):
+        obj.validate(need)
+    return obj
 
 
 def from_dict(raw: dict) -> Config:
+    kinds = _kinds()
+    unknown = sorted(set(raw) - set(ORDER))
+    if unknown:
+        hint = f" ({MOVED[unknown[0]]}; see configs/ for examples)" if unknown[0] in MOVED else ""
+        raise ConfigError(f"unknown config section [{unknown[0]}]{hint}; known: {list(ORDER)}")
     cfg = Config()
-    hints = typing.get_type_hints(Config)
-    for section, values in raw.items():
-        if section not in hints:
-            raise ConfigError(f"unknown config section [{section}]; known: {sorted(hints)}")
+    for section in ORDER:
+        values = raw.get(section, {})
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table of keys")
-        target = getattr(cfg, section)
-        fields = typing.get_type_hints(type(target))
-        for key, value in values.items():
-            if key not in fields:
-                raise ConfigError(f"unknown config key {section}.{key}; known in [{section}]: {sorted(fields)}")
-            setattr(target, key, _check_type(f"{section}.{key}", value, fields[key]))
-    _validate(cfg)
+        if section in kinds:
+            table, default = kinds[section]
+            values = dict(values)
+            kind = values.pop("kind", default)
+            if kind not in table:
+                raise ConfigError(f"{section}.kind: unknown kind {kind!r}; known: {sorted(table)}")
+            cfg.kinds[section] = kind
+            setattr(cfg, section, _build(section, table[kind], values))
+        else:
+            setattr(cfg, section, _build(section, PLAIN[section], values))
     return cfg
 
 
@@ -237,3 +310,9 @@ def to_toml(cfg: Config) -> str:
         lines += [f"{k} = {lit(v)}" for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def changed_keys(old: Config, new: Config) -> dict[str, list]:
+    """``{"section.key": [old, new]}`` for every value that differs."""
+    a, b = old.to_dict(), new.to_dict()
+    return {f"{s}.{k}": [a[s].get(k), v] for s in b for k, v in b[s].items() if a.get(s, {}).get(k) != v}

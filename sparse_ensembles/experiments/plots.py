@@ -16,16 +16,23 @@ def slug(method: str) -> str:
     return method.replace(" ", "_").replace("+", "_").replace("%", "pct")
 
 
-def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_features: int) -> list[Path]:
+_LABELS = {"error": ("test error (%)", 100), "nll": ("test NLL", 1), "ppl": ("test perplexity", 1),
+           "ece": ("test ECE (%)", 100), "brier": ("test Brier", 1)}
+
+
+def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_features: int,
+                metrics=("error", "nll")) -> list[Path]:
+    """``curves``: method -> test metrics after each member; ``inputs``: method -> each compacted
+    member's live input indices (the pixel picture, for 28 x 28 inputs)."""
     written = []
-    # 1. error and NLL against the number of members averaged
+    # 1. the two headline metrics against the number of members averaged
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, curve in curves.items():
         ks = range(1, len(curve) + 1)
-        axes[0].plot(ks, [100 * c["error"] for c in curve], marker=".", label=name)
-        axes[1].plot(ks, [c["nll"] for c in curve], marker=".", label=name)
-    axes[0].set(xlabel="members averaged", ylabel="test error (%)", title="error vs ensemble size")
-    axes[1].set(xlabel="members averaged", ylabel="test NLL", title="NLL vs ensemble size")
+        for ax, key in zip(axes, metrics):
+            ax.plot(ks, [_LABELS[key][1] * c[key] for c in curve], marker=".", label=name)
+    for ax, key in zip(axes, metrics):
+        ax.set(xlabel="members averaged", ylabel=_LABELS[key][0], title=f"{key} vs ensemble size")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     written.append(out / "members_curve.png")
@@ -34,12 +41,13 @@ def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_
 
     # 2. the accuracy-cost frontier
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    label, scale = _LABELS[metrics[0]]
     for r in results:
         for ax, key in zip(axes, ("params_ratio", "flops_ratio")):
-            ax.scatter(r[key], 100 * r["error"])
-            ax.annotate(r["method"], (r[key], 100 * r["error"]), fontsize=7)
-    axes[0].set(xscale="log", xlabel="parameters (x one dense model)", ylabel="test error (%)")
-    axes[1].set(xscale="log", xlabel="FLOPs (x one dense model)", ylabel="test error (%)")
+            ax.scatter(r[key], scale * r[metrics[0]])
+            ax.annotate(r["method"], (r[key], scale * r[metrics[0]]), fontsize=7)
+    axes[0].set(xscale="log", xlabel="parameters (x one dense model)", ylabel=label)
+    axes[1].set(xscale="log", xlabel="FLOPs (x one dense model)", ylabel=label)
     for ax in axes:  # log axis with plain "0.5, 1, 2" labels instead of overlapping minor ticks
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -51,20 +59,20 @@ def write_plots(out: Path, results: list[dict], curves: dict, members: dict, in_
 
     # 3. input pixels that survive structured pruning (28 x 28 inputs only)
     side = int(round(math.sqrt(in_features)))
-    for name, models in members.items():
-        if side * side != in_features or not all(hasattr(m, "input_index") for m in models):
+    for name, indices in inputs.items():
+        if in_features == 0 or side * side != in_features:
             continue
-        cols = min(6, len(models))
-        rows = math.ceil(len(models) / cols)
+        cols = min(6, len(indices))
+        rows = math.ceil(len(indices) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.7 * rows), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
-        for k, (ax, m) in enumerate(zip(axes.flat, models)):
+        for k, (ax, index) in enumerate(zip(axes.flat, indices)):
             img = [0.0] * in_features
-            for i in m.input_index.tolist():
+            for i in index.tolist():
                 img[i] = 1.0
             ax.imshow([img[r * side:(r + 1) * side] for r in range(side)], cmap="gray", vmin=0, vmax=1)
-            ax.set_title(f"#{k}: {len(m.input_index)} px", fontsize=7)
+            ax.set_title(f"#{k}: {len(index)} px", fontsize=7)
         fig.suptitle(f"{name}: live input pixels per member")
         fig.tight_layout()
         written.append(out / f"pixels_{slug(name)}.png")

@@ -1,5 +1,6 @@
 """Model kinds (see :mod:`.registry` for what each kind owns)."""
 from .registry import MODELS, from_spec, model_class, register
 from .mlp import MLP, CompactMLP, mlp
+from .lstm_lm import LSTMLM
 
-__all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp"]
+__all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp", "LSTMLM"]

@@ -73,8 +73,8 @@ class MLP(nn.Sequential):
     def from_spec(cls, spec: dict) -> "MLP":
         return cls(spec["sizes"], spec["activation"])
 
-    def groups(self, grouping: str = "neurons") -> list[SliceFamily]:
-        if grouping not in self.groupings:
+    def groups(self, grouping: str | None = None) -> list[SliceFamily]:
+        if grouping not in (None, *self.groupings):
             raise ValueError(f"mlp has groupings {self.groupings}, not {grouping!r}")
         return sequential_groups(self)
 
@@ -148,7 +148,7 @@ class CompactMLP(nn.Module):
 
     groupings = ("neurons",)
 
-    def groups(self, grouping: str = "neurons") -> list[SliceFamily]:
+    def groups(self, grouping: str | None = None) -> list[SliceFamily]:
         return self.unit_groups()
 
     def unit_groups(self) -> list[SliceFamily]:

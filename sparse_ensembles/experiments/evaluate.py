@@ -1,0 +1,79 @@
+"""Evaluation of a run directory: every row's members streamed one at a time through the task's
+valid and test streams (memory does not grow with members), costs against one dense model,
+``results.json``, ``metrics/<method>.json``, the table and the pictures."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+from .. import checkpoint
+from .config import Config
+from .stages import Context, build_stages
+
+
+def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] = print) -> list[dict]:
+    from .pipeline import build_task, resolve_device
+    from .plots import slug, write_plots  # matplotlib only when needed
+
+    out = Path(out)
+    device = resolve_device(cfg.experiment.device)
+    task = task or build_task(cfg, device)
+    ctx = Context(cfg, task, out, device, log, progress=False)
+    ref = ctx.new_model(0).cost()
+    results, curves, inputs = [], {}, {}
+    for stage in build_stages(cfg):
+        for row in stage.rows(out):
+            streams = {split: task.stream(split) for split in task.splits}
+            cost = {"params": 0, "flops": 0, "nonzero_macs": 0}
+            metas, member_inputs = [], []
+            for f in row.files:  # one member in memory at a time
+                model, meta = checkpoint.load_member(f, device)
+                for s in streams.values():
+                    s.add(model)
+                for k, v in model.cost().items():
+                    cost[k] += v
+                metas.append(meta)
+                if hasattr(model, "input_index"):
+                    member_inputs.append(model.input_index.cpu())
+                del model
+            name = row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
+            result = {"method": name, "members": len(row.files), "sparsity": row.sparsity}
+            for split, s in streams.items():
+                result.update({f"{k}_{split}": v for k, v in s.result.items()})
+            result.update(streams["test"].result if "test" in streams else {})
+            result.update({"params": cost["params"], "flops": cost["flops"], "nonzero_macs": cost["nonzero_macs"],
+                           "params_ratio": cost["params"] / ref["params"], "flops_ratio": cost["flops"] / ref["flops"],
+                           "macs_ratio": cost["nonzero_macs"] / ref["nonzero_macs"],
+                           "train_seconds": row.train_seconds(metas)})
+            results.append(result)
+            curves[name] = streams["test"].curve if "test" in streams else []
+            if member_inputs:
+                inputs[name] = member_inputs
+            checkpoint.atomic_write_json(out / "metrics" / f"{slug(name)}.json",
+                                         {**result, **{f"curve_{s}": st.curve for s, st in streams.items()}})
+    checkpoint.atomic_write_json(out / "results.json", results)
+    write_plots(out, results, curves, inputs, task.dims.get("in_features", 0), task.columns[:2])
+    log(format_table(results, task.columns, title=f"{cfg.experiment.name}: {task.describe()} (test set; valid in results.json)"))
+    return results
+
+
+_FORMATS = {"error": ("error %", 100, 8, ".2f"), "nll": ("NLL", 1, 8, ".4f"), "ece": ("ECE %", 100, 7, ".2f"),
+            "brier": ("Brier", 1, 7, ".4f"), "ppl": ("PPL", 1, 9, ".2f")}
+
+
+def format_table(rows: list[dict], columns=("error", "nll", "ece", "brier"), title: str = "") -> str:
+    cols = [c for c in columns if c in _FORMATS]
+    head = f"{'method':<22}{'members':>8}" + "".join(f"{_FORMATS[c][0]:>{_FORMATS[c][2] + 1}}" for c in cols)
+    head += f"{'params':>11}{'x1':>6}{'FLOPs':>12}{'x1':>6}{'train s':>9}"
+    lines = ([title] if title else []) + [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['method']:<22}{r['members']:>8}"
+        for c in cols:
+            label, scale, width, fmt = _FORMATS[c]
+            line += f"{scale * r.get(c, math.nan):>{width + 1}{fmt}}"
+        line += (f"{r['params']:>11,}{r['params_ratio']:>6.2f}{r['flops']:>12,}{r['flops_ratio']:>6.2f}"
+                 f"{r['train_seconds']:>9.0f}")
+        lines.append(line)
+    lines.append("x1 = ratio to one dense model; FLOPs by the SSE sub-matrix rule; params = nonzero weights and biases")
+    return "\n".join(lines)

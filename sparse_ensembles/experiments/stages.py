@@ -1,0 +1,306 @@
+"""The recipe's steps. A stage knows one step, where it writes, whether it is done, and which
+table rows its files make; the pipeline is a task plus a list of stages.
+
+    SGDBaselines   sgd/member_000.pt ...        independently trained dense models
+    Chain          sgld/sample_000.pt ...       SG-MCMC samples (one folder per prior)
+    PruneRetrain   pruned_96/member_000.pt ...  pruned, retrained with the mask fixed, shrunk
+
+Every training loop runs through :func:`sparse_ensembles.training.run_epochs` (checkpoint each
+epoch, resume bit for bit); every file is written atomically.
+"""
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import checkpoint, pruning
+from ..models import model_class
+from ..priors import Gaussian, GroupLasso, Prior, Sum
+from ..samplers import SGHMC, SGLD, Cyclical
+from ..training import GeneratorState, Holder, run_epochs, train_epoch
+from .config import Config, GroupLassoConfig, SGHMCConfig
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """An independent 63-bit seed for (experiment seed, stage, index, purpose), by hashing with
+    NumPy's ``SeedSequence`` (fixed offsets such as ``seed * 1000 + k`` collide for large counts)."""
+    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class Row:
+    """One line of the results table: a method and the member files it averages."""
+    method: str
+    files: list[Path]
+    sparsity: float
+    train_seconds: Callable[[list[dict]], float]  # from the members' meta
+
+
+@dataclass
+class Context:
+    cfg: Config
+    task: object
+    out: Path
+    device: torch.device
+    log: Callable[[str], None] = print
+    progress: bool = True
+
+    def new_model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        kind = model_class(self.cfg.kinds["model"])
+        return kind.from_config(self.cfg.model, self.task.dims).to(self.device)
+
+    def bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, mininterval=1.0, dynamic_ncols=True)
+
+    def grouping(self) -> Optional[str]:
+        prior = self.cfg.prior
+        return (prior.grouping or None) if isinstance(prior, GroupLassoConfig) else None
+
+
+def _done(folder: Path) -> Optional[dict]:
+    f = folder / "done.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+class SGDBaselines:
+    """``sgd.members`` dense models trained with SGD from their own seeds."""
+
+    name = "sgd"
+
+    def __init__(self, cfg: Config):
+        self.c = cfg.sgd
+
+    def done(self, out: Path) -> bool:
+        return all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(self.c.members))
+
+    def run(self, ctx: Context) -> None:
+        c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
+        for k in range(c.members):
+            path = folder / f"member_{k:03d}.pt"
+            if path.exists():
+                continue
+            model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
+            opt = torch.optim.SGD(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.decay_every, gamma=c.lr_decay)
+            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
+            label = f"SGD member {k + 1}/{c.members}"
+
+            def epoch(e):
+                loss = train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
+                sched.step()
+                return loss
+
+            ckpt = folder / f"member_{k:03d}.ckpt"
+            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "sched": sched, "gen": GeneratorState(gen)},
+                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+            checkpoint.save_member(path, model, train_seconds=seconds)
+            ckpt.unlink(missing_ok=True)
+            ctx.log(f"{label}: {seconds:.1f} s")
+
+    def rows(self, out: Path) -> list[Row]:
+        files = sorted((out / self.name).glob("member_*.pt"))
+        each = lambda metas: sum(m.get("train_seconds", float("nan")) for m in metas)
+        rows = [Row("SGD", files[:1], 0.0, each)] if files else []
+        if len(files) > 1:
+            rows.append(Row("SGD", files, 0.0, each))
+        return rows
+
+
+def make_prior(ctx: Context, model: nn.Module, sparse: bool) -> Prior:
+    """The chain's prior: Gaussian(precision), plus the group Lasso over the chosen grouping."""
+    gaussian = Gaussian(ctx.cfg.prior.precision)
+    if not sparse:
+        return gaussian
+    groups = model.groups(ctx.grouping()) if hasattr(model, "groups") else model.unit_groups()
+    return Sum(GroupLasso(groups, ctx.cfg.prior.lam), gaussian)
+
+
+def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int):
+    c = ctx.cfg.sampler
+    steps = ctx.task.steps_per_epoch()
+    lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    common = dict(num_data=ctx.task.num_train, temperature=c.temperature, prior=prior, generator=generator,
+                  prefetch_noise=c.prefetch_noise, noise=c.noise)
+    if c.max_grad_norm:
+        common["max_grad_norm"] = c.max_grad_norm
+    if isinstance(c, SGHMCConfig):
+        return SGHMC(model.named_parameters(), lr, friction=c.friction, **common)
+    return SGLD(model.named_parameters(), lr, **common)
+
+
+class Chain:
+    """``sampler.chains`` independent chains sharing ``sampler.samples``; chain ``c`` writes its
+    ``j``-th sample after epoch burn_in + thin * (j + 1) as ``sample_{c * per_chain + j}``."""
+
+    def __init__(self, cfg: Config, sparse: bool):
+        kind = cfg.kinds["sampler"]
+        self.sparse = sparse
+        self.name = kind + ("_gsp" if sparse else "")
+        self.label = kind.upper() + ("+GSP" if sparse else "")
+        self.c = cfg.sampler
+
+    def done(self, out: Path) -> bool:
+        return _done(out / self.name) is not None
+
+    def run(self, ctx: Context) -> None:
+        c, folder = self.c, ctx.out / self.name
+        if self.done(ctx.out):
+            return
+        per_chain = c.samples // c.chains
+        seconds = sum(self._one_chain(ctx, chain, chain * per_chain, per_chain) for chain in range(c.chains))
+        checkpoint.atomic_write_json(folder / "done.json", {"train_seconds": seconds, "chains": c.chains,
+                                                            "epochs_per_chain": c.epochs_per_chain})
+        ctx.log(f"{self.name}: {c.samples} samples from {c.chains} chain(s) in {seconds:.1f} s")
+
+    def _one_chain(self, ctx: Context, chain: int, first: int, samples: int) -> float:
+        c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
+        marker = folder / f"chain_{chain}.done"
+        if marker.exists():
+            return json.loads(marker.read_text())["train_seconds"]
+        model = ctx.new_model(derive_seed(seed, self.name, chain, "init"))
+        sampler = make_sampler(ctx, model, make_prior(ctx, model, self.sparse), derive_seed(seed, self.name, chain, "noise"))
+        gen = torch.Generator().manual_seed(derive_seed(seed, self.name, chain, "data"))
+        epochs = c.burn_in + c.thin * samples
+        label = f"{self.name} chain" if c.chains == 1 else f"{self.name} chain {chain + 1}/{c.chains}"
+
+        def epoch(e):
+            return train_epoch(model, sampler, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+                               where=f"{label} epoch {e + 1}")
+
+        def collect(done: int):
+            if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
+                k = first + (done - c.burn_in) // c.thin - 1
+                checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, epoch=done, chain=chain)
+
+        try:
+            seconds = run_epochs(folder / f"chain_{chain}.pt", epochs,
+                                 {"model": model, "sampler": sampler, "gen": GeneratorState(gen)}, epoch,
+                                 after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
+        finally:
+            sampler.close() if hasattr(sampler, "close") else None
+        checkpoint.atomic_write_json(marker, {"train_seconds": seconds, "epochs": epochs})
+        return seconds
+
+    def rows(self, out: Path) -> list[Row]:
+        files = sorted((out / self.name).glob("sample_*.pt"))
+        info = _done(out / self.name)
+        seconds = (lambda metas: info["train_seconds"]) if info else (lambda metas: float("nan"))
+        return [Row(self.label, files, 0.0, seconds)] if files else []
+
+
+def pct(s: float) -> str:
+    return f"{100 * s:g}"
+
+
+class PruneRetrain:
+    """SSE pruning of every sample of ``source`` to ``sparsity``, masked retraining, shrinking."""
+
+    def __init__(self, cfg: Config, source: Chain, sparsity: float):
+        self.source, self.sparsity = source, sparsity
+        self.name = f"pruned_{pct(sparsity)}"
+        self.p, self.c = cfg.prune, cfg.retrain
+
+    def _samples(self, out: Path) -> list[Path]:
+        return sorted((out / self.source.name).glob("sample_*.pt"))
+
+    def done(self, out: Path) -> bool:
+        n = len(self._samples(out))
+        return n > 0 and all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(n))
+
+    def masks(self, ctx: Context, model: nn.Module, sparsity: float, masks=None, widths=None) -> dict:
+        params = dict(model.named_parameters())
+        groups = model.groups(ctx.grouping()) if hasattr(model, "groups") else model.unit_groups()
+        return pruning.sse_masks(params, groups, model.unit_groups(), list(model.prunable_weights()), sparsity,
+                                 scope=self.p.scope, group_threshold=self.p.group_threshold, widths=widths,
+                                 masks=masks)
+
+    def run(self, ctx: Context) -> None:
+        c, p, seed = self.c, self.p, ctx.cfg.experiment.seed
+        folder = ctx.out / self.name
+        samples = self._samples(ctx.out)
+        for k, sample in enumerate(samples):
+            path = folder / f"member_{k:03d}.pt"
+            if path.exists():
+                continue
+            model, _ = checkpoint.load_member(sample, ctx.device)
+            masks = self.masks(ctx, model, 0.0)  # group pruning only: its sparsity and widths start the ramp
+            pruning.apply_masks(model, masks)
+            start = min(pruning.sparsity_of({n: masks[n] for n in model.prunable_weights()}), self.sparsity)
+            live = [int(k_.sum()) for k_ in model.live_units()]
+            if p.widths and len(p.widths) != len(live):
+                raise ValueError(f"prune.widths gives {len(p.widths)} widths but the model has {len(live)} unit "
+                                 f"families (live sizes {live}); give one width per family")
+            opt = torch.optim.SGD(model.parameters(), lr=c.lr)
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
+            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
+            current, hooks = Holder(masks), []
+            label = f"retrain {pct(self.sparsity)}% member {k + 1}/{len(samples)}"
+
+            def set_masks(epoch):
+                nonlocal hooks
+                if epoch <= c.ramp_epochs:  # one-shot (ramp 0): the target at epoch 0, then fixed
+                    widths = pruning.cubic_widths(epoch, live, p.widths, c.ramp_epochs) if p.widths else None
+                    s = pruning.cubic_sparsity(epoch, start, self.sparsity, c.ramp_epochs)
+                    current.value = self.masks(ctx, model, s, current.value, widths)
+                pruning.apply_masks(model, current.value)
+                for h in hooks:
+                    h.remove()
+                hooks = pruning.keep_pruned_at_zero(model, current.value)
+
+            def epoch(e):
+                set_masks(e)
+                loss = train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
+                sched.step()
+                return loss
+
+            ckpt = folder / f"member_{k:03d}.ckpt"
+            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "sched": sched,
+                                                  "gen": GeneratorState(gen), "masks": current},
+                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+            set_masks(c.epochs)  # retrain.epochs = 0: prune without retraining; else a no-op re-apply
+            for h in hooks:
+                h.remove()
+            model.eval()
+            small = model.shrink(model.live_units()).to(ctx.device).eval()
+            gap = (ctx.task.probe(small) - ctx.task.probe(model)).abs().max().item()
+            if gap > 1e-4:
+                raise RuntimeError(f"compaction changed member {k}'s outputs by {gap:g}; this is a bug, please report it")
+            checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(current.value))
+            ckpt.unlink(missing_ok=True)
+        ctx.log(f"pruned to {pct(self.sparsity)}% and retrained {len(samples)} members")
+
+    def rows(self, out: Path) -> list[Row]:
+        files = sorted((out / self.name).glob("member_*.pt"))
+        info = _done(out / self.source.name)
+        chain = info["train_seconds"] if info else float("nan")
+        seconds = lambda metas: chain + sum(m.get("train_seconds", 0.0) for m in metas)
+        return [Row(f"{self.source.label}+PR {pct(self.sparsity)}%", files, self.sparsity, seconds)] if files else []
+
+
+def build_stages(cfg: Config) -> list:
+    """The SSE recipe from the config: SGD baselines, the plain chain, the sparse chain, and prune +
+    retrain of the sparse chain's samples at each sparsity."""
+    stages: list = []
+    if cfg.sgd.members:
+        stages.append(SGDBaselines(cfg))
+    if cfg.sampler.samples:
+        sparse = isinstance(cfg.prior, GroupLassoConfig)
+        if sparse and cfg.sampler.plain_chain:
+            stages.append(Chain(cfg, sparse=False))
+        main = Chain(cfg, sparse=sparse)
+        stages.append(main)
+        stages += [PruneRetrain(cfg, main, s) for s in cfg.prune.sparsities]
+    return stages

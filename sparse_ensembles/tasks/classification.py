@@ -1,0 +1,106 @@
+"""Image classification on IDX datasets (MNIST, Fashion-MNIST): cross-entropy, error, NLL, ECE, Brier."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import metrics
+from ..data import DATASETS, load_idx_dataset
+from .base import EnsembleStream, register_task
+
+
+@register_task("classification")
+class Classification:
+    """Train / valid / test tensors held on the device; shuffled minibatches; the validation split
+    is the *last* ``valid_size`` training images (the first ones train), so the test set is only
+    read for the table."""
+
+    @dataclass
+    class Config:
+        dataset: str = "mnist"  # one of sparse_ensembles.data.DATASETS
+        path: str = ""  # a directory with the IDX files; empty = search (see data.registry)
+        download: bool = False  # opt-in fetch from the canonical mirror, checksum-verified
+        batch_size: int = 100
+        valid_size: int = 10000  # held out from the end of the training set; 0 = the paper's protocol
+        train_subset: int = 0  # train on the first n of the remaining training images (0 = all)
+        test_subset: int = 0  # evaluate on the first n test images (0 = all)
+        eval_batch_size: int = 1000
+
+        def validate(self, need) -> None:
+            need(self.dataset in DATASETS, "task.dataset", f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+            need(self.batch_size >= 1 and self.eval_batch_size >= 1, "task.batch_size", "batch sizes must be >= 1")
+            need(0 <= self.valid_size < 60000, "task.valid_size", "must be in [0, 60000) (0 = no validation split)")
+            need(self.train_subset >= 0 and self.test_subset >= 0, "task.train_subset", "subsets must be >= 0 (0 = all)")
+
+    columns = ("error", "nll", "ece", "brier")
+
+    def __init__(self, train: tuple[Tensor, Tensor], valid: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], *,
+                 batch_size: int = 100, eval_batch_size: int = 1000, device="cpu", name: str = "data"):
+        self.device = torch.device(device)
+        self.data = {s: (x.to(self.device), y.to(self.device)) for s, (x, y) in
+                     (("train", train), ("valid", valid), ("test", test))}
+        self.batch_size, self.eval_batch_size, self.name = batch_size, eval_batch_size, name
+        x = self.data["train"][0]
+        self.num_train = len(x)
+        self.dims = {"in_features": int(x[0].numel()), "classes": int(max(int(y.max()) for _, y in self.data.values() if len(y)) + 1)}
+
+    @classmethod
+    def from_config(cls, cfg: "Classification.Config", device="cpu") -> "Classification":
+        xtr, ytr, xte, yte = load_idx_dataset(cfg.dataset, cfg.path or None, allow_download=cfg.download)
+        n_train = len(xtr) - cfg.valid_size
+        valid = (xtr[n_train:], ytr[n_train:])
+        xtr, ytr = xtr[:n_train], ytr[:n_train]
+        if cfg.train_subset:
+            xtr, ytr = xtr[: cfg.train_subset], ytr[: cfg.train_subset]
+        if cfg.test_subset:
+            xte, yte = xte[: cfg.test_subset], yte[: cfg.test_subset]
+        return cls((xtr, ytr), valid, (xte, yte), batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                   device=device, name=cfg.dataset)
+
+    def describe(self) -> str:
+        sizes = " / ".join(f"{len(self.data[s][1])} {s}" for s in ("train", "valid", "test"))
+        return f"{self.name}: {sizes} images"
+
+    def check_model(self, model: nn.Module) -> None:
+        x = self.data["train"][0][:2]
+        try:
+            out = model.to(self.device)(x)
+        except RuntimeError as e:
+            raise ValueError(f"the model does not accept {self.name} inputs of shape {tuple(x.shape[1:])} "
+                             f"({self.dims['in_features']} features): {e}") from None
+        if out.shape[-1] != self.dims["classes"]:
+            raise ValueError(f"the model has {out.shape[-1]} outputs but {self.name} has {self.dims['classes']} classes")
+
+    # -- training ------------------------------------------------------------------------------
+    def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """One shuffled pass (the order drawn on the CPU generator: the same on every device)."""
+        x, y = self.data["train"]
+        perm = torch.randperm(len(x), generator=generator).to(self.device)
+        for i in range(0, len(x), self.batch_size):
+            idx = perm[i:i + self.batch_size]
+            yield x[idx], y[idx]
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.num_train // self.batch_size)
+
+    def loss(self, model: nn.Module, batch, state=None):
+        x, y = batch
+        return F.cross_entropy(model(x), y), None
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in ("valid", "test") if len(self.data[s][1])]
+
+    def stream(self, split: str) -> EnsembleStream:
+        x, y = self.data[split]
+        score = lambda model: metrics.predict_logprobs(model, x, self.eval_batch_size)
+        return EnsembleStream(score, lambda logp: metrics.classification_metrics(logp, y))
+
+    def probe(self, model: nn.Module) -> Tensor:
+        with torch.no_grad():
+            return model(self.data["test"][0][:256])
