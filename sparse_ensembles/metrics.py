@@ -25,9 +25,10 @@ def ece(logprobs: Tensor, y: Tensor, bins: int = 15) -> float:
     correct = (pred == y).float()
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur for a max prob
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
-    total = torch.zeros(bins).index_add_(0, idx, torch.ones_like(conf))
-    sum_conf = torch.zeros(bins).index_add_(0, idx, conf)
-    sum_acc = torch.zeros(bins).index_add_(0, idx, correct)
+    zeros = torch.zeros(bins, dtype=conf.dtype, device=conf.device)  # bins on the data's device
+    total = zeros.index_add(0, idx, torch.ones_like(conf))
+    sum_conf = zeros.index_add(0, idx, conf)
+    sum_acc = zeros.index_add(0, idx, correct)
     return float((sum_conf - sum_acc).abs().sum() / len(y))
 
 
@@ -69,11 +70,15 @@ def nonzero_macs(model: nn.Module) -> int:
 
 
 def cost(models: Iterable[nn.Module]) -> dict:
-    """Summed cost of an ensemble's members."""
-    models = list(models)
-    return {"params": sum(nonzero_params(m) for m in models),
-            "flops": sum(submatrix_flops(m) for m in models),
-            "nonzero_macs": sum(nonzero_macs(m) for m in models)}
+    """Summed cost of an ensemble's members: each model kind's own ``cost()`` (see
+    :mod:`sparse_ensembles.models.registry`), or, for a plain module, its Linear layers."""
+    total = {"params": 0, "flops": 0, "nonzero_macs": 0}
+    for m in models:
+        c = m.cost() if hasattr(m, "cost") else {"params": nonzero_params(m), "flops": submatrix_flops(m),
+                                                 "nonzero_macs": nonzero_macs(m)}
+        for k in total:
+            total[k] += c[k]
+    return total
 
 
 @torch.no_grad()

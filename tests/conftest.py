@@ -13,6 +13,23 @@ def pytest_configure(config):
         os.environ["SPARSE_ENSEMBLES_DATA"] = str(SHARED)
 
 
+def need_data(name: str):
+    """Skip a test (with the reason) where ../shared or $SPARSE_ENSEMBLES_DATA lacks ``name``."""
+    root = os.environ.get("SPARSE_ENSEMBLES_DATA")
+    if not root or not (Path(root) / name).is_dir():
+        pytest.skip(f"{name} data not found (../shared/data/{name} or $SPARSE_ENSEMBLES_DATA/{name})")
+
+
+@pytest.fixture
+def mnist_data():
+    need_data("mnist")
+
+
+@pytest.fixture
+def ptb_data():
+    need_data("ptb")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -20,8 +37,11 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def mnist_small():
-    """2000 real MNIST training and 500 test images."""
-    from sparse_ensembles.data import load_idx_dataset
+    """2000 real MNIST training and 500 test images (skips where MNIST is not on the machine)."""
+    from sparse_ensembles.data import DataError, load_idx_dataset
 
-    xtr, ytr, xte, yte = load_idx_dataset("mnist")
+    try:
+        xtr, ytr, xte, yte = load_idx_dataset("mnist")
+    except DataError as e:
+        pytest.skip(f"MNIST not found: {e}")
     return xtr[:2000], ytr[:2000], xte[:500], yte[:500]

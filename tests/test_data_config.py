@@ -57,7 +57,7 @@ def test_lookup_order_is_config_path_then_env_then_debian_then_cache(tmp_path, m
     assert dirs == ["/cfg", "/env/fashion-mnist", "/usr/share/datasets/fashion-mnist", "/cache/sparse_ensembles/fashion-mnist"]
 
 
-def test_corrupted_copy_of_real_mnist_is_rejected_by_checksum(tmp_path):
+def test_corrupted_copy_of_real_mnist_is_rejected_by_checksum(tmp_path, mnist_data):
     src = os.path.join(os.environ["SPARSE_ENSEMBLES_DATA"], "mnist")
     for f in os.listdir(src):
         data = open(os.path.join(src, f), "rb").read()

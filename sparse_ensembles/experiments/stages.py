@@ -278,7 +278,8 @@ class PruneRetrain:
             gap = (ctx.task.probe(small) - ctx.task.probe(model)).abs().max().item()
             if gap > 1e-4:
                 raise RuntimeError(f"compaction changed member {k}'s outputs by {gap:g}; this is a bug, please report it")
-            checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(current.value))
+            prunable = {n: current.value[n] for n in model.prunable_weights() if n in current.value}
+            checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(prunable))
             ckpt.unlink(missing_ok=True)
         ctx.log(f"pruned to {pct(self.sparsity)}% and retrained {len(samples)} members")
 
