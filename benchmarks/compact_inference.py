@@ -12,6 +12,10 @@ Target: compacted ensemble of 18 at <= 1.5x the latency of one dense model (batc
 
     python benchmarks/compact_inference.py [--run DIR] [--sparsity 96] [--quick]
     python benchmarks/compact_inference.py --run runs/mnist_fnn_sse_widths   # structured members
+
+Without the run directory (a fresh clone) it builds 18 random members of ``--widths`` (default
+160-64-32, the structured members' widths) reading random pixel sets, and random dense models:
+latency does not depend on the weight values (``"synthetic": true`` in the results file).
 """
 from __future__ import annotations
 
@@ -28,9 +32,32 @@ from sparse_ensembles import checkpoint, metrics  # noqa: E402
 from sparse_ensembles.compact import FusedMLPEnsemble, SparseMLPEnsemble  # noqa: E402
 from sparse_ensembles.data import load_idx_dataset  # noqa: E402
 from sparse_ensembles.ensembles import Ensemble  # noqa: E402
-from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+from sparse_ensembles.experiments.pipeline import run_config  # noqa: E402
+from sparse_ensembles.models import MLP, CompactMLP  # noqa: E402
 
 DEFAULT_RUN = "runs/mnist_fnn_sse"
+
+
+def synthetic_members(widths: list[int], m: int = 18, seed: int = 0):
+    """``m`` dense 784-300-100-10 models and ``m`` compacted members of ``widths`` (pixels, hidden...)
+    with random weights and random pixel sets."""
+    torch.manual_seed(seed)
+    dense = [MLP([784, 300, 100, 10]).eval() for _ in range(m)]
+    members = []
+    for _ in range(m):
+        pixels = torch.randperm(784)[: widths[0]].sort().values
+        members.append(CompactMLP(784, pixels, list(widths) + [10], ["relu"] * (len(widths) - 1)).eval())
+    return dense, members
+
+
+def test_images(run: Path):
+    try:
+        name = run_config(run).task.dataset if run.is_dir() else "mnist"
+        _, _, x, y = load_idx_dataset(name)
+        return x, y
+    except Exception:  # latency only needs images of the right shape
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(10000, 28, 28, generator=g), torch.randint(0, 10, (10000,), generator=g)
 
 
 def main():
@@ -38,17 +65,22 @@ def main():
     ap.add_argument("--run", default=DEFAULT_RUN)
     ap.add_argument("--sparsity", default="96")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--widths", default="160,64,32", help="synthetic members' widths when --run does not exist")
     args = ap.parse_args()
     run = Path(args.run)
-    dense_files = sorted((run / "sgd").glob("member_*.pt"))
-    sparse_files = sorted((run / f"pruned_{args.sparsity}").glob("member_*.pt"))
-    if not dense_files or not sparse_files:
-        sys.exit(f"{run} has no SGD members or no pruned_{args.sparsity} members; run "
-                 "`sparse-ensembles run configs/mnist_fnn_sse.toml` first (or pass --run)")
-    cfg = config_mod.load(run / "config.toml")
-    _, _, x, y = load_idx_dataset(cfg.data.name, cfg.data.path or None)
-    dense = [checkpoint.load_member(f)[0] for f in dense_files]
-    sparse = [checkpoint.load_member(f)[0] for f in sparse_files]
+    x, y = test_images(run)
+    synthetic = not run.is_dir()
+    if synthetic:
+        print(f"{run} does not exist: timing random members of widths {args.widths} (latency does not depend on weights)")
+        dense, sparse = synthetic_members([int(w) for w in args.widths.split(",")])
+    else:
+        dense_files = sorted((run / "sgd").glob("member_*.pt"))
+        sparse_files = sorted((run / f"pruned_{args.sparsity}").glob("member_*.pt"))
+        if not dense_files or not sparse_files:
+            sys.exit(f"{run} has no SGD members or no pruned_{args.sparsity} members; run "
+                     "`sparse-ensembles run configs/mnist_fnn_sse.toml` first (or pass --run)")
+        dense = [checkpoint.load_member(f)[0] for f in dense_files]
+        sparse = [checkpoint.load_member(f)[0] for f in sparse_files]
     m = len(sparse)
     dense = (dense * m)[:m] if len(dense) < m else dense[:m]  # same ensemble size on both sides
     models = {"single_dense": dense[0], "dense_ensemble": Ensemble(dense), "compact_ensemble": Ensemble(sparse),
@@ -75,7 +107,7 @@ def main():
     # the compacted ensemble is the faster fused execution of the shrunk members (same function,
     # checked above against member-by-member evaluation)
     best = min(("fused_compact_ensemble", "csr_compact_ensemble"), key=lambda k: med[k + "_b100_seconds"])
-    out = {"run": str(run), "members": m, "sparsity_pct": args.sparsity, "repetitions": reps,
+    out = {"run": str(run), "synthetic": synthetic, "member_widths": [mm.widths for mm in sparse], "members": m, "sparsity_pct": args.sparsity, "repetitions": reps,
            "fused_vs_member_by_member_max_abs_gap": gap, **med, "compact_executor": best,
            "compact_ensemble_vs_single_dense": med[best + "_b100_seconds"] / base100,
            "padded_fused_vs_single_dense": med["fused_compact_ensemble_b100_seconds"] / base100,
@@ -95,7 +127,7 @@ def main():
            "test_error": {"single_dense": metrics.error(metrics.predict_logprobs(dense[0], x), y),
                           "compact_ensemble": metrics.error(ref, y)}}
     # a run other than the default gets its own results file: compact_inference_<run dir name>.json
-    name = "compact_inference" + ("" if run == Path(DEFAULT_RUN) else f"_{run.name}")
+    name = "compact_inference" + ("_synthetic" if synthetic else "" if run == Path(DEFAULT_RUN) else f"_{run.name}")
     path = write(name + ("_quick" if args.quick else ""), out)
     for k in models:
         print(f"{k:<24} batch100 {1e3 * med[k + '_b100_seconds']:8.1f} ms   batch10k {1e3 * med[k + '_b10k_seconds']:8.1f} ms")

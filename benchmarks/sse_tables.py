@@ -22,8 +22,8 @@ from sparse_ensembles.experiments import config as config_mod  # noqa: E402
 from sparse_ensembles.experiments.pipeline import Pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["data.train_subset=5000", "data.test_subset=2000", "sgd.members=3", "sgd.epochs=3", "sgld.burn_in=2",
-         "sgld.thin=1", "sgld.samples=3", "retrain.epochs=1"]
+QUICK = ["task.train_subset=5000", "task.test_subset=2000", "sgd.members=3", "sgd.epochs=3", "sampler.burn_in=2",
+         "sampler.thin=1", "sampler.samples=3", "retrain.epochs=1"]
 
 
 def main():
@@ -40,7 +40,7 @@ def main():
         label = name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
         out = ROOT / "runs" / label
         t0 = time.perf_counter()
-        rows = Pipeline(cfg, out, resume=True, progress=False).run()
+        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         wall = time.perf_counter() - t0
         total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
         path = write(label,

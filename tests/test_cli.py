@@ -180,3 +180,24 @@ def test_tiny_lm_config_runs_the_whole_sse_pipeline_on_ptb_and_shrinks_lstm_memb
         assert blob["spec"]["kind"] == "lstm_lm" and blob["meta"]["sparsity"] >= 0.9
         model, _ = checkpoint.load_member(f)
         assert isinstance(model, LSTMLM) and all(h <= 32 for h in model.hidden)
+
+
+def test_resume_with_an_override_keeps_the_original_config_and_records_the_change(tiny_run, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(tiny_run, out)
+    original = (out / "config.toml").read_text()
+    assert main(["run", TINY, "--out", str(out), "--resume", "--no-progress", "--set", "retrain.lr=0.07"]) == 0
+    assert (out / "config.toml").read_text() == original
+    history = json.loads((out / "resumes.json").read_text())
+    assert history[-1]["overrides"] == ["retrain.lr=0.07"]
+    assert history[-1]["changed"] == {"retrain.lr": [0.05, 0.07]}
+    assert "lr = 0.07" in (out / "config.current.toml").read_text()
+
+
+def test_derived_seeds_differ_across_stages_indices_and_purposes_and_repeat_for_the_same_keys():
+    from sparse_ensembles.experiments.stages import derive_seed
+
+    seeds = {derive_seed(s, stage, k, purpose) for s in range(3) for stage in ("sgd", "sgld", "sgld_gsp")
+             for k in range(200) for purpose in ("init", "data", "noise")}
+    assert len(seeds) == 3 * 3 * 200 * 3  # the old offsets (seed * 1000 + k) collided from k = 1000 on
+    assert derive_seed(0, "sgd", 5, "init") == derive_seed(0, "sgd", 5, "init") < 2**63
