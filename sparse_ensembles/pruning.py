@@ -178,11 +178,6 @@ def cubic_widths(step: int, start: Sequence[int], final: Sequence[int], ramp: in
     return [max(f, round(cubic_ramp(step, s, f, ramp))) for s, f in zip(start, final)]
 
 
-def live_groups(params: Mapping[str, Tensor], groups: Sequence[GroupFamily]) -> list[int]:
-    """Number of groups with any nonzero weight, per family (e.g. the live widths of an MLP)."""
-    return [int((norms(fam, params) > 0).sum()) for fam in groups]
-
-
 def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:
     """Deng et al. 2019's pruning schedule ``s_k = S * (1 - D ** (k / U))``: sparsity ``final`` = S
     approached geometrically, ``rate`` = D in (0, 1), ``period`` = U steps."""

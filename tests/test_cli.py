@@ -201,3 +201,25 @@ def test_derived_seeds_differ_across_stages_indices_and_purposes_and_repeat_for_
              for k in range(200) for purpose in ("init", "data", "noise")}
     assert len(seeds) == 3 * 3 * 200 * 3  # the old offsets (seed * 1000 + k) collided from k = 1000 on
     assert derive_seed(0, "sgd", 5, "init") == derive_seed(0, "sgd", 5, "init") < 2**63
+
+
+def test_asking_for_cuda_where_there_is_none_is_a_clear_config_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    assert main(["run", TINY, "--out", str(tmp_path / "gpu"), "--set", "experiment.device=cuda"]) == 2
+    assert "experiment.device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_tiny_run_on_cuda_matches_the_cpu_run_closely(tiny_run, tmp_path):
+    need_data("mnist")
+    out = tmp_path / "cuda"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "experiment.device=cuda"]) == 0
+    gpu = json.loads((out / "results.json").read_text())
+    cpu = json.loads((tiny_run / "results.json").read_text())
+    assert [r["method"] for r in gpu] == [r["method"] for r in cpu]
+    # same seeds and data order; float rounding differs between devices, so allow a few images
+    assert abs(gpu[0]["error"] - cpu[0]["error"]) <= 0.02
+    assert all(r["params"] > 0 for r in gpu)

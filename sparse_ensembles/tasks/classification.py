@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .. import metrics
 from ..data import DATASETS, load_idx_dataset
+from ..training import minibatches
 from .base import EnsembleStream, register_task
 
 
@@ -78,11 +79,7 @@ class Classification:
     # -- training ------------------------------------------------------------------------------
     def train_batches(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         """One shuffled pass (the order drawn on the CPU generator: the same on every device)."""
-        x, y = self.data["train"]
-        perm = torch.randperm(len(x), generator=generator).to(self.device)
-        for i in range(0, len(x), self.batch_size):
-            idx = perm[i:i + self.batch_size]
-            yield x[idx], y[idx]
+        return minibatches(*self.data["train"], self.batch_size, generator)
 
     def steps_per_epoch(self) -> int:
         return -(-self.num_train // self.batch_size)
