@@ -174,6 +174,16 @@ def test_non_finite_gradient_is_reported_as_divergence():
         opt.step()
 
 
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_gradient_whose_norm_overflows_is_reported_naming_the_parameter(max_grad_norm):
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = SGLD([("a", a), ("b", b)], 0.1, num_data=1, max_grad_norm=max_grad_norm)
+    a.grad, b.grad = torch.zeros(2), torch.full((2,), 3e38)  # finite entries, infinite norm
+    with pytest.raises(FloatingPointError, match="'b'"):
+        opt.step()
+    assert torch.equal(b.detach(), torch.zeros(2))  # raised before any update
+
+
 def test_sghmc_gradient_noise_estimate_reduces_injected_noise():
     """With a noisy constant-mean gradient, the estimate V subtracts lr^2 V from the noise variance."""
     moves = {}
@@ -195,3 +205,192 @@ def test_cyclical_schedule_is_constant_in_burn_in_then_decays_to_near_zero_each_
     s = Cyclical(0.2, cycle=10, start=5)
     assert s(0) == s(4) == 0.2 and s(5) == pytest.approx(0.2)
     assert s(14) < 0.01 and s(15) == pytest.approx(0.2)
+
+
+# -- functional update rules -----------------------------------------------------------------------
+
+def test_functional_sgld_and_sghmc_are_the_class_updates_bit_for_bit():
+    from sparse_ensembles.samplers.functional import sghmc_, sgld_
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    noise = torch.randn(17, generator=torch.Generator().manual_seed(9))
+    xi = [noise[:12].view(4, 3), noise[12:]]
+    for cls, kwargs in [(SGLD, {}), (SGHMC, {"friction": 0.3})]:
+        ps = [nn.Parameter(torch.ones(4, 3)), nn.Parameter(torch.ones(5))]
+        opt = cls([("a", ps[0]), ("b", ps[1])], 0.01, num_data=50, temperature=2.0,
+                  generator=torch.Generator().manual_seed(9), **kwargs)
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        opt.step()
+        ref = [torch.ones(4, 3), torch.ones(5)]
+        if cls is SGLD:
+            sgld_(ref, grads, xi, lr=0.01, temperature=2.0, num_data=50)
+        else:
+            sghmc_(ref, grads, xi, [torch.zeros(4, 3), torch.zeros(5)], lr=0.01, friction=0.3, temperature=2.0, num_data=50)
+        for p, r in zip(ps, ref):
+            assert torch.equal(p.detach(), r)
+
+
+def test_temperature_zero_draws_no_noise():
+    p = nn.Parameter(torch.zeros(10))
+    gen = torch.Generator().manual_seed(0)
+    opt = SGLD([("p", p)], 0.1, num_data=10, temperature=0.0, generator=gen, prefetch_noise=True)
+    before = gen.get_state()
+    for _ in range(3):
+        p.grad = torch.ones(10)
+        opt.step()
+    assert torch.equal(gen.get_state(), before)
+
+
+# -- gradient clipping -------------------------------------------------------------------------------
+
+def test_clipped_step_equals_sgd_on_the_clip_grad_norm_gradient_at_temperature_zero():
+    a, b = _net(), _net()
+    N, precision, max_norm = 1000, 5.0, 0.45  # the gradient norms here are 0.41-0.55
+    sgld = SGLD(a.named_parameters(), 0.1, num_data=N, temperature=0.0, prior=Gaussian(precision), max_grad_norm=max_norm)
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=precision / N)
+    clipped = 0
+    for x, y in _batches(10):
+        for model, opt in ((a, sgld), (b, sgd)):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        user_grads = [p.grad.clone() for p in a.parameters()]
+        total = torch.nn.utils.clip_grad_norm_(b.parameters(), max_norm)
+        clipped += int(max_norm / (total + 1e-6) < 1)
+        sgld.step()
+        sgd.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(a.parameters(), user_grads))  # p.grad stays the user's
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert 0 < clipped < 10 and sgld.clipped_steps == clipped
+
+
+@pytest.mark.parametrize("cls", [SGLD, SGHMC])
+def test_inactive_clip_changes_nothing_bit_for_bit(cls):
+    results = []
+    for max_norm in (None, 1e6):
+        m = _net()
+        opt = cls(m.named_parameters(), 0.05, num_data=100, prior=Gaussian(1.0), max_grad_norm=max_norm,
+                  generator=torch.Generator().manual_seed(4))
+        _train(m, opt, _batches())
+        assert opt.clipped_steps == 0
+        results.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_invalid_max_grad_norm_names_the_bad_value():
+    with pytest.raises(ValueError, match="-1"):
+        SGLD([("w", nn.Parameter(torch.zeros(2)))], 0.1, num_data=10, max_grad_norm=-1.0)
+
+
+# -- state through torch.save, devices ---------------------------------------------------------------
+
+def test_state_dict_survives_torch_save_and_weights_only_load_and_resumes_bit_for_bit():
+    import io
+
+    batches = _batches(8)
+    ref = _net()
+    opt = SGLD(ref.named_parameters(), 0.05, num_data=200, prior=Gaussian(1.0), max_grad_norm=0.5,
+               generator=torch.Generator().manual_seed(3), prefetch_noise=True)
+    _train(ref, opt, batches[:4])
+    buf = io.BytesIO()
+    torch.save({"model": ref.state_dict(), "sampler": opt.state_dict()}, buf)
+    _train(ref, opt, batches[4:])
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = _net(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = SGLD(resumed.named_parameters(), 0.05, num_data=200, prior=Gaussian(1.0), max_grad_norm=0.5,
+                generator=torch.Generator().manual_seed(999), prefetch_noise=True)
+    opt2.load_state_dict(ckpt["sampler"])
+    _train(resumed, opt2, batches[4:])
+    for pa, pb in zip(ref.parameters(), resumed.parameters()):
+        assert torch.equal(pa, pb)
+    assert opt2.clipped_steps == opt.clipped_steps > 0
+
+
+def test_default_noise_generator_is_on_the_parameters_device():
+    opt = SGLD([("w", nn.Parameter(torch.zeros(2)))], 0.1, num_data=10)
+    assert opt._noise.generator.device == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_equals_cpu_step_at_temperature_zero_and_cuda_chain_resumes_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    w0, grad = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)  # CPU and CUDA both fuse a + alpha * b (FMA)
+    moved = []
+    for device in ("cpu", "cuda"):
+        w = nn.Parameter(w0.to(device))
+        opt = SGLD([("w", w)], 0.1, num_data=50, temperature=0.0, prior=Gaussian(2.0))
+        w.grad = grad.to(device)
+        opt.step()
+        moved.append(w.detach().cpu())
+    assert torch.equal(*moved)
+
+    def run(opt, w, steps):
+        for i in steps:
+            w.grad = torch.sin(w.detach() + i)
+            opt.step()
+
+    torch.manual_seed(1)
+    w = nn.Parameter(w0.cuda())
+    opt = SGLD([("w", w)], 0.01, num_data=50, prior=Gaussian(1.0))  # generator created on cuda
+    assert opt._noise.generator.device.type == "cuda"
+    run(opt, w, range(3))
+    saved_w, saved = w.detach().clone(), copy.deepcopy(opt.state_dict())
+    run(opt, w, range(3, 6))
+    w2 = nn.Parameter(saved_w)
+    opt2 = SGLD([("w", w2)], 0.01, num_data=50, prior=Gaussian(1.0))
+    opt2.load_state_dict(saved)
+    run(opt2, w2, range(3, 6))
+    assert torch.equal(w.detach(), w2.detach())
+    with pytest.raises(ValueError, match="generator"):
+        SGLD([("w", w)], 0.01, num_data=50, generator=torch.Generator())
+
+
+# -- the noise worker thread -------------------------------------------------------------------------
+
+def _noise_threads():
+    import threading
+
+    return {t for t in threading.enumerate() if t.name.startswith("sgmcmc-noise")}
+
+
+def test_close_stops_the_noise_worker_and_later_steps_continue_the_same_chain():
+    results = []
+    for close in (False, True):
+        before = _noise_threads()
+        m = _net()
+        opt = SGLD(m.named_parameters(), 0.05, num_data=100, generator=torch.Generator().manual_seed(5), prefetch_noise=True)
+        batches = _batches()
+        _train(m, opt, batches[:3])
+        mine = _noise_threads() - before
+        assert mine  # the worker is running
+        if close:
+            opt.close()
+            assert not any(t.is_alive() for t in mine)
+            opt.close()  # idempotent
+        _train(m, opt, batches[3:])
+        results.append([p.detach().clone() for p in m.parameters()])
+        opt.close()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_noise_worker_stops_when_the_sampler_is_garbage_collected():
+    import gc
+
+    before = _noise_threads()
+    m = _net()
+    opt = SGLD(m.named_parameters(), 0.05, num_data=100, prefetch_noise=True)
+    _train(m, opt, _batches(2))
+    mine = _noise_threads() - before
+    assert mine
+    del opt
+    gc.collect()
+    for t in mine:
+        t.join(timeout=5)
+        assert not t.is_alive()

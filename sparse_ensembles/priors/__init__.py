@@ -1,5 +1,6 @@
 """Priors as math objects over *named* parameters (see :mod:`.base` for the convention)."""
+from .adaptive import AdaptiveGaussian
 from .base import Gaussian, Laplace, Prior, Sum
 from .group import GroupLasso
 
-__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso"]
+__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso", "AdaptiveGaussian"]

@@ -5,6 +5,12 @@ Every prior offers ``neg_log_prob(params)`` (up to a constant) and
 ``grads`` in place. Dividing by ``N = num_data`` puts the prior in the units of the *mean*
 minibatch loss that ``backward()`` sees (docs/scaling.md): with temperature 0 a sampler is then
 exactly SGD with the prior as weight decay.
+
+Priors with state (the SA latents of Deng et al. 2019, an empirical-Bayes precision) set
+``stateful = True`` and implement the hook below: the sampler calls ``update_(params, step)`` after
+every step and carries ``state_dict()`` in its own, so a chain resumes bit for bit. The state
+lives in the prior, which owns its math (the spike-and-slab latents included); the sampler only
+calls the hook and checkpoints what it returns.
 """
 from __future__ import annotations
 
@@ -16,6 +22,9 @@ from torch import Tensor
 
 
 class Prior:
+    #: True when the prior adapts through ``update_`` and has state to save.
+    stateful: bool = False
+
     def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
@@ -29,6 +38,20 @@ class Prior:
         out = {n: g.clone() for n, g in grads.items()}
         self.add_grad_(out, params, num_data)
         return out
+
+    # -- the hook for priors with state (no-ops here) ------------------------------------------
+    def update_(self, params: Mapping[str, Tensor], step: int) -> None:
+        """Adapt the state to the parameters after sampler step ``step`` (0-based). Called by the
+        sampler after every step, under no_grad, with the updated detached parameters."""
+
+    def state_dict(self) -> dict:
+        """Everything ``update_`` changes, as plain values (floats, ints, tensors) that survive
+        ``torch.save`` + ``torch.load(weights_only=True)``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state, but got state for {sorted(state)}")
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -72,10 +95,32 @@ class Laplace(Prior):
 
 
 class Sum(Prior):
-    """Sum of priors, e.g. GroupLasso + a weak Gaussian on biases."""
+    """Sum of priors, e.g. GroupLasso + a weak Gaussian on biases. Forwards the state hook to its
+    stateful members; its state is ``{str(index): member_state}``."""
 
     def __init__(self, *priors: Prior):
         self.priors = priors
+
+    @property
+    def stateful(self) -> bool:
+        return any(p.stateful for p in self.priors)
+
+    def _stateful(self) -> dict[str, Prior]:
+        return {str(i): p for i, p in enumerate(self.priors) if p.stateful}
+
+    def update_(self, params, step):
+        for p in self._stateful().values():
+            p.update_(params, step)
+
+    def state_dict(self):
+        return {k: p.state_dict() for k, p in self._stateful().items()}
+
+    def load_state_dict(self, state):
+        members = self._stateful()
+        if set(state) != set(members):
+            raise ValueError(f"state for members {sorted(state)} of Sum, but its stateful members are {sorted(members)}")
+        for k, p in members.items():
+            p.load_state_dict(state[k])
 
     def neg_log_prob(self, params):
         return sum(p.neg_log_prob(params) for p in self.priors)

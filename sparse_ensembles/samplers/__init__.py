@@ -1,5 +1,7 @@
-"""SG-MCMC samplers (drop-in ``torch.optim.Optimizer`` subclasses) and step-size schedules."""
+"""SG-MCMC samplers (drop-in ``torch.optim.Optimizer`` subclasses), their update rules as pure
+functions (:mod:`.functional`) and step-size schedules."""
+from .functional import sghmc_, sgld_
 from .schedules import Constant, Cyclical, Polynomial, StepDecay
 from .sgmcmc import SGHMC, SGLD, SGMCMC
 
-__all__ = ["SGLD", "SGHMC", "SGMCMC", "Constant", "Cyclical", "StepDecay", "Polynomial"]
+__all__ = ["SGLD", "SGHMC", "SGMCMC", "sgld_", "sghmc_", "Constant", "Cyclical", "StepDecay", "Polynomial"]

@@ -13,11 +13,14 @@ prior as weight decay. Masked entries (``masks[name] == False``) get no update a
 pruned weight stays exactly where it is (zero after :func:`sparse_ensembles.pruning.apply_masks`).
 
 Parameters should be passed as ``model.named_parameters()`` so priors and masks can refer to them
-by name; a state-dict round trip (noise generator included) resumes a chain bit for bit.
+by name; a state-dict round trip (noise generator, step count, clip count and a stateful prior's
+state included) resumes a chain bit for bit. The arithmetic of each update lives in
+:mod:`.functional` (``sgld_``, ``sghmc_``); the classes add priors, masks, clipping, noise and state.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Mapping, Optional
 
@@ -26,6 +29,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..priors import Prior
+from .functional import sghmc_, sgld_
 from .schedules import resolve
 
 
@@ -54,6 +58,14 @@ class _NoiseSource:
     single-threaded in torch and costs about as much as an MLP's whole SGD step). The sequence of
     draws is the same either way, so results do not depend on ``prefetch``; ``get_state`` returns
     the state *before* any pending draw.
+
+    The worker thread is shut down by :meth:`close` or, failing that, when the source is
+    garbage-collected (``weakref.finalize``), so forgetting ``close`` leaks no thread.
+
+    Why torch's generator and not numpy's ``Generator(PCG64)``: measured here (one thread, 266k
+    float32 normals) torch's vectorised Box-Muller ``normal_`` takes about 0.6 ms, numpy's
+    ziggurat ``standard_normal(out=..., dtype=float32)`` about 2.2 ms (benchmarks/sampler_overhead.py
+    records both), so numpy would only make the worker busier.
     """
 
     def __init__(self, params: list[Tensor], generator: torch.Generator, prefetch: bool, kind: str = "gaussian"):
@@ -66,10 +78,15 @@ class _NoiseSource:
         self.flat = len(kinds) == 1  # one buffer needs one dtype and device
         self.prefetch = prefetch and all(p.device.type == "cpu" for p in params)
         self._buffers = [self._new_buffer() for _ in range(2 if self.prefetch else 1)] if self.flat else []
+        # per-parameter views of each buffer, made once: a step then costs one C call and no
+        # Python in the worker thread, which would contend for the GIL with the training loop
+        self._views = [[v.view_as(p) for v, p in zip(b.split([p.numel() for p in params]), params)]
+                       for b in self._buffers]
         self._which = 0
         self._pending: Optional[Future] = None
         self._state_before_pending: Optional[Tensor] = None
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._finalizer: Optional[weakref.finalize] = None
 
     def _new_buffer(self) -> Tensor:
         p0 = self.params[0]
@@ -81,23 +98,41 @@ class _NoiseSource:
     def _draw(self, which: int = 0) -> list[Tensor]:
         if not self.flat:
             return [self._fill(torch.empty_like(p)) for p in self.params]
-        buf = self._fill(self._buffers[which])
-        return [v.view_as(p) for v, p in zip(buf.split([p.numel() for p in self.params]), self.params)]
+        self._fill(self._buffers[which])
+        return self._views[which]
+
+    def _draw_ahead(self, which: int) -> list[Tensor]:
+        # runs in the worker: the state is taken here, off the training thread's path
+        self._state_before_pending = self.generator.get_state()
+        return self._draw(which)
 
     def next(self) -> list[Tensor]:
         """This step's noise; valid until the next call (the buffer is then refilled)."""
         if not self.prefetch:
             return self._draw()
         noise = self._pending.result() if self._pending is not None else self._draw(self._which)
-        if self._pool is None:
+        if self._pool is None:  # first step, or after close()
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="sgmcmc-noise")
-        self._state_before_pending = self.generator.get_state()
+            # the finalizer holds the pool, not self; wait=False because the last reference may be
+            # dropped in the worker thread itself, which cannot join itself
+            self._finalizer = weakref.finalize(self, self._pool.shutdown, wait=False)
         self._which = 1 - self._which
-        self._pending = self._pool.submit(self._draw, self._which)
+        self._pending = self._pool.submit(self._draw_ahead, self._which)
         return noise
+
+    def close(self) -> None:
+        """Stop the worker thread after any pending draw; that draw's noise is kept for the next
+        step, so closing never changes the chain. Idempotent; a later ``next`` starts a new worker."""
+        if self._pending is not None:
+            self._pending.result()
+        if self._pool is not None:
+            self._finalizer.detach()
+            self._pool.shutdown(wait=True)
+            self._pool = self._finalizer = None
 
     def get_state(self) -> Tensor:
         if self._pending is not None:
+            self._pending.result()  # the state is taken when the draw starts
             return self._state_before_pending.clone()
         return self.generator.get_state()
 
@@ -105,15 +140,33 @@ class _NoiseSource:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
-        self.generator.set_state(state)
+        try:
+            self.generator.set_state(state)
+        except RuntimeError as e:  # e.g. a CPU (mt19937) state for a CUDA (Philox) generator
+            raise ValueError(
+                f"cannot restore the noise generator ({self.generator.device} generator) from this "
+                f"checkpoint's state ({state.numel()} bytes): was it saved from a sampler on another "
+                f"device type? ({e})"
+            ) from None
 
 
 class SGMCMC(Optimizer):
-    """Shared machinery: validation, named parameters, prior, masks, noise, schedules, state."""
+    """Shared machinery: validation, named parameters, prior (and its state hook), masks,
+    gradient clipping, noise, schedules, state. Subclasses implement ``_update`` with a function
+    of :mod:`.functional`.
+
+    ``max_grad_norm`` (None = off) rescales the *likelihood* gradient (``p.grad`` of the mean loss,
+    before the prior is added) so its total L2 norm is at most ``max_grad_norm``, as
+    ``torch.nn.utils.clip_grad_norm_`` does. While the clip is inactive the update is unchanged
+    bit for bit. When it fires the drift is no longer ``grad U``, so the chain samples a distorted
+    distribution, the more often the more it fires: it is a stabiliser for exploding (LSTM)
+    gradients in burn-in, to be used with a threshold that rarely fires. ``clipped_steps`` counts
+    the steps where it did (saved in the state dict), so a run can report it.
+    """
 
     def __init__(self, params, defaults: dict, *, num_data: int, prior: Optional[Prior],
                  masks: Optional[Mapping[str, Tensor]], generator: Optional[torch.Generator],
-                 prefetch_noise: bool, noise: str = "gaussian"):
+                 prefetch_noise: bool, noise: str = "gaussian", max_grad_norm: Optional[float] = None):
         lr = defaults["lr"]
         if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid learning rate {lr!r}: use a number >= 0 or a schedule (step -> lr)")
@@ -122,24 +175,45 @@ class SGMCMC(Optimizer):
         t = defaults["temperature"]
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise ValueError(f"invalid temperature {t!r}: use a number >= 0 (1 = the posterior, 0 = SGD)")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"invalid max_grad_norm {max_grad_norm!r}: use a positive number, or None for no clipping")
         super().__init__(params, {**defaults, "step": 0})  # step: per group, drives lr schedules
         self.check_finite = True  # raise FloatingPointError on a non-finite gradient (one sync/step)
         self.num_data = num_data
         self.prior = prior
+        self.max_grad_norm = max_grad_norm
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in g.get("param_names", [])]
         self._names = names if len(names) == len(self._params) else [f"param{i}" for i in range(len(self._params))]
         self._by_name = dict(zip(self._names, self._params))
         # detached views share storage with the parameters, so they follow in-place updates
         self._detached = {n: p.detach() for n, p in self._by_name.items()}
+        device = self._params[0].device if self._params else torch.device("cpu")
+        self._steps = 0  # steps taken; the prior hook's step index
+        # a device tensor, so counting clipped steps costs no host sync
+        self._clipped = torch.zeros((), dtype=torch.int64, device=device)
         self._masks: dict[int, Tensor] = {}
         if masks:
             self.set_masks(masks)
         if generator is None:
-            # seeded from the global RNG so torch.manual_seed makes a chain reproducible
-            device = self._params[0].device if self._params else torch.device("cpu")
+            # on the parameters' device, seeded from the global RNG so torch.manual_seed makes a
+            # chain reproducible
             generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ()).item()))
+        elif generator.device.type != device.type:
+            raise ValueError(f"the noise generator is on {generator.device}, the parameters on {device}; "
+                             f"pass torch.Generator({device.type!r}) or none")
         self._noise = _NoiseSource(self._params, generator, prefetch_noise, noise)
+
+    @property
+    def clipped_steps(self) -> int:
+        """How many steps had their likelihood gradient rescaled by ``max_grad_norm``."""
+        return int(self._clipped.item())
+
+    def close(self) -> None:
+        """Stop the noise worker thread (idempotent; never required: it also stops when the sampler
+        is garbage-collected, and a later ``step`` starts it again). The chain is unaffected."""
+        self._noise.close()
 
     # -- masks ---------------------------------------------------------------------------------
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -159,23 +233,43 @@ class SGMCMC(Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     def _effective_grads(self) -> dict[int, Tensor]:
-        """grad U = grad mean_nll - grad log p / N, masked; keyed by id(param)."""
-        # p.grad stays the user's: the prior adds out of place (a copy fused with the addition),
-        # and masks multiply our copy; with neither, the gradients are used as they are
-        grads = {n: p.grad for n, p in self._by_name.items() if p.grad is not None}
-        if self.prior is not None:
-            grads = self.prior.plus_grad(grads, self._detached, self.num_data)
+        """grad U = clip(grad mean_nll) - grad log p / N, masked; keyed by id(param)."""
+        names = [n for n, p in self._by_name.items() if p.grad is not None]
+        if not names:
+            return {}
+        raw = [self._by_name[n].grad for n in names]
+        total = scale = None
+        if self.max_grad_norm is not None:
+            # the arithmetic of torch.nn.utils.clip_grad_norm_ (so it can be checked bit for bit);
+            # the scale stays on the device, and a scale of exactly 1 leaves the gradient unchanged
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(raw)))
+            scale = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            grads = dict(zip(names, torch._foreach_mul(raw, scale)))  # copies: p.grad stays the user's
+            if self.prior is not None:
+                self.prior.add_grad_(grads, self._detached, self.num_data)
+        elif self.prior is not None:
+            # p.grad stays the user's: the prior adds out of place (a copy fused with the addition)
+            grads = self.prior.plus_grad(dict(zip(names, raw)), self._detached, self.num_data)
         elif self._masks:
-            grads = {n: g.clone() for n, g in grads.items()}
-        if grads and self.check_finite:
-            # one fused reduction and one sync per step, not one per tensor
-            norms = torch._foreach_norm(list(grads.values()))
-            if not math.isfinite(torch.stack(norms).sum().item()):
-                bad = next(n for n, v in zip(grads, norms) if not torch.isfinite(v))
+            grads = {n: g.clone() for n, g in zip(names, raw)}  # masks multiply our copy
+        else:
+            grads = dict(zip(names, raw))
+        if self.check_finite:
+            # one fused reduction and one sync per step, not one per tensor; with clipping the
+            # clip's norm serves (a finite likelihood gradient and finite parameters give a finite U)
+            checked, checked_names = (raw, names) if total is not None else (list(grads.values()), list(grads))
+            if total is None:
+                total = torch.stack(torch._foreach_norm(checked)).sum()
+            if not math.isfinite(total.item()):
+                # name the worst tensor; its norm can be inf with finite entries (overflow)
+                norms = torch.stack(torch._foreach_norm(checked)).nan_to_num(math.inf)
+                bad = checked_names[int(norms.argmax())]
                 raise FloatingPointError(
-                    f"non-finite gradient in {bad!r}: the chain diverged; lower the learning rate "
-                    "or the temperature and resume from the last checkpoint"
+                    f"non-finite gradient in {bad!r} (norm {norms.max().item()}): the chain diverged; lower "
+                    "the learning rate or the temperature and resume from the last checkpoint"
                 )
+        if scale is not None:
+            self._clipped += scale < 1  # counted once the step is known to happen
         out = {id(self._by_name[n]): g for n, g in grads.items()}
         masked = [(out[i], m) for i, m in self._masks.items() if i in out]
         if masked:
@@ -189,13 +283,15 @@ class SGMCMC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._effective_grads()
-        noise = dict(zip(map(id, self._params), self._noise.next()))
+        noise = {}
+        if grads and any(g["temperature"] > 0 for g in self.param_groups):  # T = 0 draws nothing
+            noise = dict(zip(map(id, self._params), self._noise.next()))
         for group in self.param_groups:
             ps = [p for p in group["params"] if id(p) in grads]
             if not ps:
                 continue
             lr = resolve(group["lr"], group["step"])
-            zs = [noise[id(p)] for p in ps]
+            zs = [noise[id(p)] for p in ps] if noise else []
             masked = [(z, self._masks[id(p)]) for z, p in zip(zs, ps) if id(p) in self._masks]
             if masked:
                 torch._foreach_mul_([z for z, _ in masked], [m for _, m in masked])
@@ -204,13 +300,16 @@ class SGMCMC(Optimizer):
                     self._init_state(p, self.state[p], group)
             self._update(ps, [grads[id(p)] for p in ps], zs, lr, group)
             group["step"] += 1
+        if self.prior is not None and self.prior.stateful:
+            self.prior.update_(self._detached, self._steps)
+        self._steps += 1
         return loss
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         state["initialized"] = True
 
     def _update(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], lr: float, group: dict) -> None:
-        """Move ``params`` of one param group (lists aligned) with this step's ``lr``."""
+        """Move ``params`` of one param group (lists aligned; ``noise`` is empty when T = 0)."""
         raise NotImplementedError
 
     # -- state ---------------------------------------------------------------------------------
@@ -221,11 +320,25 @@ class SGMCMC(Optimizer):
             if callable(g["lr"]):
                 g["lr"] = None
         sd["noise_generator"] = self._noise.get_state()
+        sd["steps"] = self._steps
+        sd["clipped_steps"] = self.clipped_steps
+        if self.prior is not None and self.prior.stateful:
+            sd["prior"] = self.prior.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         gen_state = state_dict.pop("noise_generator", None)
+        steps = state_dict.pop("steps", None)
+        clipped = state_dict.pop("clipped_steps", 0)
+        prior_state = state_dict.pop("prior", None)
+        stateful = self.prior is not None and self.prior.stateful
+        if (prior_state is not None) != stateful:
+            # resuming would silently restart (or drop) the prior's adaptation
+            raise ValueError(
+                "the checkpoint has a prior state but this sampler's prior is stateless" if prior_state is not None
+                else f"this sampler's prior ({type(self.prior).__name__}) has state, but the checkpoint has none"
+            )
         current_lrs = [g["lr"] for g in self.param_groups]
         super().load_state_dict(state_dict)
         for g, lr in zip(self.param_groups, current_lrs):
@@ -233,40 +346,50 @@ class SGMCMC(Optimizer):
                 g["lr"] = lr
         if gen_state is not None:
             self._noise.set_state(gen_state)
+        # checkpoints from before the count was saved: every group stepped together
+        self._steps = steps if steps is not None else max((g["step"] for g in self.param_groups), default=0)
+        self._clipped.fill_(clipped)
+        if stateful:
+            self.prior.load_state_dict(prior_state)
 
 
 class SGLD(SGMCMC):
     r"""Stochastic gradient Langevin dynamics (Welling & Teh 2011) under the mean-loss convention:
 
-    ``theta <- theta - lr * (grad mean_nll - grad log p(theta) / N) + sqrt(2 * lr * T / N) * xi``.
+    ``theta <- theta - lr * (grad mean_nll - grad log p(theta) / N) + sqrt(2 * lr * T / N) * xi``
+    (the update is :func:`.functional.sgld_`).
 
     Args:
         params: ``model.named_parameters()`` (names let priors and masks find tensors).
         lr: step size, a number or a schedule ``step -> lr``.
         num_data: N, the number of training examples.
-        temperature: T; the chain targets p(theta | D)^(1/T). T = 0 is SGD.
-        prior: a :class:`~sparse_ensembles.priors.Prior`, or None for a flat prior.
+        temperature: T; the chain targets p(theta | D)^(1/T). T = 0 is SGD (no noise is drawn).
+        prior: a :class:`~sparse_ensembles.priors.Prior`, or None for a flat prior. A stateful
+            prior is updated after every step and saved in the state dict.
         masks: ``{name: BoolTensor}``, True = keep; masked entries are never changed.
-        generator: a ``torch.Generator`` for the noise (else one seeded from the global RNG).
+        generator: a ``torch.Generator`` for the noise, on the parameters' device (else one
+            created there, seeded from the global RNG).
         prefetch_noise: draw the next step's noise in a worker thread (CPU only; same results).
+            Pays off when a core is free for it (e.g. torch at 1 thread on 2 cores); call
+            :meth:`close` to stop the thread early.
         noise: ``"gaussian"`` (xi ~ N(0, I)) or ``"rademacher"`` (xi = +-1 with probability 1/2):
             same mean and covariance, so the update is the *simplified weak Euler scheme* of the
             Langevin SDE, which keeps the weak order 1 of Euler-Maruyama (Kloeden & Platen 1992,
             sec. 14.1): expectations under the chain converge as with Gaussian noise. About 3x
             cheaper to draw on CPU; single draws are not Gaussian, so keep the default when that matters.
+        max_grad_norm: clip the likelihood gradient's total L2 norm (None = off). Exact while it
+            does not fire; biases the chain when it does (see :class:`SGMCMC`, ``clipped_steps``).
     """
 
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, prior: Optional[Prior] = None,
                  masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False,
-                 noise: str = "gaussian"):
+                 noise: str = "gaussian", max_grad_norm: Optional[float] = None):
         super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
-                         masks=masks, generator=generator, prefetch_noise=prefetch_noise, noise=noise)
+                         masks=masks, generator=generator, prefetch_noise=prefetch_noise, noise=noise,
+                         max_grad_norm=max_grad_norm)
 
     def _update(self, params, grads, noise, lr, group):
-        torch._foreach_add_(params, grads, alpha=-lr)
-        t = group["temperature"]
-        if t > 0:
-            torch._foreach_add_(params, noise, alpha=math.sqrt(2.0 * lr * t / self.num_data))
+        sgld_(params, grads, noise, lr=lr, temperature=group["temperature"], num_data=self.num_data)
 
 
 class SGHMC(SGMCMC):
@@ -274,16 +397,16 @@ class SGHMC(SGMCMC):
 
     ``v <- (1 - alpha) v - lr * grad U + sqrt(2 alpha lr T / N - lr^2 V) xi``;  ``theta <- theta + v``
 
-    where ``alpha = friction`` and ``V`` is an optional estimate of the minibatch-gradient variance
-    (``estimate_gradient_noise=True``: a running per-entry variance of the gradient, decay
-    ``noise_decay``; the injected variance is clamped at 0). ``T = 0`` is SGD with momentum
-    ``1 - alpha``. Other arguments as :class:`SGLD`.
+    (the update is :func:`.functional.sghmc_`) where ``alpha = friction`` and ``V`` is an optional
+    estimate of the minibatch-gradient variance (``estimate_gradient_noise=True``: a running
+    per-entry variance of the gradient, decay ``noise_decay``; the injected variance is clamped at
+    0). ``T = 0`` is SGD with momentum ``1 - alpha``. Other arguments as :class:`SGLD`.
     """
 
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, friction: float = 0.1,
                  estimate_gradient_noise: bool = False, noise_decay: float = 0.99,
                  prior: Optional[Prior] = None, masks=None, generator: Optional[torch.Generator] = None,
-                 prefetch_noise: bool = False, noise: str = "gaussian"):
+                 prefetch_noise: bool = False, noise: str = "gaussian", max_grad_norm: Optional[float] = None):
         if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
             raise ValueError(f"invalid friction {friction!r}: use 0 < friction <= 1 (momentum = 1 - friction)")
         if not 0 < noise_decay < 1:
@@ -291,7 +414,7 @@ class SGHMC(SGMCMC):
         super().__init__(params, dict(lr=lr, temperature=temperature, friction=friction,
                                       estimate_gradient_noise=estimate_gradient_noise, noise_decay=noise_decay),
                          num_data=num_data, prior=prior, masks=masks, generator=generator,
-                         prefetch_noise=prefetch_noise, noise=noise)
+                         prefetch_noise=prefetch_noise, noise=noise, max_grad_norm=max_grad_norm)
 
     def _init_state(self, p, state, group):
         state["momentum"] = torch.zeros_like(p)
@@ -300,20 +423,13 @@ class SGHMC(SGMCMC):
             state["grad_sq"] = torch.zeros_like(p)
 
     def _update(self, params, grads, noise, lr, group):
-        alpha, t = group["friction"], group["temperature"]
-        vs = [self.state[p]["momentum"] for p in params]
-        torch._foreach_mul_(vs, 1 - alpha)
-        torch._foreach_add_(vs, grads, alpha=-lr)
-        if t > 0:
-            var = 2.0 * alpha * lr * t / self.num_data
-            if group["estimate_gradient_noise"]:
-                d = group["noise_decay"]
-                for p, v, g, z in zip(params, vs, grads, noise):
-                    st = self.state[p]
-                    st["grad_mean"].mul_(d).add_(g, alpha=1 - d)
-                    st["grad_sq"].mul_(d).addcmul_(g, g, value=1 - d)
-                    grad_var = (st["grad_sq"] - st["grad_mean"].pow(2)).clamp_min_(0)
-                    v.addcmul_((var - lr * lr * grad_var).clamp_min_(0).sqrt_(), z)
-            else:
-                torch._foreach_add_(vs, noise, alpha=math.sqrt(var))
-        torch._foreach_add_(params, vs)
+        t, grad_var = group["temperature"], None
+        if t > 0 and group["estimate_gradient_noise"]:
+            d, grad_var = group["noise_decay"], []
+            for p, g in zip(params, grads):
+                st = self.state[p]
+                st["grad_mean"].mul_(d).add_(g, alpha=1 - d)
+                st["grad_sq"].mul_(d).addcmul_(g, g, value=1 - d)
+                grad_var.append((st["grad_sq"] - st["grad_mean"].pow(2)).clamp_min_(0))
+        sghmc_(params, grads, noise, [self.state[p]["momentum"] for p in params], lr=lr,
+               friction=group["friction"], temperature=t, num_data=self.num_data, grad_var=grad_var)
