@@ -135,7 +135,8 @@ def main():
     print(f"nonzero MACs/s at batch 100: dense {g['single_dense']:.1f} G, CSR ensemble {g['csr_compact_ensemble']:.1f} G "
           f"({g['csr_compact_ensemble'] / g['single_dense']:.0%} of dense; the target needs "
           f"{out['required_fraction_of_dense_throughput']:.0%})")
-    print(f"compact_inference: {m} members at {args.sparsity}%: compact_ensemble_vs_single_dense "
+    which = f"random members of widths {args.widths}" if synthetic else f"members at {args.sparsity}%"
+    print(f"compact_inference: {m} {which}: compact_ensemble_vs_single_dense "
           f"{out['compact_ensemble_vs_single_dense']:.2f} ({best}; padded fused "
           f"{out['padded_fused_vs_single_dense']:.2f}, CSR {out['csr_vs_single_dense']:.2f}, member by member "
           f"{out['member_by_member_compact_ensemble_vs_single_dense']:.2f}), dense_ensemble_vs_single_dense "
