@@ -1,7 +1,6 @@
 """What users compare: error, NLL, ECE, Brier, nonzero parameters and FLOPs."""
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -26,7 +25,6 @@ def ece(logprobs: Tensor, y: Tensor, bins: int = 15) -> float:
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur for a max prob
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     zeros = torch.zeros(bins, dtype=conf.dtype, device=conf.device)  # bins on the data's device
-    total = zeros.index_add(0, idx, torch.ones_like(conf))
     sum_conf = zeros.index_add(0, idx, conf)
     sum_acc = zeros.index_add(0, idx, correct)
     return float((sum_conf - sum_acc).abs().sum() / len(y))

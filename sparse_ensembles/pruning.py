@@ -7,7 +7,7 @@ optimizer leave them at zero during retraining (the samplers take ``masks=`` dir
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -27,7 +27,7 @@ For a plain ``nn.Sequential`` MLP, :func:`sequential_groups` declares the neuron
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn

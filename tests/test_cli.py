@@ -1,6 +1,5 @@
 """The tiny config end to end through the CLI, resume, bad input."""
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -53,7 +52,6 @@ def test_interrupted_chain_resumes_from_its_checkpoint_with_the_same_samples(tin
     shutil.copytree(tiny_run, out)
     # pretend the GSP chain stopped after epoch 3: drop its later samples and results
     import torch
-    from sparse_ensembles import checkpoint
 
     for f in ["done.json", "chain_0.done", "sample_001.pt", "sample_002.pt"]:
         (out / "sgld_gsp" / f).unlink()

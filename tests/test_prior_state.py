@@ -5,27 +5,10 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sparse_ensembles.priors import AdaptiveGaussian, Gaussian, Prior, Sum
 from sparse_ensembles.samplers import SGHMC, SGLD, Polynomial
-
-
-def _net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def _batches(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
-
-
-def _train(model, opt, batches):
-    for x, y in batches:
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
+from test_samplers import _batches, _net, _train
 
 
 class _Recorder(Prior):
@@ -115,7 +98,7 @@ def test_adaptive_gaussian_with_omega_zero_is_the_plain_gaussian_bit_for_bit():
     for prior in (Gaussian(3.0), AdaptiveGaussian(3.0, 0.0)):
         m = _net()
         opt = SGLD(m.named_parameters(), 0.05, num_data=100, prior=prior, generator=torch.Generator().manual_seed(2))
-        _train(m, opt, _batches())
+        _train(m, opt, _batches(8))
         results.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)

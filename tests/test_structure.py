@@ -1,6 +1,4 @@
 """Group families: coverage, overlap counted once, broadcast, gradients and masks with stacked gates."""
-import math
-
 import pytest
 import torch
 

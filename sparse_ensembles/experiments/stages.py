@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -189,7 +189,7 @@ class Chain:
                                  {"model": model, "sampler": sampler, "gen": GeneratorState(gen)}, epoch,
                                  after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
         finally:
-            sampler.close() if hasattr(sampler, "close") else None
+            sampler.close()  # stop the noise worker thread
         checkpoint.atomic_write_json(marker, {"train_seconds": seconds, "epochs": epochs})
         return seconds
 

@@ -23,24 +23,11 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-MODELS: dict[str, type] = {}
+from ..registry import Registry
 
-
-def register(kind: str):
-    """Class decorator: make a model class findable as ``kind``."""
-    def deco(cls):
-        if kind in MODELS and MODELS[kind] is not cls:
-            raise ValueError(f"model kind {kind!r} is registered twice")
-        cls.kind = kind
-        MODELS[kind] = cls
-        return cls
-    return deco
-
-
-def model_class(kind: str) -> type:
-    if kind not in MODELS:
-        raise ValueError(f"unknown model kind {kind!r}; known: {sorted(MODELS)}")
-    return MODELS[kind]
+MODELS = Registry("model kind")
+register = MODELS.register
+model_class = MODELS.get_class
 
 
 def from_spec(spec: Mapping[str, Any], state_dict: Optional[Mapping] = None) -> nn.Module:

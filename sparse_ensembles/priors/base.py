@@ -15,7 +15,7 @@ calls the hook and checkpoints what it returns.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import torch
 from torch import Tensor

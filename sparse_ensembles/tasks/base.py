@@ -27,21 +27,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-TASKS: dict[str, type] = {}
+from ..registry import Registry
 
-
-def register_task(kind: str):
-    def deco(cls):
-        cls.kind = kind
-        TASKS[kind] = cls
-        return cls
-    return deco
-
-
-def task_class(kind: str) -> type:
-    if kind not in TASKS:
-        raise ValueError(f"unknown task kind {kind!r}; known: {sorted(TASKS)}")
-    return TASKS[kind]
+TASKS = Registry("task kind")
+register_task = TASKS.register
+task_class = TASKS.get_class
 
 
 class EnsembleStream:
