@@ -66,6 +66,10 @@ class Context:
         prior = self.cfg.prior
         return (prior.grouping or None) if isinstance(prior, GroupLassoConfig) else None
 
+    def groups(self, model: nn.Module) -> list:
+        """The group families of the configured grouping (the model kind's default if none)."""
+        return model.groups(self.grouping()) if hasattr(model, "groups") else model.unit_groups()
+
 
 def _done(folder: Path) -> Optional[dict]:
     f = folder / "done.json"
@@ -122,8 +126,7 @@ def make_prior(ctx: Context, model: nn.Module, sparse: bool) -> Prior:
     gaussian = Gaussian(ctx.cfg.prior.precision)
     if not sparse:
         return gaussian
-    groups = model.groups(ctx.grouping()) if hasattr(model, "groups") else model.unit_groups()
-    return Sum(GroupLasso(groups, ctx.cfg.prior.lam), gaussian)
+    return Sum(GroupLasso(ctx.groups(model), ctx.cfg.prior.lam), gaussian)
 
 
 def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int):
@@ -220,9 +223,8 @@ class PruneRetrain:
         return n > 0 and all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(n))
 
     def masks(self, ctx: Context, model: nn.Module, sparsity: float, masks=None, widths=None) -> dict:
-        params = dict(model.named_parameters())
-        groups = model.groups(ctx.grouping()) if hasattr(model, "groups") else model.unit_groups()
-        return pruning.sse_masks(params, groups, model.unit_groups(), list(model.prunable_weights()), sparsity,
+        return pruning.sse_masks(dict(model.named_parameters()), ctx.groups(model), model.unit_groups(),
+                                 list(model.prunable_weights()), sparsity,
                                  scope=self.p.scope, group_threshold=self.p.group_threshold, widths=widths,
                                  masks=masks)
 
