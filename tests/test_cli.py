@@ -244,3 +244,17 @@ def test_tiny_run_reproduces_its_pinned_numbers(tiny_run):
         assert abs(r["error"] - error) <= 0.003, (method, r["error"])
         assert abs(r["nll"] - nll) <= 0.01 * nll, (method, r["nll"])
         assert abs(r["params"] - params) <= 0.01 * params, (method, r["params"])
+
+
+def test_lstm_prune_widths_give_iss_members_shrunk_to_those_unit_counts(tmp_path):
+    import torch
+
+    need_data("ptb")
+    out = tmp_path / "iss_widths"
+    assert main(["run", TINY_LM, "--out", str(out), "--no-progress", "--set", "sgd.members=0", "--set",
+                 "sampler.plain_chain=false", "--set", "prune.widths=[24, 16, 12]"]) == 0
+    for f in sorted((out / "pruned_90").glob("member_*.pt")):
+        spec = torch.load(f, weights_only=True)["spec"]
+        assert spec["emb"] <= 24 and spec["hidden"][0] <= 16 and spec["hidden"][1] <= 12
+    row = json.loads((out / "results.json").read_text())[-1]
+    assert row["flops_ratio"] < 0.5 * 2  # two members, each under half a dense model's sub-matrix FLOPs
