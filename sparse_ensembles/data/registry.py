@@ -2,7 +2,7 @@
 
 A dataset ``name`` is looked up, in order, at
 
-1. the path given in the config (``data.path``),
+1. the path given in the config (``task.path``),
 2. ``$SPARSE_ENSEMBLES_DATA/<name>``,
 3. ``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist`` installs there),
 4. the user cache, ``$XDG_CACHE_HOME/sparse_ensembles/<name>`` (default ``~/.cache/...``).
@@ -45,7 +45,7 @@ DATASETS = {
          "test_images": ("t10k-images-idx3-ubyte", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
          "test_labels": ("t10k-labels-idx1-ubyte", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")},
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        "run `sparse-ensembles download mnist` (or set data.download = true), or put the four "
+        "run `sparse-ensembles download mnist` (or set task.download = true), or put the four "
         "*-ubyte.gz files in $SPARSE_ENSEMBLES_DATA/mnist",
     ),
     # checksums of the uncompressed files as shipped in Debian's dataset-fashion-mnist
@@ -92,13 +92,18 @@ def _spec(name: str) -> IdxDataset:
     return DATASETS[name]
 
 
+def first_dir_with(dirs: list[Path], files) -> Optional[Path]:
+    """The first of ``dirs`` that holds every one of ``files`` (plain or ``.gz``)."""
+    return next((d for d in dirs if all(_find_file(d, f) for f in files)), None)
+
+
 def locate(name: str, path: Optional[str] = None) -> Path:
     """The first candidate directory that holds all of the dataset's files."""
     spec = _spec(name)
     searched = candidate_dirs(name, path)
-    for d in searched:
-        if all(_find_file(d, f) for f, _ in spec.files.values()):
-            return d
+    found = first_dir_with(searched, [f for f, _ in spec.files.values()])
+    if found:
+        return found
     looked = "\n  ".join(str(d) for d in searched)
     raise DataError(f"dataset {name!r} not found; looked in\n  {looked}\nTo get it: {spec.how_to_get}")
 

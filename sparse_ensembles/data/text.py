@@ -10,7 +10,7 @@ Corpora:
 * ``"ptb"``: ``ptb.{train,valid,test}.txt`` (plain or ``.gz``), found like the IDX data
   (:func:`sparse_ensembles.data.registry.candidate_dirs`) and checked against the md5 of the
   uncompressed text.
-* ``"text"``: your own corpus in the same format: the directory given as ``path`` (``data.path``)
+* ``"text"``: your own corpus in the same format: the directory given as ``path`` (``task.path``)
   must hold ``train.txt``, ``valid.txt`` and ``test.txt`` (plain or ``.gz``); no checksums.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import DataError
-from .registry import _find_file, candidate_dirs
+from .registry import _find_file, candidate_dirs, first_dir_with
 
 EOS, UNK = "<eos>", "<unk>"
 SPLITS = ("train", "valid", "test")
@@ -49,11 +49,11 @@ CORPORA = {
          "test": ("ptb.test.txt", "8b80168b89c18661a38ef683c0dc3721")},
         "take ptb.{train,valid,test}.txt from data/ in Mikolov's "
         "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz and put them (plain or gzipped) "
-        "in $SPARSE_ENSEMBLES_DATA/ptb, or set data.path to their directory",
+        "in $SPARSE_ENSEMBLES_DATA/ptb, or set task.path to their directory",
     ),
     "text": TextCorpusSpec(
         "text", {s: (f"{s}.txt", None) for s in SPLITS},
-        "set data.path to a directory holding train.txt, valid.txt and test.txt (plain or gzipped; "
+        "set task.path to a directory holding train.txt, valid.txt and test.txt (plain or gzipped; "
         "one sentence per line, words separated by spaces)",
     ),
 }
@@ -82,7 +82,7 @@ def _read_words(path: Path, split: str, md5: Optional[str]) -> list:
     """The token stream of one file: each line's words, then ``<eos>``."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; put the {split} split there (one sentence per line, "
-                        "words separated by spaces) or point data.path at the directory that holds it")
+                        "words separated by spaces) or point task.path at the directory that holds it")
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b" or path.suffix == ".gz":
@@ -160,9 +160,9 @@ def locate_corpus(name: str, path: Optional[str] = None) -> Path:
         searched = [Path(path).expanduser()]
     else:
         searched = candidate_dirs(name, path)
-    for d in searched:
-        if all(_find_file(d, f) for f, _ in spec.files.values()):
-            return d
+    found = first_dir_with(searched, [f for f, _ in spec.files.values()])
+    if found:
+        return found
     looked = "\n  ".join(str(d) for d in searched)
     wanted = ", ".join(f for f, _ in spec.files.values())
     raise DataError(f"corpus {name!r} ({wanted}) not found; looked in\n  {looked}\nTo get it: {spec.how_to_get}")
