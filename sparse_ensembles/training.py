@@ -116,6 +116,8 @@ def run_epochs(ckpt: Path, epochs: int, state: Mapping[str, Any], epoch_fn: Call
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+        if bar is None or getattr(bar, "disable", False):  # no bar (logs, background runs): one line
+            log(f"{label} epoch {epoch + 1}/{epochs}: train loss {loss:.4f}, {time.perf_counter() - t0:.0f} s")
     if bar is not None:
         bar.close()
     return elapsed

@@ -22,6 +22,9 @@ def main(argv=None) -> int:
     run.add_argument("--out", help="run directory (default runs/<experiment.name>)")
     run.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--only", action="append", default=[], metavar="STAGE",
+                     help="run only these stages (folder names, shell patterns: 'sgd', '*iss*'); repeatable. "
+                          "With --resume, several processes can share one run directory")
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
     dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
             cfg = config_mod.load(args.config, args.set)
             out = Path(args.out or Path("runs") / cfg.experiment.name)
             print(f"run directory: {out}")
-            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set).run()
+            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set, only=args.only).run()
         elif args.command == "evaluate":
             evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)))
         elif args.command == "download":

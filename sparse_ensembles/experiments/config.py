@@ -7,10 +7,22 @@ each kind is a dataclass of its own with its own checks; the kinds come from the
 (tasks, model kinds) or from the tables below. Unknown keys and wrong types are errors that name
 the key. ``--set section.key=value`` overrides take TOML literals (``--set sampler.lr=0.1``,
 ``--set prune.sparsities=[0.9]``).
+
+Variants: ``[variants.<name>]`` tables run the chain -> prune -> retrain part of the recipe once
+per variant, each on the base config with the variant's keys changed (dotted, from the sections
+model, sampler, prior, prune, retrain)::
+
+    [variants.iss_se]            # ISS groups with shared embeddings
+    model.tie_embeddings = true
+    prior.grouping = "iss"
+    prior.lam = 0.4
+
+The SGD baselines and the plain (Gaussian-prior) chain run once, from the base config.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -46,12 +58,17 @@ class ExperimentConfig:
 
 @dataclass
 class SGDConfig:
-    """Independently trained SGD baselines (SSE paper: lr 0.5 halved every 10 epochs, 100 epochs)."""
+    """Independently trained SGD baselines (SSE paper: lr 0.5 halved every 10 epochs, 100 epochs).
+
+    The lr of 0-based epoch e is ``lr * lr_decay ** k`` with k = 0 before ``decay_start`` and
+    ``(e - decay_start) // decay_every + 1`` from then on; ``decay_start = 0`` means
+    ``decay_every`` (a plain step decay). Zaremba et al.'s small LSTM: decay_start 4, every 1."""
     members: int = 18
     epochs: int = 100
     lr: float = 0.5
     lr_decay: float = 0.5  # multiplied in every `decay_every` epochs
     decay_every: int = 10
+    decay_start: int = 0  # first epoch with a decayed lr (0 = decay_every)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # clip the gradient norm (LSTMs: Zaremba clip 5); 0 = off
 
@@ -59,7 +76,12 @@ class SGDConfig:
         need(self.members >= 0, "sgd.members", "must be >= 0")
         need(self.epochs >= 1 and self.decay_every >= 1, "sgd.epochs", "epochs and decay_every must be >= 1")
         need(self.lr > 0 and self.lr_decay > 0, "sgd.lr", "lr and lr_decay must be > 0")
+        need(self.decay_start >= 0, "sgd.decay_start", "must be >= 0 (0 = decay_every)")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "sgd.weight_decay", "must be >= 0")
+
+    def lr_at(self, epoch: int) -> float:
+        start = self.decay_start or self.decay_every
+        return self.lr * self.lr_decay ** (0 if epoch < start else (epoch - start) // self.decay_every + 1)
 
 
 @dataclass
@@ -186,6 +208,7 @@ def _kinds() -> dict[str, tuple[dict[str, type], str]]:
 
 
 PLAIN = {"experiment": ExperimentConfig, "sgd": SGDConfig, "retrain": RetrainConfig}
+VARIED = ("model", "sampler", "prior", "prune", "retrain")  # the sections a variant may change
 # sections of the first release's schema, and where their keys went
 MOVED = {"data": "[data] is now [task] (kind = \"classification\", name -> dataset)",
          "sgld": "[sgld] is now [sampler] (kind = \"sgld\"; prior_precision -> prior.precision)",
@@ -204,13 +227,33 @@ class Config:
     prune: Any = None
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     kinds: dict = field(default_factory=dict)  # section -> kind
+    variants: dict = field(default_factory=dict)  # name -> {section: {key: value}} (see the module doc)
 
     def to_dict(self) -> dict:
         out = {}
         for section in ORDER:
             values = dataclasses.asdict(getattr(self, section))
             out[section] = {"kind": self.kinds[section], **values} if section in self.kinds else values
+        if self.variants:
+            out["variants"] = {name: {s: dict(v) for s, v in changes.items()} for name, changes in self.variants.items()}
         return out
+
+    def variant(self, name: str) -> "Config":
+        """The base config with variant ``name``'s keys changed (a changed ``kind`` starts that
+        section afresh from the variant's keys)."""
+        raw = self.to_dict()
+        raw.pop("variants", None)
+        for section, values in self.variants[name].items():
+            if "kind" in values and values["kind"] != raw[section].get("kind"):
+                raw[section] = dict(values)
+            else:
+                raw[section].update(values)
+        return from_dict(raw)
+
+    def recipes(self) -> list[tuple[str, "Config"]]:
+        """``(variant name, config)`` for each run of the chain -> prune part: the variants, or
+        the base config alone (name "") when there are none."""
+        return [(n, self.variant(n)) for n in self.variants] if self.variants else [("", self)]
 
 
 def _check_type(key: str, value: Any, tp) -> Any:
@@ -244,6 +287,8 @@ def _build(section: str, cls: type, values: dict) -> Any:
 
 def from_dict(raw: dict) -> Config:
     kinds = _kinds()
+    raw = dict(raw)
+    variants = raw.pop("variants", {})
     unknown = sorted(set(raw) - set(ORDER))
     if unknown:
         hint = f" ({MOVED[unknown[0]]}; see configs/ for examples)" if unknown[0] in MOVED else ""
@@ -263,7 +308,28 @@ def from_dict(raw: dict) -> Config:
             setattr(cfg, section, _build(section, table[kind], values))
         else:
             setattr(cfg, section, _build(section, PLAIN[section], values))
+    cfg.variants = _check_variants(variants)
+    for name in cfg.variants:  # build each now, so that a bad key fails before any work is done
+        try:
+            cfg.variant(name)
+        except ConfigError as e:
+            raise ConfigError(f"[variants.{name}]: {e}") from None
     return cfg
+
+
+def _check_variants(variants) -> dict:
+    need(isinstance(variants, dict), "variants", "use [variants.<name>] tables")
+    out = {}
+    for name, changes in variants.items():
+        need(bool(re.fullmatch(r"[A-Za-z0-9_-]+", name)), f"variants.{name}",
+             "a variant name is a folder name: letters, digits, '_' and '-' only")
+        need(isinstance(changes, dict) and all(isinstance(v, dict) for v in changes.values()), f"variants.{name}",
+             "give dotted keys such as prior.lam = 0.5")
+        bad = sorted(set(changes) - set(VARIED))
+        need(not bad, f"variants.{name}.{bad[0] if bad else ''}",
+             f"a variant may change only the sections {list(VARIED)} (the task, SGD baselines and seed are shared)")
+        out[name] = {s: dict(v) for s, v in changes.items()}
+    return out
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -305,9 +371,15 @@ def to_toml(cfg: Config) -> str:
         return repr(v)
 
     lines = []
-    for section, values in cfg.to_dict().items():
+    raw = cfg.to_dict()
+    variants = raw.pop("variants", {})
+    for section, values in raw.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {lit(v)}" for k, v in values.items()]
+        lines.append("")
+    for name, changes in variants.items():
+        lines.append(f"[variants.{name}]")
+        lines += [f"{s}.{k} = {lit(v)}" for s, values in changes.items() for k, v in values.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -315,4 +387,6 @@ def to_toml(cfg: Config) -> str:
 def changed_keys(old: Config, new: Config) -> dict[str, list]:
     """``{"section.key": [old, new]}`` for every value that differs."""
     a, b = old.to_dict(), new.to_dict()
-    return {f"{s}.{k}": [a[s].get(k), v] for s in b for k, v in b[s].items() if a.get(s, {}).get(k) != v}
+    keys = {f"{s}.{k}": (a.get(s, {}).get(k), b.get(s, {}).get(k)) for s in a.keys() | b.keys()
+            for k in a.get(s, {}).keys() | b.get(s, {}).keys()}
+    return {key: list(pair) for key, pair in sorted(keys.items()) if pair[0] != pair[1]}

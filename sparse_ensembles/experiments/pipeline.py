@@ -17,13 +17,20 @@ Layout of a run directory::
 
 Every file is written atomically, and each stage skips what is already on disk, so ``--resume``
 after an interruption (or a divergence fixed by a config change) loses nothing finished.
+
+Several processes may work on one run directory at once (``--resume`` in each, optionally with
+``--only`` to choose their stages): a stage is claimed by a ``.lock`` file in its folder while it
+runs, other processes skip it, and a stage waits (is skipped) until its inputs are complete.
 """
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
+import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -50,12 +57,60 @@ def build_task(cfg: Config, device: torch.device):
     return task_class(cfg.kinds["task"]).from_config(cfg.task, device)
 
 
-def check_model(ctx: Context) -> None:
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(folder: Path) -> Iterator[Optional[int]]:
+    """Hold ``folder/.lock`` while the block runs. Yields None when this process holds it, or the
+    pid of the live process on this machine that does (then do nothing). A lock left by a dead
+    process, or from before a reboot, is taken over."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock, me = folder / ".lock", f"{os.getpid()} {_boot_id()}"
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid, boot = (lock.read_text().split() + ["", ""])[:2]
+                pid = int(pid)
+            except (OSError, ValueError):
+                pid, boot = 0, ""
+            if pid and pid != os.getpid() and boot == _boot_id() and _alive(pid):
+                yield pid
+                return
+            lock.unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        try:
+            yield None
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    raise RunDirError(f"cannot claim {lock}; delete it if no other process is running this stage")
+
+
+def check_model(ctx: Context, where: str = "model") -> None:
     """Cross-section checks, asked of the built model."""
     try:
         model = ctx.new_model(0)
     except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     try:
         ctx.task.check_model(model)
     except ValueError as e:
@@ -74,8 +129,9 @@ def check_model(ctx: Context) -> None:
 
 class Pipeline:
     def __init__(self, cfg: Config, out: Path, *, resume: bool = False, log: Callable[[str], None] = print,
-                 progress: bool = True, overrides: list[str] = ()):
+                 progress: bool = True, overrides: list[str] = (), only: list[str] = ()):
         self.cfg, self.out, self.log, self.progress = cfg, Path(out), log, progress
+        self.only = list(only)
         self.device = resolve_device(cfg.experiment.device)
         self._prepare_dir(resume, list(overrides))
         if cfg.experiment.threads:
@@ -107,9 +163,25 @@ class Pipeline:
     def run(self) -> list[dict]:
         ctx = self.context()
         self.log(f"task: {ctx.task.describe()}; device {self.device}")
-        check_model(ctx)
-        for stage in build_stages(self.cfg):
-            if not stage.done(self.out):
+        for name, variant in self.cfg.recipes():
+            check_model(ctx.with_cfg(variant), f"[variants.{name}] model" if name else "model")
+        stages = build_stages(self.cfg)
+        if self.only:
+            names = [s.name for s in stages]
+            for pattern in self.only:
+                if not fnmatch.filter(names, pattern):
+                    raise ConfigError(f"--only {pattern!r} matches no stage; this config's stages: {names}")
+            stages = [s for s in stages if any(fnmatch.fnmatch(s.name, p) for p in self.only)]
+        for stage in stages:
+            if stage.done(self.out):
+                continue
+            if not stage.ready(self.out):
+                self.log(f"{stage.name}: its inputs are not complete yet (another process?); skipped")
+                continue
+            with claim(self.out / stage.name) as holder:
+                if holder is not None:
+                    self.log(f"{stage.name}: being run by process {holder}; skipped")
+                    continue
                 stage.run(ctx)
         from .evaluate import evaluate_run
         return evaluate_run(self.out, self.cfg, ctx.task, log=self.log)

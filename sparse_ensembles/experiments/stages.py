@@ -10,6 +10,7 @@ epoch, resume bit for bit); every file is written atomically.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class Context:
     log: Callable[[str], None] = print
     progress: bool = True
 
+    def with_cfg(self, cfg: Config) -> "Context":
+        """The same task and run directory under a variant's config."""
+        return dataclasses.replace(self, cfg=cfg)
+
     def new_model(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         kind = model_class(self.cfg.kinds["model"])
@@ -87,6 +92,9 @@ class SGDBaselines:
     def done(self, out: Path) -> bool:
         return all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(self.c.members))
 
+    def ready(self, out: Path) -> bool:
+        return True
+
     def run(self, ctx: Context) -> None:
         c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
         for k in range(c.members):
@@ -95,18 +103,17 @@ class SGDBaselines:
                 continue
             model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
             opt = torch.optim.SGD(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.decay_every, gamma=c.lr_decay)
             gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
             label = f"SGD member {k + 1}/{c.members}"
 
             def epoch(e):
-                loss = train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+                for group in opt.param_groups:
+                    group["lr"] = c.lr_at(e)
+                return train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
                                    max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
-                sched.step()
-                return loss
 
             ckpt = folder / f"member_{k:03d}.ckpt"
-            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "sched": sched, "gen": GeneratorState(gen)},
+            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
                                  epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
             checkpoint.save_member(path, model, train_seconds=seconds)
             ckpt.unlink(missing_ok=True)
@@ -147,18 +154,21 @@ class Chain:
     """``sampler.chains`` independent chains sharing ``sampler.samples``; chain ``c`` writes its
     ``j``-th sample after epoch burn_in + thin * (j + 1) as ``sample_{c * per_chain + j}``."""
 
-    def __init__(self, cfg: Config, sparse: bool):
+    def __init__(self, cfg: Config, sparse: bool, variant: str = ""):
         kind = cfg.kinds["sampler"]
-        self.sparse = sparse
-        self.name = kind + ("_gsp" if sparse else "")
-        self.label = kind.upper() + ("+GSP" if sparse else "")
+        self.cfg, self.sparse = cfg, sparse
+        self.name = kind + ("_gsp" if sparse else "") + (f"_{variant}" if variant else "")
+        self.label = kind.upper() + ("+GSP" if sparse else "") + (f"({variant})" if variant else "")
         self.c = cfg.sampler
+
+    def ready(self, out: Path) -> bool:
+        return True
 
     def done(self, out: Path) -> bool:
         return _done(out / self.name) is not None
 
     def run(self, ctx: Context) -> None:
-        c, folder = self.c, ctx.out / self.name
+        c, folder, ctx = self.c, ctx.out / self.name, ctx.with_cfg(self.cfg)
         if self.done(ctx.out):
             return
         per_chain = c.samples // c.chains
@@ -210,10 +220,14 @@ def pct(s: float) -> str:
 class PruneRetrain:
     """SSE pruning of every sample of ``source`` to ``sparsity``, masked retraining, shrinking."""
 
-    def __init__(self, cfg: Config, source: Chain, sparsity: float):
-        self.source, self.sparsity = source, sparsity
-        self.name = f"pruned_{pct(sparsity)}"
+    def __init__(self, cfg: Config, source: Chain, sparsity: float, variant: str = ""):
+        self.cfg, self.source, self.sparsity = cfg, source, sparsity
+        self.name = f"pruned_{pct(sparsity)}" + (f"_{variant}" if variant else "")
         self.p, self.c = cfg.prune, cfg.retrain
+
+    def ready(self, out: Path) -> bool:
+        """Only after the chain has written all its samples."""
+        return self.source.done(out)
 
     def _samples(self, out: Path) -> list[Path]:
         return sorted((out / self.source.name).glob("sample_*.pt"))
@@ -229,7 +243,7 @@ class PruneRetrain:
                                  masks=masks)
 
     def run(self, ctx: Context) -> None:
-        c, p, seed = self.c, self.p, ctx.cfg.experiment.seed
+        c, p, seed, ctx = self.c, self.p, ctx.cfg.experiment.seed, ctx.with_cfg(self.cfg)
         folder = ctx.out / self.name
         samples = self._samples(ctx.out)
         for k, sample in enumerate(samples):
@@ -294,16 +308,18 @@ class PruneRetrain:
 
 
 def build_stages(cfg: Config) -> list:
-    """The SSE recipe from the config: SGD baselines, the plain chain, the sparse chain, and prune +
-    retrain of the sparse chain's samples at each sparsity."""
+    """The SSE recipe from the config: SGD baselines, the plain chain, and for the base config or
+    each variant the sparse chain and prune + retrain of its samples at each sparsity."""
     stages: list = []
     if cfg.sgd.members:
         stages.append(SGDBaselines(cfg))
-    if cfg.sampler.samples:
-        sparse = isinstance(cfg.prior, GroupLassoConfig)
-        if sparse and cfg.sampler.plain_chain:
-            stages.append(Chain(cfg, sparse=False))
-        main = Chain(cfg, sparse=sparse)
+    recipes = [(name, v) for name, v in cfg.recipes() if v.sampler.samples]
+    sparse = {name: isinstance(v.prior, GroupLassoConfig) for name, v in recipes}
+    if cfg.sampler.samples and cfg.sampler.plain_chain and any(sparse.values()):
+        stages.append(Chain(cfg, sparse=False))
+    for name, v in recipes:
+        main = Chain(v, sparse=sparse[name], variant=name)
         stages.append(main)
-        stages += [PruneRetrain(cfg, main, s) for s in cfg.prune.sparsities]
+        if sparse[name]:
+            stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]
     return stages

@@ -1,0 +1,141 @@
+"""Config variants (one run, several chain -> prune recipes), --only, stage locks, the SGD lr rule,
+and the LM rows of the SSE paper's PTB table on a tiny subset through the CLI."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import need_data
+from sparse_ensembles.experiments import config as config_mod
+from sparse_ensembles.experiments.cli import main
+from sparse_ensembles.experiments.config import ConfigError, SGDConfig, from_dict, to_toml
+from sparse_ensembles.experiments.pipeline import claim
+from sparse_ensembles.experiments.stages import build_stages
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_LM = ROOT / "configs" / "tiny_lm.toml"
+
+VARIANTS = """
+[variants.iss_se]
+model.tie_embeddings = true
+prior.grouping = "iss"
+
+[variants.untied]
+prior.grouping = "untied"
+
+[variants.tied]
+prior.grouping = "tied"
+prior.lam = 2.0
+"""
+
+
+def _lm_config(extra: str = VARIANTS):
+    import tomllib
+    return from_dict(tomllib.loads(TINY_LM.read_text() + extra))
+
+
+def test_variant_changes_only_its_keys_and_the_base_keeps_its_own():
+    cfg = _lm_config()
+    assert list(cfg.variants) == ["iss_se", "untied", "tied"]
+    iss = cfg.variant("iss_se")
+    assert iss.model.tie_embeddings and iss.prior.grouping == "iss" and iss.prior.lam == cfg.prior.lam
+    assert cfg.variant("tied").prior.lam == 2.0 and cfg.variant("tied").model.tie_embeddings is False
+    assert not cfg.model.tie_embeddings and cfg.prior.grouping == "iss"
+
+
+def test_variants_survive_the_written_config_round_trip():
+    import tomllib
+    cfg = _lm_config()
+    again = from_dict(tomllib.loads(to_toml(cfg)))
+    assert again.variants == cfg.variants and again.to_dict() == cfg.to_dict()
+
+
+def test_stages_run_one_chain_and_pruning_per_variant_and_the_plain_chain_once():
+    names = [s.name for s in build_stages(_lm_config())]
+    assert names == ["sgd", "sgld", "sgld_gsp_iss_se", "pruned_90_iss_se", "sgld_gsp_untied", "pruned_90_untied",
+                     "sgld_gsp_tied", "pruned_90_tied"]
+
+
+def test_a_variant_changing_the_prior_kind_starts_that_section_afresh_and_has_no_pruning():
+    cfg = _lm_config('[variants.plain]\nprior.kind = "gaussian"\nprior.precision = 2.0\n')
+    v = cfg.variant("plain")
+    assert cfg.kinds["prior"] == "group_lasso" and v.kinds["prior"] == "gaussian" and v.prior.precision == 2.0
+    assert [s.name for s in build_stages(cfg)] == ["sgd", "sgld_plain"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    ("[variants.a]\ntask.bptt = 5\n", r"variants.a.task: a variant may change only"),
+    ("[variants.a]\nprior.lamda = 5\n", r"\[variants.a\]: unknown config key prior.lamda"),
+    ("[variants.a]\nprior.lam = -1\n", r"\[variants.a\]: prior.lam: must be > 0"),
+    ("[variants.\"a b\"]\nprior.lam = 1\n", r"letters, digits"),
+])
+def test_bad_variant_is_a_config_error_naming_the_variant_and_key(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        _lm_config(extra)
+
+
+def test_sgd_lr_rule_is_a_step_decay_by_default_and_zaremba_with_decay_start():
+    step = SGDConfig(lr=0.5, lr_decay=0.5, decay_every=10)
+    assert [step.lr_at(e) for e in (0, 9, 10, 19, 20)] == [0.5, 0.5, 0.25, 0.25, 0.125]
+    zaremba = SGDConfig(lr=1.0, lr_decay=0.5, decay_every=1, decay_start=4, epochs=13)
+    assert [zaremba.lr_at(e) for e in range(6)] == [1, 1, 1, 1, 0.5, 0.25]
+
+
+def test_claim_skips_a_stage_held_by_a_live_process_and_takes_over_a_dead_ones_lock(tmp_path):
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boot_id = boot.read_text().strip() if boot.exists() else ""
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / "a").mkdir()
+        (tmp_path / "a" / ".lock").write_text(f"{sleeper.pid} {boot_id}")
+        with claim(tmp_path / "a") as holder:
+            assert holder == sleeper.pid
+        assert (tmp_path / "a" / ".lock").exists()  # not ours to remove
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with claim(tmp_path / "a") as holder:  # the holder died: stale, taken over
+        assert holder is None and (tmp_path / "a" / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / "a" / ".lock").exists()
+
+
+LM_KEYS = {"method", "members", "ppl_valid", "ppl_test", "nll_test", "params", "flops", "params_ratio",
+           "flops_ratio", "train_seconds"}
+
+
+def test_lm_rows_for_each_grouping_with_and_without_shared_embeddings_through_the_cli(tmp_path):
+    """The PTB table's rows on a tiny subset: SGD x1 / xM, SGLD xM, and SGLD+GSP+PR for untied, tied
+    and ISS groups with and without SE; each pruned member keeps its 90% mask through retraining
+    (its nonzero weights, not just its recorded mask), and two processes split the work by --only."""
+    from sparse_ensembles import checkpoint
+    from sparse_ensembles.models import LSTMLM
+
+    need_data("ptb")
+    config = tmp_path / "lm.toml"
+    config.write_text(TINY_LM.read_text() + "".join(
+        f"\n[variants.{g}{'_se' if se else ''}]\nprior.grouping = \"{g}\"\nmodel.tie_embeddings = {str(se).lower()}\n"
+        for g in ("iss", "untied", "tied") for se in (True, False)))
+    out = tmp_path / "run"
+    common = ["run", str(config), "--out", str(out), "--no-progress", "--set", "sampler.samples=1",
+              "--set", "retrain.epochs=1", "--set", "sgd.epochs=1"]
+    assert main(common + ["--only", "sgd", "--only", "sgld"]) == 0
+    assert not (out / "sgld_gsp_iss").exists()
+    assert main(common + ["--resume", "--only", "*gsp*", "--only", "pruned_*"]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    variants = [f"{g}{s}" for g in ("iss", "untied", "tied") for s in ("_se", "")]
+    assert list(rows) == (["SGD x1", "SGD x2", "SGLD x1"]
+                          + [m for v in variants for m in (f"SGLD+GSP({v}) x1", f"SGLD+GSP({v})+PR 90%")])
+    for r in rows.values():
+        assert LM_KEYS <= set(r) and 1 < r["ppl_test"] < 10000
+    dense = LSTMLM(10000, [32, 32], 32).cost()
+    for v in variants:
+        (member,) = sorted((out / f"pruned_90_{v}").glob("member_*.pt"))
+        model, meta = checkpoint.load_member(member)
+        assert model.tie == v.endswith("_se") and meta["sparsity"] >= 0.9
+        # nonzero_macs = nonzeros of the prunable matrices: at most 10% of the dense model's survive
+        assert model.cost()["nonzero_macs"] <= 0.1 * dense["nonzero_macs"] + 1
+    assert rows["SGLD+GSP(iss_se)+PR 90%"]["params_ratio"] < 0.25
