@@ -21,12 +21,12 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
     task = task or build_task(cfg, device)
     ctx = Context(cfg, task, out, device, log, progress=False)
     ref = ctx.new_model(0).cost()
-    results, curves, inputs = [], {}, {}
+    results, curves, inputs, units = [], {}, {}, {}
     for stage in build_stages(cfg):
         for row in stage.rows(out):
             streams = {split: task.stream(split) for split in task.splits}
             cost = {"params": 0, "flops": 0, "nonzero_macs": 0}
-            metas, member_inputs = [], []
+            metas, member_inputs, member_units = [], [], []
             for f in row.files:  # one member in memory at a time
                 model, meta = checkpoint.load_member(f, device)
                 for s in streams.values():
@@ -36,6 +36,8 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
                 metas.append(meta)
                 if hasattr(model, "input_index"):
                     member_inputs.append(model.input_index.cpu())
+                if hasattr(model, "unit_groups"):  # a compacted member's sizes are its kept units
+                    member_units.append({fam.name: fam.size for fam in model.unit_groups()})
                 del model
             name = row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
             result = {"method": name, "members": len(row.files), "sparsity": row.sparsity}
@@ -50,10 +52,13 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
             curves[name] = streams["test"].curve if "test" in streams else []
             if member_inputs:
                 inputs[name] = member_inputs
+            if row.sparsity and member_units:
+                units[name] = member_units
             checkpoint.atomic_write_json(out / "metrics" / f"{slug(name)}.json",
-                                         {**result, **{f"curve_{s}": st.curve for s, st in streams.items()}})
+                                         {**result, **{f"curve_{s}": st.curve for s, st in streams.items()},
+                                          "units_per_member": member_units})
     checkpoint.atomic_write_json(out / "results.json", results)
-    write_plots(out, results, curves, inputs, task.dims.get("in_features", 0), task.columns[:2])
+    write_plots(out, results, curves, inputs, task.dims.get("in_features", 0), task.columns[:2], units)
     log(format_table(results, task.columns, title=f"{cfg.experiment.name}: {task.describe()} (test set; valid in results.json)"))
     return results
 

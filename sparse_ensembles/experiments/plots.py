@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import matplotlib
@@ -12,8 +13,9 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 
 def slug(method: str) -> str:
-    """A file-name form of a method label: 'SGLD+GSP+PR 96%' -> 'SGLD_GSP_PR_96pct'."""
-    return method.replace(" ", "_").replace("+", "_").replace("%", "pct")
+    """A file-name form of a method label: 'SGLD+GSP+PR 96%' -> 'SGLD_GSP_PR_96pct',
+    'SGLD+GSP(iss_se)+PR 90%' -> 'SGLD_GSP_iss_se_PR_90pct'."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", method.replace("%", "pct")).strip("_")
 
 
 _LABELS = {"error": ("test error (%)", 100), "nll": ("test NLL", 1), "ppl": ("test perplexity", 1),
@@ -21,9 +23,10 @@ _LABELS = {"error": ("test error (%)", 100), "nll": ("test NLL", 1), "ppl": ("te
 
 
 def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_features: int,
-                metrics=("error", "nll")) -> list[Path]:
+                metrics=("error", "nll"), units: dict | None = None) -> list[Path]:
     """``curves``: method -> test metrics after each member; ``inputs``: method -> each compacted
-    member's live input indices (the pixel picture, for 28 x 28 inputs)."""
+    member's live input indices (the pixel picture, for 28 x 28 inputs); ``units``: method -> per
+    member, the units kept per unit family (``{"layer0": 61, ...}``)."""
     written = []
     # 1. the two headline metrics against the number of members averaged
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -57,7 +60,29 @@ def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_f
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
-    # 3. input pixels that survive structured pruning (28 x 28 inputs only)
+    # 3. units kept per layer (unit family) by each compacted member, one panel per pruned row
+    if units:
+        cols = min(3, len(units))
+        rows = math.ceil(len(units) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.flat[len(units):]:
+            ax.axis("off")
+        for ax, (name, members) in zip(axes.flat, units.items()):
+            families = list(members[0])
+            width = 0.8 / len(families)
+            for j, fam in enumerate(families):
+                ax.bar([k + j * width for k in range(len(members))], [m.get(fam, 0) for m in members], width, label=fam)
+            ax.set(xlabel="member", ylabel="units kept", title=name)
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(len(members))], [str(k) for k in range(len(members))])
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=7)
+        fig.suptitle("units kept per layer by each compacted member")
+        fig.tight_layout()
+        written.append(out / "units_kept.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+
+    # 4. input pixels that survive structured pruning (28 x 28 inputs only)
     side = int(round(math.sqrt(in_features)))
     for name, indices in inputs.items():
         if in_features == 0 or side * side != in_features:
