@@ -383,3 +383,32 @@ def test_shrink_rejects_wrong_keep_vectors():
     keep[1] = torch.ones(5, dtype=torch.bool)
     with pytest.raises(ValueError, match="shape"):
         model.shrink(keep)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_iss_member_flops_equal_the_hand_count_of_its_kept_units(tie):
+    """Untied: keep input features {0, 1, 3} of 5, units {0, 2, 5} of layer 0 (8) and {1, 4} of
+    layer 1 (6). Per token, by the sub-matrix rule: layer 0 reads 3 features and 3 recurrent units
+    into 4 x 3 gate rows, layer 1 reads 3 + 2 into 4 x 2 rows, the softmax reads 2 units for 50
+    words. Tied: the embedding width is layer 1's, so layer 0 reads the 2 kept layer-1 units."""
+    model = _model(tie, hidden=(8, 6), emb=5)
+    keep0, keep1 = torch.zeros(8, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    keep0[[0, 2, 5]], keep1[[1, 4]] = True, True
+    keep = [keep0, keep1]
+    if not tie:
+        features = torch.zeros(5, dtype=torch.bool)
+        features[[0, 1, 3]] = True
+        keep = [features] + keep
+    inputs = 2 if tie else 3
+    macs = (4 * 3 * inputs + 4 * 3 * 3) + (4 * 2 * 3 + 4 * 2 * 2) + VOCAB * 2
+    params = dict(model.named_parameters())
+    masks = {}
+    for fam, k in zip(model.groups("iss"), keep):
+        for name in fam.params:
+            m = fam.broadcast_keep(k, name, params[name])
+            masks[name] = m if name not in masks else masks[name] & m
+    apply_masks(model, masks)
+    small = model.shrink(model.live_units())
+    assert small.hidden == [3, 2] and small.emb == inputs
+    assert small.cost()["flops"] == model.cost()["flops"] == 2 * macs
+    assert small.cost()["nonzero_macs"] == macs
