@@ -7,6 +7,7 @@ optimizer leave them at zero during retraining (the samplers take ``masks=`` dir
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -182,3 +183,44 @@ def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float
     """Deng et al. 2019's pruning schedule ``s_k = S * (1 - D ** (k / U))``: sparsity ``final`` = S
     approached geometrically, ``rate`` = D in (0, 1), ``period`` = U steps."""
     return _check_sparsity(final) * (1.0 - rate ** (step / period))
+
+
+@dataclass
+class SparsitySchedule:
+    """Magnitude pruning while a chain samples (Deng et al. 2019, Algorithm 1): after step k the
+    bottom ``s_k`` fraction of the covered weights by |w| is pruned, with
+
+        s_k = S * (1 - D ** (k / U))        (S = target, D = decay, U = every; s -> S as k grows)
+
+    per tensor (``scope="layer"``, the authors') or with one global threshold. ``persistent=True``
+    fixes the masks in the sampler, so pruned weights stay at zero (their momentum too);
+    ``persistent=False`` is the authors' code: the weights are re-zeroed after every step but get
+    gradients and noise, so they may regrow. Pass it as ``pruning=`` to SGLD / SGHMC (and the SA
+    variants); the masks are saved in the sampler's ``state_dict``."""
+
+    target: float
+    decay: float = 0.99
+    every: float = 50
+    scope: str = "layer"
+    persistent: bool = True
+    names: Optional[list] = None  # the pruned parameters (default: every tensor with dim >= 2)
+
+    def __post_init__(self):
+        _check_sparsity(self.target)
+        if not 0 < self.decay < 1 or not self.every > 0:
+            raise ValueError(f"SparsitySchedule needs 0 < decay < 1 and every > 0; got {self.decay}, {self.every}")
+        if self.scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+
+    def sparsity(self, step: int) -> float:
+        """``s_k`` after ``step`` steps."""
+        return self.target * (1 - self.decay ** (step / self.every))
+
+    def apply_(self, sampler, step: int) -> None:
+        """Called by the sampler after step ``step`` (0-based), so ``step + 1`` steps are done."""
+        params = sampler.named_parameters()
+        names = self.names if self.names is not None else [n for n, p in params.items() if p.dim() >= 2]
+        chosen = magnitude_masks({n: params[n] for n in names}, self.sparsity(step + 1), scope=self.scope)
+        if self.persistent:
+            chosen = combine(chosen, {n: m for n, m in sampler.masks.items() if n in chosen})
+        sampler.prune_(chosen, fix=self.persistent)

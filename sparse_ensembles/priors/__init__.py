@@ -2,5 +2,6 @@
 from .adaptive import AdaptiveGaussian
 from .base import Gaussian, Laplace, Prior, Sum
 from .group import GroupLasso
+from .spike_slab import SpikeSlabGL
 
-__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso", "AdaptiveGaussian"]
+__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso", "AdaptiveGaussian", "SpikeSlabGL"]

@@ -61,22 +61,31 @@ def _check_positive(name: str, value: float) -> float:
 
 
 class Gaussian(Prior):
-    """Isotropic N(0, 1/precision) on every parameter: -log p = precision/2 * ||theta||^2."""
+    """Isotropic N(0, 1/precision) on every parameter (or on ``names`` only):
+    -log p = precision/2 * ||theta||^2."""
 
-    def __init__(self, precision: float):
+    def __init__(self, precision: float, names=None):
         self.precision = _check_positive("Gaussian precision", precision)
+        self.names = None if names is None else set(names)
+
+    def _covered(self, grads) -> list[str]:
+        return list(grads) if self.names is None else [n for n in grads if n in self.names]
 
     def neg_log_prob(self, params):
-        return 0.5 * self.precision * sum(p.pow(2).sum() for p in params.values())
+        return 0.5 * self.precision * sum(params[n].pow(2).sum() for n in self._covered(params))
 
     def add_grad_(self, grads, params, num_data):
         wd = self.precision / num_data  # the equivalent SGD weight decay
-        torch._foreach_add_(list(grads.values()), [params[n] for n in grads], alpha=wd)
+        names = self._covered(grads)
+        if names:
+            torch._foreach_add_([grads[n] for n in names], [params[n] for n in names], alpha=wd)
 
     def plus_grad(self, grads, params, num_data):
         # out-of-place add: copy and decay in one pass, bit-identical to clone-then-add_
         wd = self.precision / num_data
-        return dict(zip(grads, torch._foreach_add(list(grads.values()), [params[n] for n in grads], alpha=wd)))
+        if self.names is None:
+            return dict(zip(grads, torch._foreach_add(list(grads.values()), [params[n] for n in grads], alpha=wd)))
+        return super().plus_grad(grads, params, num_data)
 
 
 class Laplace(Prior):

@@ -3,5 +3,7 @@ functions (:mod:`.functional`) and step-size schedules."""
 from .functional import sghmc_, sgld_
 from .schedules import Constant, Cyclical, Polynomial, StepDecay
 from .sgmcmc import SGHMC, SGLD, SGMCMC
+from .adaptive import SGHMCSA, SGLDSA
+from .schedules import resolve_temperature
 
-__all__ = ["SGLD", "SGHMC", "SGMCMC", "sgld_", "sghmc_", "Constant", "Cyclical", "StepDecay", "Polynomial"]
+__all__ = ["SGLD", "SGHMC", "SGMCMC", "SGLDSA", "SGHMCSA", "resolve_temperature", "sgld_", "sghmc_", "Constant", "Cyclical", "StepDecay", "Polynomial"]

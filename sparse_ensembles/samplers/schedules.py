@@ -50,6 +50,15 @@ def resolve(lr, step: int) -> float:
     return value
 
 
+def resolve_temperature(t, step: int) -> float:
+    """The temperature at ``step`` for a number or a schedule (annealing: e.g. Deng et al.'s
+    inverse temperature 1000 x 1.005 per epoch is ``StepDecay(1e-3, 1 / 1.005, steps_per_epoch)``)."""
+    value = t(step) if callable(t) else t
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"temperature at step {step} is {value}; it must be finite and >= 0")
+    return value
+
+
 @dataclass(frozen=True)
 class Cyclical:
     """Cyclical cosine step size (Zhang et al. 2020, *Cyclical SG-MCMC*): constant ``lr`` until

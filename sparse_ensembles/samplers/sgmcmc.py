@@ -30,7 +30,7 @@ from torch.optim import Optimizer
 
 from ..priors import Prior
 from .functional import sghmc_, sgld_
-from .schedules import resolve
+from .schedules import resolve, resolve_temperature
 
 
 NOISE_KINDS = ("gaussian", "rademacher")
@@ -166,15 +166,17 @@ class SGMCMC(Optimizer):
 
     def __init__(self, params, defaults: dict, *, num_data: int, prior: Optional[Prior],
                  masks: Optional[Mapping[str, Tensor]], generator: Optional[torch.Generator],
-                 prefetch_noise: bool, noise: str = "gaussian", max_grad_norm: Optional[float] = None):
+                 prefetch_noise: bool, noise: str = "gaussian", max_grad_norm: Optional[float] = None,
+                 pruning=None):
         lr = defaults["lr"]
         if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid learning rate {lr!r}: use a number >= 0 or a schedule (step -> lr)")
         if not isinstance(num_data, int) or isinstance(num_data, bool) or num_data < 1:
             raise ValueError(f"num_data must be the training-set size, a positive int; got {num_data!r}")
         t = defaults["temperature"]
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
-            raise ValueError(f"invalid temperature {t!r}: use a number >= 0 (1 = the posterior, 0 = SGD)")
+        if not callable(t) and not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+            raise ValueError(f"invalid temperature {t!r}: use a number >= 0 (1 = the posterior, 0 = SGD) "
+                             "or a schedule (step -> T, e.g. annealing)")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"invalid max_grad_norm {max_grad_norm!r}: use a positive number, or None for no clipping")
@@ -182,6 +184,7 @@ class SGMCMC(Optimizer):
         self.check_finite = True  # raise FloatingPointError on a non-finite gradient (one sync/step)
         self.num_data = num_data
         self.prior = prior
+        self.pruning = pruning  # e.g. pruning.SparsitySchedule: called after every step
         self.max_grad_norm = max_grad_norm
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in g.get("param_names", [])]
@@ -230,6 +233,32 @@ class SGMCMC(Optimizer):
             if mask.shape != p.shape:
                 raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, parameter has {tuple(p.shape)}")
             self._masks[id(p)] = mask.to(device=p.device, dtype=p.dtype)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current masks by parameter name (True = keep)."""
+        return {n: self._masks[id(p)].bool() for n, p in self._by_name.items() if id(p) in self._masks}
+
+    def named_parameters(self) -> dict[str, Tensor]:
+        """The sampled parameters by name (detached views that follow the updates)."""
+        return dict(self._detached)
+
+    @torch.no_grad()
+    def prune_(self, masks: Mapping[str, Tensor], *, fix: bool = True) -> None:
+        """Zero the pruned entries (False) of the named parameters and of their per-parameter
+        state (momentum, gradient statistics), so they do not drift back. ``fix=True`` also keeps
+        them at zero from now on (the masks replace those of these parameters); ``fix=False``
+        leaves them free to regrow (Deng et al.'s code re-zeroes every step instead)."""
+        for n, m in masks.items():
+            p = self._by_name[n]
+            keep = m.to(device=p.device, dtype=p.dtype)
+            p.mul_(keep)
+            for v in self.state[p].values():
+                if isinstance(v, Tensor) and v.shape == p.shape:
+                    v.mul_(keep)
+        if fix:
+            merged = {**self.masks, **{n: m.bool() for n, m in masks.items()}}
+            self.set_masks(merged)
 
     # -- the step ------------------------------------------------------------------------------
     def _effective_grads(self) -> dict[int, Tensor]:
@@ -283,10 +312,11 @@ class SGMCMC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = self._effective_grads()
+        temps = [resolve_temperature(g["temperature"], g["step"]) for g in self.param_groups]
         noise = {}
-        if grads and any(g["temperature"] > 0 for g in self.param_groups):  # T = 0 draws nothing
+        if grads and any(t > 0 for t in temps):  # T = 0 draws nothing
             noise = dict(zip(map(id, self._params), self._noise.next()))
-        for group in self.param_groups:
+        for group, temperature in zip(self.param_groups, temps):
             ps = [p for p in group["params"] if id(p) in grads]
             if not ps:
                 continue
@@ -298,17 +328,20 @@ class SGMCMC(Optimizer):
             for p in ps:
                 if not self.state[p]:
                     self._init_state(p, self.state[p], group)
-            self._update(ps, [grads[id(p)] for p in ps], zs, lr, group)
+            self._update(ps, [grads[id(p)] for p in ps], zs, lr, temperature, group)
             group["step"] += 1
         if self.prior is not None and self.prior.stateful:
             self.prior.update_(self._detached, self._steps)
+        if self.pruning is not None:
+            self.pruning.apply_(self, self._steps)
         self._steps += 1
         return loss
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         state["initialized"] = True
 
-    def _update(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], lr: float, group: dict) -> None:
+    def _update(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], lr: float, temperature: float,
+                group: dict) -> None:
         """Move ``params`` of one param group (lists aligned; ``noise`` is empty when T = 0)."""
         raise NotImplementedError
 
@@ -317,13 +350,16 @@ class SGMCMC(Optimizer):
         sd = super().state_dict()
         # schedules are code, not data: they stay with the sampler that was constructed
         for g in sd["param_groups"]:
-            if callable(g["lr"]):
-                g["lr"] = None
+            for key in ("lr", "temperature"):
+                if callable(g[key]):
+                    g[key] = None
         sd["noise_generator"] = self._noise.get_state()
         sd["steps"] = self._steps
         sd["clipped_steps"] = self.clipped_steps
         if self.prior is not None and self.prior.stateful:
             sd["prior"] = self.prior.state_dict()
+        if self.pruning is not None:  # masks chosen during sampling are part of the chain's state
+            sd["masks"] = self.masks
         return sd
 
     def load_state_dict(self, state_dict):
@@ -332,6 +368,7 @@ class SGMCMC(Optimizer):
         steps = state_dict.pop("steps", None)
         clipped = state_dict.pop("clipped_steps", 0)
         prior_state = state_dict.pop("prior", None)
+        masks = state_dict.pop("masks", None)
         stateful = self.prior is not None and self.prior.stateful
         if (prior_state is not None) != stateful:
             # resuming would silently restart (or drop) the prior's adaptation
@@ -339,11 +376,15 @@ class SGMCMC(Optimizer):
                 "the checkpoint has a prior state but this sampler's prior is stateless" if prior_state is not None
                 else f"this sampler's prior ({type(self.prior).__name__}) has state, but the checkpoint has none"
             )
-        current_lrs = [g["lr"] for g in self.param_groups]
+        current = [(g["lr"], g["temperature"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, lr in zip(self.param_groups, current_lrs):
+        for g, (lr, t) in zip(self.param_groups, current):
             if g["lr"] is None:
                 g["lr"] = lr
+            if g["temperature"] is None:
+                g["temperature"] = t
+        if masks is not None:
+            self.set_masks(masks)
         if gen_state is not None:
             self._noise.set_state(gen_state)
         # checkpoints from before the count was saved: every group stepped together
@@ -383,13 +424,13 @@ class SGLD(SGMCMC):
 
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, prior: Optional[Prior] = None,
                  masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False,
-                 noise: str = "gaussian", max_grad_norm: Optional[float] = None):
+                 noise: str = "gaussian", max_grad_norm: Optional[float] = None, pruning=None):
         super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
                          masks=masks, generator=generator, prefetch_noise=prefetch_noise, noise=noise,
-                         max_grad_norm=max_grad_norm)
+                         max_grad_norm=max_grad_norm, pruning=pruning)
 
-    def _update(self, params, grads, noise, lr, group):
-        sgld_(params, grads, noise, lr=lr, temperature=group["temperature"], num_data=self.num_data)
+    def _update(self, params, grads, noise, lr, temperature, group):
+        sgld_(params, grads, noise, lr=lr, temperature=temperature, num_data=self.num_data)
 
 
 class SGHMC(SGMCMC):
@@ -406,7 +447,8 @@ class SGHMC(SGMCMC):
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, friction: float = 0.1,
                  estimate_gradient_noise: bool = False, noise_decay: float = 0.99,
                  prior: Optional[Prior] = None, masks=None, generator: Optional[torch.Generator] = None,
-                 prefetch_noise: bool = False, noise: str = "gaussian", max_grad_norm: Optional[float] = None):
+                 prefetch_noise: bool = False, noise: str = "gaussian", max_grad_norm: Optional[float] = None,
+                 pruning=None):
         if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
             raise ValueError(f"invalid friction {friction!r}: use 0 < friction <= 1 (momentum = 1 - friction)")
         if not 0 < noise_decay < 1:
@@ -414,7 +456,7 @@ class SGHMC(SGMCMC):
         super().__init__(params, dict(lr=lr, temperature=temperature, friction=friction,
                                       estimate_gradient_noise=estimate_gradient_noise, noise_decay=noise_decay),
                          num_data=num_data, prior=prior, masks=masks, generator=generator,
-                         prefetch_noise=prefetch_noise, noise=noise, max_grad_norm=max_grad_norm)
+                         prefetch_noise=prefetch_noise, noise=noise, max_grad_norm=max_grad_norm, pruning=pruning)
 
     def _init_state(self, p, state, group):
         state["momentum"] = torch.zeros_like(p)
@@ -422,8 +464,8 @@ class SGHMC(SGMCMC):
             state["grad_mean"] = torch.zeros_like(p)
             state["grad_sq"] = torch.zeros_like(p)
 
-    def _update(self, params, grads, noise, lr, group):
-        t, grad_var = group["temperature"], None
+    def _update(self, params, grads, noise, lr, temperature, group):
+        t, grad_var = temperature, None
         if t > 0 and group["estimate_gradient_noise"]:
             d, grad_var = group["noise_decay"], []
             for p, g in zip(params, grads):
