@@ -135,21 +135,29 @@ class SpikeSlabGL(Prior):
                 grads[n].add_((self.kappa0[n] * p.sign() / s + self.kappa1[n] * p / (s * s)) / num_data)
 
     # -- the SA step ---------------------------------------------------------------------------
+    def rho_tilde(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Eq. (5): P(gamma_j = 1 | beta_j, delta, sigma) at the given weights and the current
+        delta and sigma (float64)."""
+        s, v0, v1, out = self.sigma, self.v0, self.v1, {}
+        for n in self.names:
+            beta, delta = params[n].double(), self.delta.get(n, self._start[0])
+            # log a - log b, in log space (the densities underflow for |beta| >> sigma v0)
+            log_slab = -beta.pow(2) / (2 * s * s * v1) - 0.5 * math.log(2 * math.pi * s * s * v1) + math.log(delta)
+            log_spike = -beta.abs() / (s * v0) - math.log(2 * s * v0) + math.log(1 - delta)
+            out[n] = torch.sigmoid(log_slab - log_spike)
+        return out
+
     def update_(self, params, step):
         w = _sa_weight(self.omega, step)
         self._latents(params)
         if w == 0:
             return  # omega = 0: the fixed prior, bit for bit
-        s, v0, v1 = self.sigma, self.v0, self.v1
+        v0, v1 = self.v0, self.v1
         total_rho, b_sum, j_sum, p_all = {}, 0.0, 0.0, 0
+        tilde = self.rho_tilde(params)
         for n in self.names:
             beta = params[n].double()
-            delta = self.delta[n]
-            # log a - log b, in log space (the densities underflow for |beta| >> sigma v0)
-            log_slab = -beta.pow(2) / (2 * s * s * v1) - 0.5 * math.log(2 * math.pi * s * s * v1) + math.log(delta)
-            log_spike = -beta.abs() / (s * v0) - math.log(2 * s * v0) + math.log(1 - delta)
-            rho_tilde = torch.sigmoid(log_slab - log_spike)
-            rho = self.rho[n].double().mul_(1 - w).add_(rho_tilde, alpha=w)
+            rho = self.rho[n].double().mul_(1 - w).add_(tilde[n], alpha=w)
             k0 = self.kappa0[n].double().mul_(1 - w).add_((1 - rho) / v0, alpha=w)
             k1 = self.kappa1[n].double().mul_(1 - w).add_(rho / v1, alpha=w)
             self.rho[n].copy_(rho)
