@@ -218,7 +218,7 @@ def _log_mean_softmax(logits: Tensor, probs: Optional[Tensor] = None) -> Tensor:
     Exactness: softmax in float loses relative precision only where a member's probability is
     subnormal, i.e. below ``tiny`` (the smallest normal number), which bounds what each member can
     lose. A word whose *mixture* probability is at least ``tiny * 2**26`` (~8e-31 in float32) is
-    therefore exact to rounding (relative error < M * 2**-26); the rows holding a smaller one (a
+    therefore exact to rounding (what underflowed is < 2**-26 of it); the rows holding a smaller one (a
     log-probability below about -69 in float32) are recomputed with the logsumexp formula.
     ``probs``, if given, receives the members' softmax (a reused buffer of the logits' shape).
     """

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..data import DATASETS, DataError, download
+from ..data import DATASETS, DataError, download, download_cifar10
 from ..training import DivergenceError
 from . import config as config_mod
 from .config import ConfigError
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
     dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
-    dl.add_argument("name", choices=sorted(DATASETS))
+    dl.add_argument("name", choices=sorted([*DATASETS, "cifar10"]))
     dl.add_argument("--dest", help="target directory (default: the user cache)")
     args = parser.parse_args(argv)
     try:
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
         elif args.command == "evaluate":
             evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)))
         elif args.command == "download":
-            print(f"saved to {download(args.name, args.dest)}")
+            fetch = download_cifar10 if args.name == "cifar10" else (lambda dest: download(args.name, dest))
+            print(f"saved to {fetch(args.dest)}")
     except (ConfigError, DataError, DivergenceError, RunDirError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,8 @@ class ChainConfig:
     prefetch_noise: bool = True
     noise: str = "gaussian"  # gaussian | rademacher (+-1: same covariance, ~3x cheaper; see SGLD docs)
     max_grad_norm: float = 0.0  # clip the likelihood gradient (biases the chain when it fires; see SGMCMC)
+    # inverse-temperature annealing: T at epoch e is temperature / anneal**e (Deng et al.: 1.005, from 1/1000)
+    anneal: float = 1.0
 
     @property
     def epochs_per_chain(self) -> int:
@@ -115,6 +117,7 @@ class ChainConfig:
         need(self.samples % self.chains == 0, "sampler.samples",
              f"{self.samples} samples cannot be shared evenly by {self.chains} chains; use a multiple of sampler.chains")
         need(self.max_grad_norm >= 0, "sampler.max_grad_norm", "must be >= 0 (0 = off)")
+        need(self.anneal >= 1, "sampler.anneal", "must be >= 1 (1 = no annealing; 1.005 = the inverse temperature x 1.005 per epoch)")
 
 
 @dataclass
@@ -136,6 +139,7 @@ class SGHMCConfig(ChainConfig):
 class GroupLassoConfig:
     """Group sparse prior (Zhang & Ou 2018) R = lam * sum_g sqrt(dim_g) ||theta_g||, plus a Gaussian
     N(0, 1/precision) on every parameter."""
+    tag: typing.ClassVar[str] = "gsp"  # names the chain (sgld_gsp) and its rows (SGLD+GSP)
     lam: float = 3.0
     precision: float = 1.0
     grouping: str = ""  # one of the model kind's groupings ("" = its default; lstm_lm: untied | tied | iss)
@@ -148,6 +152,7 @@ class GroupLassoConfig:
 @dataclass
 class GaussianConfig:
     """Gaussian prior N(0, 1/precision) on every parameter only (no sparse chain)."""
+    tag: typing.ClassVar[str] = ""
     precision: float = 1.0
 
     def validate(self, need) -> None:
@@ -195,9 +200,58 @@ class RetrainConfig:
         need(self.max_grad_norm >= 0, "retrain.max_grad_norm", "must be >= 0 (0 = off)")
 
 
+@dataclass
+class SSGLConfig:
+    """Spike-and-slab Gaussian-Laplace prior with SA latents (Deng et al. 2019): with sampler kind
+    sgld it is SGLD-SA, with sghmc SGHMC-SA; ``omega = 1`` gives the EM variant, ``omega = 0`` a
+    fixed SSGL prior (plain SG-MCMC), ``omega < 0`` the schedule omega_c / (omega_A + k)^omega_alpha.
+    Covers the parameters matching ``names`` (shell patterns; [] = every prunable weight but the
+    first, the authors' "every convolution but the first"); the rest get N(0, 1/precision)."""
+    tag: typing.ClassVar[str] = "ssgl"
+    v0: float = 0.1
+    v1: float = 1e-3
+    a: float = 1.0
+    b: float = 1.0
+    nu: float = 1000.0
+    lam: float = 1000.0
+    sigma0: float = 1.0
+    delta0: float = 0.5
+    rho0: float = 0.5
+    per_layer: bool = True
+    omega: float = -1.0
+    omega_c: float = 0.02
+    omega_A: float = 1000.0
+    omega_alpha: float = 0.75
+    precision: float = 1.0
+    names: list[str] = field(default_factory=list)
+
+    def validate(self, need) -> None:
+        for key in ("v0", "v1", "a", "b", "nu", "lam", "sigma0", "precision", "omega_c", "omega_A", "omega_alpha"):
+            need(getattr(self, key) > 0, f"prior.{key}", "must be > 0")
+        need(0 < self.delta0 < 1 and 0 < self.rho0 < 1, "prior.delta0", "delta0 and rho0 must be in (0, 1)")
+        need(self.omega <= 1, "prior.omega", "use a weight in [0, 1], or < 0 for the schedule omega_c / (omega_A + k)^omega_alpha")
+
+
+@dataclass
+class ScheduleConfig:
+    """Magnitude pruning while the chain samples (Deng et al. 2019): s_k = target (1 - decay^(k / every))
+    after step k; ``persistent`` keeps pruned weights at zero (false: re-zeroed each step, free to
+    regrow, the authors' code). Covers the SSGL prior's parameters, or every prunable weight."""
+    target: float = 0.9
+    decay: float = 0.99
+    every: float = 50.0
+    scope: str = "layer"
+    persistent: bool = True
+
+    def validate(self, need) -> None:
+        need(0 <= self.target < 1, "prune.target", "the fraction removed, in [0, 1)")
+        need(0 < self.decay < 1 and self.every > 0, "prune.decay", "need 0 < decay < 1 and every > 0")
+        need(self.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
+
+
 SAMPLERS = {"sgld": SGLDConfig, "sghmc": SGHMCConfig}
-PRIORS = {"group_lasso": GroupLassoConfig, "gaussian": GaussianConfig}
-PRUNERS = {"sse": SSEPruneConfig}
+PRIORS = {"group_lasso": GroupLassoConfig, "gaussian": GaussianConfig, "ssgl": SSGLConfig}
+PRUNERS = {"sse": SSEPruneConfig, "schedule": ScheduleConfig}
 
 
 def _kinds() -> dict[str, tuple[dict[str, type], str]]:

@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .. import checkpoint
+from ..data import DataError
 from ..tasks import task_class
 from .config import Config, ConfigError, changed_keys, from_dict, to_toml
 from .stages import Context, build_stages
@@ -54,7 +55,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_task(cfg: Config, device: torch.device):
-    return task_class(cfg.kinds["task"]).from_config(cfg.task, device)
+    try:
+        return task_class(cfg.kinds["task"]).from_config(cfg.task, device)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise ConfigError(str(e)) from None
 
 
 def _boot_id() -> str:

@@ -11,6 +11,7 @@ epoch, resume bit for bit); every file is written atomically.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import zlib
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from ..models import model_class
 from ..priors import Gaussian, GroupLasso, Prior, Sum
 from ..samplers import SGHMC, SGLD, Cyclical
 from ..training import GeneratorState, Holder, run_epochs, train_epoch
-from .config import Config, GroupLassoConfig, SGHMCConfig
+from ..priors.spike_slab import SpikeSlabGL
+from ..samplers.schedules import Polynomial, StepDecay
+from .config import Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -128,21 +131,66 @@ class SGDBaselines:
         return rows
 
 
+def ssgl_names(cfg: SSGLConfig, model: nn.Module) -> list[str]:
+    """The parameters the SSGL prior covers: those matching ``prior.names``, or every prunable
+    weight but the first (the authors: every convolution but the first)."""
+    params = [n for n, _ in model.named_parameters()]
+    if cfg.names:
+        names = [n for n in params if any(fnmatch.fnmatch(n, pat) for pat in cfg.names)]
+        if not names:
+            raise ConfigError(f"prior.names {cfg.names} match no parameter of the model; its parameters: {params[:12]}")
+        return names
+    prunable = list(model.prunable_weights())
+    if len(prunable) < 2:
+        raise ConfigError("prior.names = [] means every prunable weight but the first, and this model has only "
+                          f"{prunable}; name the parameters in prior.names")
+    return prunable[1:]
+
+
+def _gsp_prior(ctx: Context, model: nn.Module) -> Prior:
+    return Sum(GroupLasso(ctx.groups(model), ctx.cfg.prior.lam), Gaussian(ctx.cfg.prior.precision))
+
+
+def _ssgl_prior(ctx: Context, model: nn.Module) -> Prior:
+    c = ctx.cfg.prior
+    names = ssgl_names(c, model)
+    omega = c.omega if c.omega >= 0 else Polynomial(c.omega_c, c.omega_A, c.omega_alpha)
+    ssgl = SpikeSlabGL(names, v0=c.v0, v1=c.v1, a=c.a, b=c.b, nu=c.nu, lam=c.lam, omega=omega, sigma0=c.sigma0,
+                       delta0=c.delta0, rho0=c.rho0, per_layer=c.per_layer)
+    rest = [n for n, _ in model.named_parameters() if n not in set(names)]
+    return Sum(ssgl, Gaussian(c.precision, names=rest))
+
+
+# prior kind -> the chain's prior for a model (the Gaussian-only plain chain is built directly)
+PRIOR_BUILDERS = {"gaussian": lambda ctx, model: Gaussian(ctx.cfg.prior.precision),
+                  "group_lasso": _gsp_prior, "ssgl": _ssgl_prior}
+
+
 def make_prior(ctx: Context, model: nn.Module, sparse: bool) -> Prior:
-    """The chain's prior: Gaussian(precision), plus the group Lasso over the chosen grouping."""
-    gaussian = Gaussian(ctx.cfg.prior.precision)
+    """The chain's prior: the configured kind's (``sparse``), or Gaussian(precision) alone."""
     if not sparse:
-        return gaussian
-    return Sum(GroupLasso(ctx.groups(model), ctx.cfg.prior.lam), gaussian)
+        return Gaussian(ctx.cfg.prior.precision)
+    return PRIOR_BUILDERS[ctx.cfg.kinds["prior"]](ctx, model)
 
 
-def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int):
+def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySchedule]:
+    """Pruning during sampling (``prune.kind = "schedule"``), over the SSGL prior's parameters or
+    every prunable weight."""
+    p = ctx.cfg.prune
+    if not isinstance(p, ScheduleConfig):
+        return None
+    names = ssgl_names(ctx.cfg.prior, model) if isinstance(ctx.cfg.prior, SSGLConfig) else list(model.prunable_weights())
+    return pruning.SparsitySchedule(p.target, p.decay, p.every, p.scope, p.persistent, names)
+
+
+def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=None):
     c = ctx.cfg.sampler
     steps = ctx.task.steps_per_epoch()
     lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
+    temperature = c.temperature if c.anneal == 1 else StepDecay(c.temperature, 1 / c.anneal, steps)
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    common = dict(num_data=ctx.task.num_train, temperature=c.temperature, prior=prior, generator=generator,
-                  prefetch_noise=c.prefetch_noise, noise=c.noise)
+    common = dict(num_data=ctx.task.num_train, temperature=temperature, prior=prior, generator=generator,
+                  prefetch_noise=c.prefetch_noise, noise=c.noise, pruning=prune)
     if c.max_grad_norm:
         common["max_grad_norm"] = c.max_grad_norm
     if isinstance(c, SGHMCConfig):
@@ -155,11 +203,13 @@ class Chain:
     ``j``-th sample after epoch burn_in + thin * (j + 1) as ``sample_{c * per_chain + j}``."""
 
     def __init__(self, cfg: Config, sparse: bool, variant: str = ""):
-        kind = cfg.kinds["sampler"]
+        kind, tag = cfg.kinds["sampler"], cfg.prior.tag if sparse else ""
         self.cfg, self.sparse = cfg, sparse
-        self.name = kind + ("_gsp" if sparse else "") + (f"_{variant}" if variant else "")
-        self.label = kind.upper() + ("+GSP" if sparse else "") + (f"({variant})" if variant else "")
+        self.name = kind + (f"_{tag}" if tag else "") + (f"_{variant}" if variant else "")
+        self.label = kind.upper() + (f"+{tag.upper()}" if tag else "") + (f"({variant})" if variant else "")
         self.c = cfg.sampler
+        # pruning during sampling (prune.kind = "schedule") makes the samples sparse themselves
+        self.sparsity = cfg.prune.target if sparse and isinstance(cfg.prune, ScheduleConfig) else 0.0
 
     def ready(self, out: Path) -> bool:
         return True
@@ -183,7 +233,9 @@ class Chain:
         if marker.exists():
             return json.loads(marker.read_text())["train_seconds"]
         model = ctx.new_model(derive_seed(seed, self.name, chain, "init"))
-        sampler = make_sampler(ctx, model, make_prior(ctx, model, self.sparse), derive_seed(seed, self.name, chain, "noise"))
+        prune = make_pruning(ctx, model) if self.sparse else None
+        sampler = make_sampler(ctx, model, make_prior(ctx, model, self.sparse), derive_seed(seed, self.name, chain, "noise"),
+                               prune)
         gen = torch.Generator().manual_seed(derive_seed(seed, self.name, chain, "data"))
         epochs = c.burn_in + c.thin * samples
         label = f"{self.name} chain" if c.chains == 1 else f"{self.name} chain {chain + 1}/{c.chains}"
@@ -210,7 +262,7 @@ class Chain:
         files = sorted((out / self.name).glob("sample_*.pt"))
         info = _done(out / self.name)
         seconds = (lambda metas: info["train_seconds"]) if info else (lambda metas: float("nan"))
-        return [Row(self.label, files, 0.0, seconds)] if files else []
+        return [Row(self.label, files, self.sparsity, seconds)] if files else []
 
 
 def pct(s: float) -> str:
@@ -314,12 +366,12 @@ def build_stages(cfg: Config) -> list:
     if cfg.sgd.members:
         stages.append(SGDBaselines(cfg))
     recipes = [(name, v) for name, v in cfg.recipes() if v.sampler.samples]
-    sparse = {name: isinstance(v.prior, GroupLassoConfig) for name, v in recipes}
+    sparse = {name: bool(v.prior.tag) for name, v in recipes}
     if cfg.sampler.samples and cfg.sampler.plain_chain and any(sparse.values()):
         stages.append(Chain(cfg, sparse=False))
     for name, v in recipes:
         main = Chain(v, sparse=sparse[name], variant=name)
         stages.append(main)
-        if sparse[name]:
+        if sparse[name] and isinstance(v.prune, SSEPruneConfig):
             stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]
     return stages

@@ -2,5 +2,6 @@
 from .registry import MODELS, from_spec, model_class, register
 from .mlp import MLP, CompactMLP, mlp
 from .lstm_lm import LSTMLM
+from .cnn import CNN, ResNet20
 
-__all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp", "LSTMLM"]
+__all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp", "LSTMLM", "CNN", "ResNet20"]

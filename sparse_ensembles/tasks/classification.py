@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import metrics
-from ..data import DATASETS, load_idx_dataset
+from ..data import image_datasets, load_image_dataset
 from ..training import minibatches
 from .base import EnsembleStream, register_task
 
@@ -22,7 +22,7 @@ class Classification:
 
     @dataclass
     class Config:
-        dataset: str = "mnist"  # one of sparse_ensembles.data.DATASETS
+        dataset: str = "mnist"  # mnist | fashion-mnist | cifar10 (sparse_ensembles.data.image_datasets())
         path: str = ""  # a directory with the IDX files; empty = search (see data.registry)
         download: bool = False  # opt-in fetch from the canonical mirror, checksum-verified
         batch_size: int = 100
@@ -32,7 +32,7 @@ class Classification:
         eval_batch_size: int = 1000
 
         def validate(self, need) -> None:
-            need(self.dataset in DATASETS, "task.dataset", f"unknown dataset {self.dataset!r}; known: {sorted(DATASETS)}")
+            need(self.dataset in image_datasets(), "task.dataset", f"unknown dataset {self.dataset!r}; known: {image_datasets()}")
             need(self.batch_size >= 1 and self.eval_batch_size >= 1, "task.batch_size", "batch sizes must be >= 1")
             need(0 <= self.valid_size < 60000, "task.valid_size", "must be in [0, 60000) (0 = no validation split)")
             need(self.train_subset >= 0 and self.test_subset >= 0, "task.train_subset", "subsets must be >= 0 (0 = all)")
@@ -51,7 +51,10 @@ class Classification:
 
     @classmethod
     def from_config(cls, cfg: "Classification.Config", device="cpu") -> "Classification":
-        xtr, ytr, xte, yte = load_idx_dataset(cfg.dataset, cfg.path or None, allow_download=cfg.download)
+        xtr, ytr, xte, yte = load_image_dataset(cfg.dataset, cfg.path or None, allow_download=cfg.download)
+        if cfg.valid_size >= len(xtr):
+            raise ValueError(f"task.valid_size = {cfg.valid_size} leaves nothing to train on: {cfg.dataset} has "
+                             f"{len(xtr)} training images; use fewer (e.g. {len(xtr) // 6})")
         n_train = len(xtr) - cfg.valid_size
         valid = (xtr[n_train:], ytr[n_train:])
         xtr, ytr = xtr[:n_train], ytr[:n_train]
