@@ -139,3 +139,26 @@ def test_lm_rows_for_each_grouping_with_and_without_shared_embeddings_through_th
         # nonzero_macs = nonzeros of the prunable matrices: at most 10% of the dense model's survive
         assert model.cost()["nonzero_macs"] <= 0.1 * dense["nonzero_macs"] + 1
     assert rows["SGLD+GSP(iss_se)+PR 90%"]["params_ratio"] < 0.25
+
+
+def test_tiny_cnn_sa_config_runs_sghmc_sa_em_and_fixed_prior_chains_pruned_on_a_schedule(tmp_path):
+    """SGHMC with the SSGL prior (SA, EM and fixed latents) on a CNN through the CLI: each chain's
+    samples come out at the schedule's sparsity on the covered weights, and the first conv (not
+    covered) stays dense."""
+    from sparse_ensembles import checkpoint
+
+    need_data("mnist")
+    out = tmp_path / "cnn"
+    assert main(["run", str(ROOT / "configs" / "tiny_cnn_sa.toml"), "--out", str(out), "--no-progress"]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(rows) == ["SGD x1", "SGHMC+SSGL(sa) x2", "SGHMC+SSGL(em) x2", "SGHMC+SSGL(fixed) x2"]
+    for variant in ("sa", "em", "fixed"):
+        assert rows[f"SGHMC+SSGL({variant}) x2"]["sparsity"] == 0.5 and rows[f"SGHMC+SSGL({variant}) x2"]["error"] < 0.5
+        for f in sorted((out / f"sghmc_ssgl_{variant}").glob("sample_*.pt")):
+            model, meta = checkpoint.load_member(f)
+            weights = dict(model.named_parameters())
+            first, *covered = list(model.prunable_weights())
+            assert float((weights[first] == 0).float().mean()) < 0.01
+            s = 0.5 * (1 - 0.8 ** (meta["epoch"] * 20 / 2))  # 20 steps per epoch, per layer
+            for n in covered:
+                assert int((weights[n] == 0).sum()) >= int(s * weights[n].numel()) > 0.4 * weights[n].numel()

@@ -69,6 +69,7 @@ class SGDConfig:
     lr_decay: float = 0.5  # multiplied in every `decay_every` epochs
     decay_every: int = 10
     decay_start: int = 0  # first epoch with a decayed lr (0 = decay_every)
+    momentum: float = 0.0  # heavy-ball momentum (ResNets: 0.9)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # clip the gradient norm (LSTMs: Zaremba clip 5); 0 = off
 
@@ -77,6 +78,7 @@ class SGDConfig:
         need(self.epochs >= 1 and self.decay_every >= 1, "sgd.epochs", "epochs and decay_every must be >= 1")
         need(self.lr > 0 and self.lr_decay > 0, "sgd.lr", "lr and lr_decay must be > 0")
         need(self.decay_start >= 0, "sgd.decay_start", "must be >= 0 (0 = decay_every)")
+        need(0 <= self.momentum < 1, "sgd.momentum", "must be in [0, 1)")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "sgd.weight_decay", "must be >= 0")
 
     def lr_at(self, epoch: int) -> float:
@@ -224,6 +226,9 @@ class SSGLConfig:
     omega_alpha: float = 0.75
     precision: float = 1.0
     names: list[str] = field(default_factory=list)
+    kappa0: float = -1.0  # starting kappas; < 0 = implied by rho0 (the authors' code: 5e-4 each)
+    kappa1: float = -1.0
+    scale_by_sigma: bool = True  # rho's densities with sigma (the paper) or without (the authors' code)
 
     def validate(self, need) -> None:
         for key in ("v0", "v1", "a", "b", "nu", "lam", "sigma0", "precision", "omega_c", "omega_A", "omega_alpha"):

@@ -125,7 +125,7 @@ def check_model(ctx: Context, where: str = "model") -> None:
     if grouping and grouping not in getattr(model, "groupings", ()):
         raise ConfigError(f"prior.grouping: {ctx.cfg.kinds['model']} has groupings {list(getattr(model, 'groupings', ()))}, "
                           f"not {grouping!r}")
-    widths = ctx.cfg.prune.widths
+    widths = getattr(ctx.cfg.prune, "widths", [])
     if widths:
         sizes = [fam.size for fam in model.unit_groups()]
         if len(widths) != len(sizes) or any(w > n for w, n in zip(widths, sizes)):

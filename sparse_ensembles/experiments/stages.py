@@ -105,7 +105,7 @@ class SGDBaselines:
             if path.exists():
                 continue
             model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
-            opt = torch.optim.SGD(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
             gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
             label = f"SGD member {k + 1}/{c.members}"
 
@@ -156,7 +156,8 @@ def _ssgl_prior(ctx: Context, model: nn.Module) -> Prior:
     names = ssgl_names(c, model)
     omega = c.omega if c.omega >= 0 else Polynomial(c.omega_c, c.omega_A, c.omega_alpha)
     ssgl = SpikeSlabGL(names, v0=c.v0, v1=c.v1, a=c.a, b=c.b, nu=c.nu, lam=c.lam, omega=omega, sigma0=c.sigma0,
-                       delta0=c.delta0, rho0=c.rho0, per_layer=c.per_layer)
+                       delta0=c.delta0, rho0=c.rho0, per_layer=c.per_layer, scale_by_sigma=c.scale_by_sigma,
+                       kappa0=c.kappa0 if c.kappa0 > 0 else None, kappa1=c.kappa1 if c.kappa1 > 0 else None)
     rest = [n for n, _ in model.named_parameters() if n not in set(names)]
     return Sum(ssgl, Gaussian(c.precision, names=rest))
 

@@ -24,6 +24,12 @@ and after every step k the latents move by SA with weight w = omega_k (their Alg
 start (plain SG-MCMC under a fixed SSGL prior). The new rho feeds the kappa update of the same
 step (the order of Algorithm 1). ``delta`` is one per covered tensor (``per_layer=True``, the
 paper's delta_l) or one for all; ``sigma`` is shared.
+
+Two choices where the authors' released code differs from the paper's equations, both options
+here: ``scale_by_sigma=False`` evaluates rho's densities as N(0, v1) and Laplace(0, v0) without
+sigma (their code; the paper's eq. (5) has sigma^2 v1 and sigma v0), and ``kappa0`` / ``kappa1``
+set the starting kappas (their code: 5e-4 each, so the prior starts weak) instead of the values
+rho0 implies, (1 - rho0) / v0 and rho0 / v1, which with their v1 = 1e-5 start a ridge of 5e4.
 """
 from __future__ import annotations
 
@@ -59,7 +65,8 @@ class SpikeSlabGL(Prior):
     def __init__(self, names: Iterable[str], *, v0: float, v1: float, a: float = 1.0, b: float = 1.0,
                  nu: float = 1.0, lam: float = 1.0, omega: Weight = 1.0, form: str = "classification",
                  num_data: Optional[int] = None, sigma0: float = 1.0, delta0: float = 0.5, rho0: float = 0.5,
-                 per_layer: bool = True):
+                 per_layer: bool = True, kappa0: Optional[float] = None, kappa1: Optional[float] = None,
+                 scale_by_sigma: bool = True):
         self.names = list(names)
         if not self.names:
             raise ValueError("SpikeSlabGL covers no parameters; pass the names of the weights it should cover")
@@ -78,6 +85,9 @@ class SpikeSlabGL(Prior):
         self.omega, self.form, self.num_data, self.per_layer = omega, form, num_data, per_layer
         self.sigma = _check_positive("SpikeSlabGL sigma0", sigma0)
         self._start = (float(delta0), float(rho0))
+        self._kappa_start = ((1 - rho0) / self.v0 if kappa0 is None else _check_positive("SpikeSlabGL kappa0", kappa0),
+                             rho0 / self.v1 if kappa1 is None else _check_positive("SpikeSlabGL kappa1", kappa1))
+        self.scale_by_sigma = scale_by_sigma
         self.rho: dict[str, Tensor] = {}
         self.kappa0: dict[str, Tensor] = {}
         self.kappa1: dict[str, Tensor] = {}
@@ -101,8 +111,8 @@ class SpikeSlabGL(Prior):
         for n in self.names:
             p = params[n]
             self.rho[n] = torch.full_like(p, rho0)
-            self.kappa0[n] = torch.full_like(p, (1 - rho0) / self.v0)
-            self.kappa1[n] = torch.full_like(p, rho0 / self.v1)
+            self.kappa0[n] = torch.full_like(p, self._kappa_start[0])
+            self.kappa1[n] = torch.full_like(p, self._kappa_start[1])
             self.delta[n] = delta0
 
     def observe_rss(self, rss: float) -> None:
@@ -138,7 +148,7 @@ class SpikeSlabGL(Prior):
     def rho_tilde(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Eq. (5): P(gamma_j = 1 | beta_j, delta, sigma) at the given weights and the current
         delta and sigma (float64)."""
-        s, v0, v1, out = self.sigma, self.v0, self.v1, {}
+        s, v0, v1, out = (self.sigma if self.scale_by_sigma else 1.0), self.v0, self.v1, {}
         for n in self.names:
             beta, delta = params[n].double(), self.delta.get(n, self._start[0])
             # log a - log b, in log space (the densities underflow for |beta| >> sigma v0)
