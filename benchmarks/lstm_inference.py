@@ -174,6 +174,8 @@ def main():
            "targets": {"speedup_over_flops_ratio": 0.7, "ensemble_vs_single_dense": 1.0}}
     out["speedup_fraction_of_flops_ratio_batch20"] = out["iss_speedup_batch20"] / out["flops_ratio"]
     name = "lstm_inference" + ("_synthetic" if synthetic_run else f"_{Path(args.run).name}")
+    if synthetic_run and args.iss_hidden != ap.get_default("iss_hidden"):
+        name += "_iss" + args.iss_hidden.replace(",", "_")
     path = write(name + ("_quick" if args.quick else ""), out)
     for (k, b) in times:
         print(f"{k:<14} batch {b:>2}: {med[f'{k}_batch{b}_ms_per_step']:7.3f} ms per step")
