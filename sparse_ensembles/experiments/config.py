@@ -103,6 +103,9 @@ class ChainConfig:
     max_grad_norm: float = 0.0  # clip the likelihood gradient (biases the chain when it fires; see SGMCMC)
     # inverse-temperature annealing: T at epoch e is temperature / anneal**e (Deng et al.: 1.005, from 1/1000)
     anneal: float = 1.0
+    # where each chain starts: "" = a fresh random init; "sgd" = the first SGD baseline (Deng et al.
+    # start their ResNet chains from a pretrained dense model)
+    init_from: str = ""
 
     @property
     def epochs_per_chain(self) -> int:
@@ -119,6 +122,7 @@ class ChainConfig:
         need(self.samples % self.chains == 0, "sampler.samples",
              f"{self.samples} samples cannot be shared evenly by {self.chains} chains; use a multiple of sampler.chains")
         need(self.max_grad_norm >= 0, "sampler.max_grad_norm", "must be >= 0 (0 = off)")
+        need(self.init_from in ("", "sgd"), "sampler.init_from", "use \"\" (random init) or \"sgd\" (the first SGD baseline)")
         need(self.anneal >= 1, "sampler.anneal", "must be >= 1 (1 = no annealing; 1.005 = the inverse temperature x 1.005 per epoch)")
 
 

@@ -178,7 +178,7 @@ def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySch
     """Pruning during sampling (``prune.kind = "schedule"``), over the SSGL prior's parameters or
     every prunable weight."""
     p = ctx.cfg.prune
-    if not isinstance(p, ScheduleConfig):
+    if not isinstance(p, ScheduleConfig) or p.target == 0:
         return None
     names = ssgl_names(ctx.cfg.prior, model) if isinstance(ctx.cfg.prior, SSGLConfig) else list(model.prunable_weights())
     return pruning.SparsitySchedule(p.target, p.decay, p.every, p.scope, p.persistent, names)
@@ -213,7 +213,8 @@ class Chain:
         self.sparsity = cfg.prune.target if sparse and isinstance(cfg.prune, ScheduleConfig) else 0.0
 
     def ready(self, out: Path) -> bool:
-        return True
+        """A chain that starts from the first SGD baseline waits for it."""
+        return not self.c.init_from or (out / "sgd" / "member_000.pt").exists()
 
     def done(self, out: Path) -> bool:
         return _done(out / self.name) is not None
@@ -234,7 +235,12 @@ class Chain:
         if marker.exists():
             return json.loads(marker.read_text())["train_seconds"]
         model = ctx.new_model(derive_seed(seed, self.name, chain, "init"))
-        prune = make_pruning(ctx, model) if self.sparse else None
+        if c.init_from == "sgd":
+            start = ctx.out / "sgd" / "member_000.pt"
+            if not start.exists():
+                raise ConfigError(f"sampler.init_from = 'sgd' but {start} does not exist; set sgd.members >= 1")
+            model.load_state_dict(checkpoint.load_member(start, ctx.device)[0].state_dict())
+        prune = make_pruning(ctx, model) if self.sparse else None  # the plain chain is never pruned
         sampler = make_sampler(ctx, model, make_prior(ctx, model, self.sparse), derive_seed(seed, self.name, chain, "noise"),
                                prune)
         gen = torch.Generator().manual_seed(derive_seed(seed, self.name, chain, "data"))
@@ -367,11 +373,11 @@ def build_stages(cfg: Config) -> list:
     if cfg.sgd.members:
         stages.append(SGDBaselines(cfg))
     recipes = [(name, v) for name, v in cfg.recipes() if v.sampler.samples]
-    sparse = {name: bool(v.prior.tag) for name, v in recipes}
+    sparse = {name: bool(v.prior.tag) for name, v in recipes}  # a sparsity-inducing prior
     if cfg.sampler.samples and cfg.sampler.plain_chain and any(sparse.values()):
         stages.append(Chain(cfg, sparse=False))
     for name, v in recipes:
-        main = Chain(v, sparse=sparse[name], variant=name)
+        main = Chain(v, sparse=True, variant=name)  # the configured prior (and pruning schedule, if any)
         stages.append(main)
         if sparse[name] and isinstance(v.prune, SSEPruneConfig):
             stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]

@@ -1,0 +1,40 @@
+"""Every shipped config loads, builds its stages, and builds each variant's model for its task's
+dimensions (no data needed), with the SSGL prior's name patterns matching parameters."""
+from pathlib import Path
+
+import pytest
+
+from sparse_ensembles.experiments import config as config_mod
+from sparse_ensembles.experiments.config import SSGLConfig
+from sparse_ensembles.experiments.stages import build_stages, ssgl_names
+from sparse_ensembles.models import model_class
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+DIMS = {"mnist": {"in_features": 784, "classes": 10}, "fashion-mnist": {"in_features": 784, "classes": 10},
+        "cifar10": {"in_features": 3072, "classes": 10}, "ptb": {"vocab": 10000}}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_loads_builds_its_stages_and_every_variant_model(path):
+    cfg = config_mod.load(path)
+    stages = build_stages(cfg)
+    assert stages and len({s.name for s in stages}) == len(stages)
+    dims = DIMS[cfg.task.dataset]
+    for name, variant in cfg.recipes():
+        model = model_class(variant.kinds["model"]).from_config(variant.model, dims)
+        if isinstance(variant.prior, SSGLConfig):
+            covered = ssgl_names(variant.prior, model)
+            first = next(iter(model.prunable_weights()))
+            assert covered and (variant.prior.names or first not in covered), (name, covered)
+
+
+def test_resnet20_configs_cover_every_conv_but_the_stem_and_have_the_four_methods_at_four_sparsities():
+    for name in ("fmnist_resnet20_sa", "cifar10_resnet20_sa"):
+        cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+        assert sorted(cfg.variants) == sorted(f"{m}_{s}" for m in ("sa_anneal", "sa", "em", "plain") for s in (30, 50, 70, 90))
+        v = cfg.variant("sa_anneal_90")
+        model = model_class("resnet20").from_config(v.model, DIMS[cfg.task.dataset])
+        covered = ssgl_names(v.prior, model)
+        convs = [n for n, p in model.named_parameters() if p.dim() == 4]
+        assert covered == convs[1:] and v.prune.target == 0.9 and (v.prior.v0, v.prior.v1) == (0.005, 1e-5)
+        assert cfg.variant("plain_90").kinds["prior"] == "gaussian" and cfg.variant("em_30").prior.omega == 1.0
