@@ -187,8 +187,8 @@ def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float
 
 @dataclass
 class SparsitySchedule:
-    """Magnitude pruning while a chain samples (Deng et al. 2019, Algorithm 1): after step k the
-    bottom ``s_k`` fraction of the covered weights by |w| is pruned, with
+    """Magnitude pruning while a chain samples (Deng et al. 2019, Algorithm 1): the bottom ``s_k``
+    fraction of the covered weights by |w| is pruned, with
 
         s_k = S * (1 - D ** (k / U))        (S = target, D = decay, U = every; s -> S as k grows)
 
@@ -196,7 +196,12 @@ class SparsitySchedule:
     fixes the masks in the sampler, so pruned weights stay at zero (their momentum too);
     ``persistent=False`` is the authors' code: the weights are re-zeroed after every step but get
     gradients and noise, so they may regrow. Pass it as ``pruning=`` to SGLD / SGHMC (and the SA
-    variants); the masks are saved in the sampler's ``state_dict``."""
+    variants); masks and thresholds are saved in the sampler's ``state_dict``.
+
+    The thresholds (a k-th smallest |w| per tensor, the costly part) are recomputed every
+    ``refresh`` steps (0 = every ``U`` steps, when s_k has moved by a factor ``D``); in between,
+    persistent masks stay as they are and non-persistent pruning re-zeroes every weight below the
+    last threshold (two cheap passes). ``refresh = 1`` follows s_k step by step."""
 
     target: float
     decay: float = 0.99
@@ -204,6 +209,7 @@ class SparsitySchedule:
     scope: str = "layer"
     persistent: bool = True
     names: Optional[list] = None  # the pruned parameters (default: every tensor with dim >= 2)
+    refresh: int = 0
 
     def __post_init__(self):
         _check_sparsity(self.target)
@@ -211,16 +217,42 @@ class SparsitySchedule:
             raise ValueError(f"SparsitySchedule needs 0 < decay < 1 and every > 0; got {self.decay}, {self.every}")
         if self.scope not in ("layer", "global"):
             raise ValueError(f"scope must be 'layer' or 'global', got {self.scope!r}")
+        if self.refresh < 0:
+            raise ValueError(f"refresh must be >= 0 (0 = every U steps), got {self.refresh}")
+        self.thresholds: dict[str, float] = {}
 
     def sparsity(self, step: int) -> float:
         """``s_k`` after ``step`` steps."""
         return self.target * (1 - self.decay ** (step / self.every))
 
+    def _thresholds(self, params: Mapping[str, Tensor], sparsity: float) -> dict[str, float]:
+        """Per tensor (or one global) |w| below or at which the ``sparsity`` fraction lies."""
+        def kth(flat: Tensor) -> float:
+            k = int(round(sparsity * flat.numel()))
+            return float(flat.kthvalue(k).values) if k > 0 else -1.0
+        if self.scope == "layer":
+            return {n: kth(p.detach().abs().flatten()) for n, p in params.items()}
+        t = kth(torch.cat([p.detach().abs().flatten() for p in params.values()]))
+        return {n: t for n in params}
+
     def apply_(self, sampler, step: int) -> None:
         """Called by the sampler after step ``step`` (0-based), so ``step + 1`` steps are done."""
         params = sampler.named_parameters()
         names = self.names if self.names is not None else [n for n, p in params.items() if p.dim() >= 2]
-        chosen = magnitude_masks({n: params[n] for n in names}, self.sparsity(step + 1), scope=self.scope)
+        done = step + 1
+        every = self.refresh or max(1, int(round(self.every)))
+        fresh = not self.thresholds or done % every == 0
+        if fresh:
+            self.thresholds = self._thresholds({n: params[n] for n in names}, self.sparsity(done))
+        elif self.persistent:
+            return  # the fixed masks keep the pruned weights at zero
+        chosen = {n: params[n].abs() > t for n, t in self.thresholds.items()}
         if self.persistent:
             chosen = combine(chosen, {n: m for n, m in sampler.masks.items() if n in chosen})
         sampler.prune_(chosen, fix=self.persistent)
+
+    def state_dict(self) -> dict:
+        return {"thresholds": dict(self.thresholds)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.thresholds = dict(state["thresholds"])

@@ -142,41 +142,46 @@ class SpikeSlabGL(Prior):
             if n in grads:
                 p = params[n]
                 # d/dbeta: kappa0 sign(beta) / sigma + kappa1 beta / sigma^2, in mean-loss units (/ N)
-                grads[n].add_((self.kappa0[n] * p.sign() / s + self.kappa1[n] * p / (s * s)) / num_data)
+                grads[n].addcmul_(self.kappa0[n], p.sign(), value=1 / (s * num_data))
+                grads[n].addcmul_(self.kappa1[n], p, value=1 / (s * s * num_data))
 
     # -- the SA step ---------------------------------------------------------------------------
     def rho_tilde(self, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Eq. (5): P(gamma_j = 1 | beta_j, delta, sigma) at the given weights and the current
-        delta and sigma (float64)."""
-        s, v0, v1, out = (self.sigma if self.scale_by_sigma else 1.0), self.v0, self.v1, {}
-        for n in self.names:
-            beta, delta = params[n].double(), self.delta.get(n, self._start[0])
-            # log a - log b, in log space (the densities underflow for |beta| >> sigma v0)
-            log_slab = -beta.pow(2) / (2 * s * s * v1) - 0.5 * math.log(2 * math.pi * s * s * v1) + math.log(delta)
-            log_spike = -beta.abs() / (s * v0) - math.log(2 * s * v0) + math.log(1 - delta)
-            out[n] = torch.sigmoid(log_slab - log_spike)
-        return out
+        delta and sigma (in the weights' dtype)."""
+        return {n: self._rho_tilde(params[n], self.delta.get(n, self._start[0])) for n in self.names}
+
+    def _rho_tilde(self, beta: Tensor, delta: float, x: Tensor = None, x2: Tensor = None) -> Tensor:
+        # log(a / b) = log N(beta; 0, s^2 v1) + log delta - log Laplace(beta; 0, s v0) - log(1 - delta)
+        #            = c + |beta| / (s v0) - beta^2 / (2 s^2 v1), in log space (the densities underflow)
+        s = self.sigma if self.scale_by_sigma else 1.0
+        v0, v1 = self.v0, self.v1
+        c = (-0.5 * math.log(2 * math.pi * s * s * v1) + math.log(delta)
+             + math.log(2 * s * v0) - math.log(1 - delta))
+        x = beta.abs() if x is None else x
+        x2 = x * x if x2 is None else x2
+        return x.mul(1 / (s * v0)).add_(c).add_(x2, alpha=-1 / (2 * s * s * v1)).sigmoid_()
 
     def update_(self, params, step):
         w = _sa_weight(self.omega, step)
         self._latents(params)
         if w == 0:
             return  # omega = 0: the fixed prior, bit for bit
-        v0, v1 = self.v0, self.v1
-        total_rho, b_sum, j_sum, p_all = {}, 0.0, 0.0, 0
-        tilde = self.rho_tilde(params)
+        sums = []
         for n in self.names:
-            beta = params[n].double()
-            rho = self.rho[n].double().mul_(1 - w).add_(tilde[n], alpha=w)
-            k0 = self.kappa0[n].double().mul_(1 - w).add_((1 - rho) / v0, alpha=w)
-            k1 = self.kappa1[n].double().mul_(1 - w).add_(rho / v1, alpha=w)
-            self.rho[n].copy_(rho)
-            self.kappa0[n].copy_(k0)
-            self.kappa1[n].copy_(k1)
-            total_rho[n] = float(rho.sum())
-            b_sum += float((k0 * beta.abs()).sum())
-            j_sum += float((k1 * beta.pow(2)).sum())
-            p_all += beta.numel()
+            beta = params[n]
+            x = beta.abs()  # |beta| and beta^2 serve eq. (5) and the sigma update
+            x2 = x * x
+            rho = self.rho[n].mul_(1 - w).add_(self._rho_tilde(beta, self.delta[n], x, x2), alpha=w)
+            # kappa0 <- (1 - w) kappa0 + w (1 - rho) / v0, in place without a (1 - rho) temporary
+            k0 = self.kappa0[n].mul_(1 - w).add_(w / self.v0).add_(rho, alpha=-w / self.v0)
+            k1 = self.kappa1[n].mul_(1 - w).add_(rho, alpha=w / self.v1)
+            sums.append(torch.stack([rho.sum(), torch.dot(k0.flatten(), x.flatten()), torch.dot(k1.flatten(), x2.flatten())]))
+        # one host sync for all the scalars (per tensor: sum rho, sum kappa0 |beta|, sum kappa1 beta^2)
+        table = torch.stack(sums).double().cpu()
+        total_rho = dict(zip(self.names, table[:, 0].tolist()))
+        b_sum, j_sum = float(table[:, 1].sum()), float(table[:, 2].sum())
+        p_all = sum(self.rho[n].numel() for n in self.names)
         # delta: per layer (delta_l over p_l weights) or one over all covered weights
         groups = [[n] for n in self.names] if self.per_layer else [self.names]
         for g in groups:

@@ -360,6 +360,8 @@ class SGMCMC(Optimizer):
             sd["prior"] = self.prior.state_dict()
         if self.pruning is not None:  # masks chosen during sampling are part of the chain's state
             sd["masks"] = self.masks
+            if hasattr(self.pruning, "state_dict"):
+                sd["pruning"] = self.pruning.state_dict()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -369,6 +371,7 @@ class SGMCMC(Optimizer):
         clipped = state_dict.pop("clipped_steps", 0)
         prior_state = state_dict.pop("prior", None)
         masks = state_dict.pop("masks", None)
+        pruning_state = state_dict.pop("pruning", None)
         stateful = self.prior is not None and self.prior.stateful
         if (prior_state is not None) != stateful:
             # resuming would silently restart (or drop) the prior's adaptation
@@ -385,6 +388,8 @@ class SGMCMC(Optimizer):
                 g["temperature"] = t
         if masks is not None:
             self.set_masks(masks)
+        if pruning_state is not None and self.pruning is not None:
+            self.pruning.load_state_dict(pruning_state)
         if gen_state is not None:
             self._noise.set_state(gen_state)
         # checkpoints from before the count was saved: every group stepped together
