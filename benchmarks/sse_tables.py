@@ -7,6 +7,8 @@ Runs (or resumes) ``configs/<name>.toml`` into ``runs/<name>`` and copies its ro
     python benchmarks/sse_tables.py --quick mnist_fnn_sse             # same rows on a 5k subset, short chains (< 60 s)
     python benchmarks/sse_tables.py mnist_fnn_sse --tag ramp --set retrain.ramp_epochs=10   # a variant:
         # runs/mnist_fnn_sse_ramp -> benchmarks/results/mnist_fnn_sse_ramp.json
+    python benchmarks/sse_tables.py ptb_lstm_sse_small --evaluate-only   # the rows of runs/<name> so far,
+        # without training (while other processes are still running stages of it)
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import write  # noqa: E402
 
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
-from sparse_ensembles.experiments.pipeline import Pipeline  # noqa: E402
+from sparse_ensembles.experiments.evaluate import evaluate_run  # noqa: E402
+from sparse_ensembles.experiments.pipeline import Pipeline, run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["task.train_subset=5000", "task.test_subset=2000", "sgd.members=3", "sgd.epochs=3", "sampler.burn_in=2",
@@ -33,6 +36,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config override (recorded in the results file)")
     ap.add_argument("--tag", default="", help="name a variant: runs/<name>_<tag>, results/<name>_<tag>.json")
+    ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run directory as it is, train nothing")
     args = ap.parse_args()
     for name in args.names:
         overrides = (QUICK if args.quick else []) + args.set
@@ -40,18 +44,22 @@ def main():
         label = name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
         out = ROOT / "runs" / label
         t0 = time.perf_counter()
-        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
+        if args.evaluate_only:
+            rows = evaluate_run(out, run_config(out))
+        else:
+            rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         wall = time.perf_counter() - t0
         total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
         path = write(label,
-                     {"config": f"configs/{name}.toml", "overrides": overrides,
+                     {"config": f"configs/{name}.toml", "overrides": overrides, "evaluate_only": args.evaluate_only,
                       "wall_seconds_this_invocation": wall, "summed_train_seconds": total_train, "rows": rows})
+        metric, scale, unit = ("error", 100, "%") if "error" in rows[0] else ("ppl", 1, " PPL")
         best = {r["method"]: r for r in rows}
-        sparse = [r for r in rows if r["method"].startswith("SGLD+GSP+PR")]
-        msg = ", ".join(f"{r['method']} {100 * r['error']:.2f}% at {r['params_ratio']:.2f}x params / "
+        sparse = [r for r in rows if "+PR" in r["method"]]
+        msg = ", ".join(f"{r['method']} {scale * r[metric]:.2f}{unit} at {r['params_ratio']:.2f}x params / "
                         f"{r['flops_ratio']:.2f}x FLOPs" for r in sparse)
         sgd1 = best.get("SGD x1")
-        print(f"{label}: SGD x1 {100 * sgd1['error']:.2f}%; {msg} -> {path.name}" if sgd1 else f"{label}: {msg}")
+        print(f"{label}: SGD x1 {scale * sgd1[metric]:.2f}{unit}; {msg} -> {path.name}" if sgd1 else f"{label}: {msg}")
 
 
 if __name__ == "__main__":
