@@ -258,3 +258,36 @@ def test_lstm_prune_widths_give_iss_members_shrunk_to_those_unit_counts(tmp_path
         assert spec["emb"] <= 24 and spec["hidden"][0] <= 16 and spec["hidden"][1] <= 12
     row = json.loads((out / "results.json").read_text())[-1]
     assert row["flops_ratio"] < 0.5 * 2  # two members, each under half a dense model's sub-matrix FLOPs
+
+
+def test_evaluate_with_ood_adds_detection_selective_prediction_and_reliability_for_every_row(tiny_run, tmp_path, capsys):
+    """MNIST in, Fashion-MNIST out: every row gets AUROC / AUPR / FPR95 by predictive entropy (and
+    by mutual information for ensembles), AURC and the error at 80% coverage, and a reliability
+    diagram is drawn."""
+    need_data("fashion-mnist")
+    out = tmp_path / "ood"
+    shutil.copytree(tiny_run, out)
+    assert main(["evaluate", str(out), "--ood", "fashion-mnist"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    for r in rows:
+        assert 0.5 < r["ood_auroc"] <= 1 and 0 <= r["ood_aupr"] <= 1 and 0 <= r["ood_fpr95"] <= 1
+        assert 0 <= r["aurc"] <= r["error"] + 1e-9 and 0 <= r["error_at_80"] <= r["error"] + 1e-9
+        assert ("ood_auroc_mi" in r) == (r["members"] > 1)
+    assert (out / "reliability.png").stat().st_size > 1000
+
+
+def test_an_ood_dataset_of_another_shape_is_a_clear_config_error(tiny_run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from sparse_ensembles.tasks import classification
+
+    real = classification.load_image_dataset
+
+    def fake(name, path=None, allow_download=False):  # CIFAR-shaped images without CIFAR files
+        return (None, None, torch.rand(5, 3072), torch.zeros(5).long()) if name == "cifar10" else real(name, path, allow_download)
+    monkeypatch.setattr(classification, "load_image_dataset", fake)
+    out = tmp_path / "bad"
+    shutil.copytree(tiny_run, out)
+    assert main(["evaluate", str(out), "--ood", "cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert "3072 features" in err and "same shape" in err

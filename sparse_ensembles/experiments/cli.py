@@ -27,6 +27,8 @@ def main(argv=None) -> int:
                           "With --resume, several processes can share one run directory")
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
+    ev.add_argument("--ood", default=None, metavar="DATASET",
+                    help="also score out-of-distribution detection against DATASET's test images (e.g. fashion-mnist)")
     dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
     dl.add_argument("name", choices=sorted([*DATASETS, "cifar10"]))
     dl.add_argument("--dest", help="target directory (default: the user cache)")
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
             print(f"run directory: {out}")
             Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set, only=args.only).run()
         elif args.command == "evaluate":
-            evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)))
+            evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)), ood=args.ood)
         elif args.command == "download":
             fetch = download_cifar10 if args.name == "cifar10" else (lambda dest: download(args.name, dest))
             print(f"saved to {fetch(args.dest)}")

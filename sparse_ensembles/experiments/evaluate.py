@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .. import checkpoint
-from .config import Config
+from .config import Config, ConfigError
 from .stages import Context, build_stages
 
 
-def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] = print) -> list[dict]:
+def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] = print,
+                 ood: Optional[str] = None) -> list[dict]:
+    """``ood``: score out-of-distribution detection against this dataset (default: ``task.ood``)."""
     from .pipeline import build_task, resolve_device
     from .plots import slug, write_plots  # matplotlib only when needed
 
@@ -21,16 +23,25 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
     task = task or build_task(cfg, device)
     ctx = Context(cfg, task, out, device, log, progress=False)
     ref = ctx.new_model(0).cost()
-    results, curves, inputs, units = [], {}, {}, {}
+    results, curves, inputs, units, reliabilities = [], {}, {}, {}, {}
+    ood = ood if ood is not None else getattr(cfg.task, "ood", "")
+    if ood and not hasattr(task, "ood_stream"):
+        raise ConfigError(f"--ood: the {cfg.kinds['task']} task has no out-of-distribution evaluation")
     for stage in build_stages(cfg):
         for row in stage.rows(out):
             streams = {split: task.stream(split) for split in task.splits}
+            try:
+                ood_stream = task.ood_stream(ood) if ood else None
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             cost = {"params": 0, "flops": 0, "nonzero_macs": 0}
             metas, member_inputs, member_units = [], [], []
             for f in row.files:  # one member in memory at a time
                 model, meta = checkpoint.load_member(f, device)
                 for s in streams.values():
                     s.add(model)
+                if ood_stream is not None:
+                    ood_stream.add(model)
                 for k, v in model.cost().items():
                     cost[k] += v
                 metas.append(meta)
@@ -44,6 +55,9 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
             for split, s in streams.items():
                 result.update({f"{k}_{split}": v for k, v in s.result.items()})
             result.update(streams["test"].result if "test" in streams else {})
+            if hasattr(task, "uncertainty") and "test" in streams:
+                result.update(task.uncertainty(streams["test"], ood_stream))
+                reliabilities[name] = task.reliability(streams["test"])
             result.update({"params": cost["params"], "flops": cost["flops"], "nonzero_macs": cost["nonzero_macs"],
                            "params_ratio": cost["params"] / ref["params"], "flops_ratio": cost["flops"] / ref["flops"],
                            "macs_ratio": cost["nonzero_macs"] / ref["nonzero_macs"],
@@ -59,6 +73,9 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
                                           "units_per_member": member_units})
     checkpoint.atomic_write_json(out / "results.json", results)
     write_plots(out, results, curves, inputs, task.dims.get("in_features", 0), task.columns[:2], units)
+    if reliabilities:
+        from ..uncertainty import plot_reliability
+        plot_reliability(reliabilities, out / "reliability.png")
     log(format_table(results, task.columns, title=f"{cfg.experiment.name}: {task.describe()} (test set; valid in results.json)"))
     return results
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
+from ..uncertainty import entropy
 
 TASKS = Registry("task kind")
 register_task = TASKS.register
@@ -43,9 +44,13 @@ class EnsembleStream:
     is ``log mean_m p_m = logsumexp_m log p_m - log M``, accumulated with ``logaddexp``.
     """
 
-    def __init__(self, score: Callable[[nn.Module], Tensor], metrics: Callable[[Tensor], dict]):
+    def __init__(self, score: Callable[[nn.Module], Tensor], metrics: Callable[[Tensor], dict],
+                 track_entropy: bool = False):
         self._score, self._metrics = score, metrics
         self._sum: Optional[Tensor] = None  # log sum_m p_m
+        # sum_m H[p_m] over the last dim (class log-probs only): the members' disagreement (mutual
+        # information) is H[mean] - mean_m H[p_m], without keeping the members
+        self._entropy_sum: Optional[Tensor] = None if not track_entropy else 0
         self.members = 0
         self.curve: list[dict] = []
 
@@ -56,9 +61,25 @@ class EnsembleStream:
         logp = self._score(model)
         model.train(was_training)
         self._sum = logp if self._sum is None else torch.logaddexp(self._sum, logp)
+        if self._entropy_sum is not None:
+            self._entropy_sum = self._entropy_sum + entropy(logp)
         self.members += 1
         self.curve.append(self._metrics(self._sum - math.log(self.members)))
         return self.curve[-1]
+
+    @property
+    def mean_logp(self) -> Tensor:
+        """log of the mean of the members' probabilities."""
+        if self._sum is None:
+            raise ValueError("no member was added to this stream")
+        return self._sum - math.log(self.members)
+
+    @property
+    def expected_entropy(self) -> Tensor:
+        """mean_m H[p_m] (only for streams made with ``track_entropy=True``)."""
+        if self._entropy_sum is None or not self.members:
+            raise ValueError("this stream does not track member entropies, or has no member")
+        return self._entropy_sum / self.members
 
     @property
     def result(self) -> dict[str, Any]:

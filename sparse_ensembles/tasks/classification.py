@@ -30,12 +30,15 @@ class Classification:
         train_subset: int = 0  # train on the first n of the remaining training images (0 = all)
         test_subset: int = 0  # evaluate on the first n test images (0 = all)
         eval_batch_size: int = 1000
+        ood: str = ""  # evaluation also scores OOD detection against this dataset's test images ("" = none)
 
         def validate(self, need) -> None:
             need(self.dataset in image_datasets(), "task.dataset", f"unknown dataset {self.dataset!r}; known: {image_datasets()}")
             need(self.batch_size >= 1 and self.eval_batch_size >= 1, "task.batch_size", "batch sizes must be >= 1")
             need(0 <= self.valid_size < 60000, "task.valid_size", "must be in [0, 60000) (0 = no validation split)")
             need(self.train_subset >= 0 and self.test_subset >= 0, "task.train_subset", "subsets must be >= 0 (0 = all)")
+            need(self.ood in ("", *image_datasets()) and self.ood != self.dataset, "task.ood",
+                 f"use another image dataset of the same shape ({image_datasets()}) or \"\"")
 
     columns = ("error", "nll", "ece", "brier")
 
@@ -45,6 +48,7 @@ class Classification:
         self.data = {s: (x.to(self.device), y.to(self.device)) for s, (x, y) in
                      (("train", train), ("valid", valid), ("test", test))}
         self.batch_size, self.eval_batch_size, self.name = batch_size, eval_batch_size, name
+        self._ood: dict[str, Tensor] = {}
         x = self.data["train"][0]
         self.num_train = len(x)
         self.dims = {"in_features": int(x[0].numel()), "classes": int(max(int(y.max()) for _, y in self.data.values() if len(y)) + 1)}
@@ -99,7 +103,46 @@ class Classification:
     def stream(self, split: str) -> EnsembleStream:
         x, y = self.data[split]
         score = lambda model: metrics.predict_logprobs(model, x, self.eval_batch_size)
-        return EnsembleStream(score, lambda logp: metrics.classification_metrics(logp, y))
+        return EnsembleStream(score, lambda logp: metrics.classification_metrics(logp, y), track_entropy=True)
+
+    # -- uncertainty (issue 12) -------------------------------------------------------------------
+    def ood_stream(self, dataset: str, path: str = "") -> EnsembleStream:
+        """The test images of another dataset of the same shape (MNIST <-> Fashion-MNIST), scored
+        without labels, for out-of-distribution detection."""
+        if dataset not in self._ood:
+            _, _, x, _ = load_image_dataset(dataset, path or None)
+            if x[0].numel() != self.dims["in_features"]:
+                raise ValueError(f"ood dataset {dataset}: its images have {x[0].numel()} features, {self.name}'s "
+                                 f"{self.dims['in_features']}; pick a dataset of the same shape")
+            self._ood[dataset] = x.to(self.device)
+        x = self._ood[dataset]
+        score = lambda model: metrics.predict_logprobs(model, x, self.eval_batch_size)
+        return EnsembleStream(score, lambda logp: {}, track_entropy=True)
+
+    def uncertainty(self, stream: EnsembleStream, ood: EnsembleStream | None = None, split: str = "test") -> dict:
+        """Selective prediction (AURC, error at 80% coverage) on ``split`` (``stream`` is its
+        stream), and, given an OOD stream, detection by predictive entropy and (ensembles) mutual
+        information (OOD = positive, higher score = more likely OOD)."""
+        from .. import uncertainty as U
+
+        y = self.data[split][1]
+        mean = stream.mean_logp
+        top, pred = mean.max(1)
+        correct = pred == y
+        out = {"aurc": U.aurc(top.exp(), correct), "error_at_80": U.error_at_coverage(top.exp(), correct, 0.8)}
+        if ood is not None:
+            h_in, h_out = U.predictive_entropy(mean), U.predictive_entropy(ood.mean_logp)
+            out.update({f"ood_{k}": v for k, v in U.ood_metrics(h_in, h_out).items()})
+            if stream.members > 1:
+                mi_in = U.mutual_information(mean, stream.expected_entropy)
+                mi_out = U.mutual_information(ood.mean_logp, ood.expected_entropy)
+                out.update({f"ood_{k}_mi": v for k, v in U.ood_metrics(mi_in, mi_out).items()})
+        return out
+
+    def reliability(self, stream: EnsembleStream, split: str = "test") -> dict:
+        """The reliability diagram's bins (the same bins as the ECE)."""
+        from .. import uncertainty as U
+        return U.reliability(stream.mean_logp, self.data[split][1], log=True)
 
     def probe(self, model: nn.Module) -> Tensor:
         with torch.no_grad():
