@@ -291,3 +291,30 @@ def test_an_ood_dataset_of_another_shape_is_a_clear_config_error(tiny_run, tmp_p
     assert main(["evaluate", str(out), "--ood", "cifar10"]) == 2
     err = capsys.readouterr().err
     assert "3072 features" in err and "same shape" in err
+
+
+def test_distill_cli_trains_a_student_on_a_cached_truncated_teacher_from_a_run_row(tiny_run, tmp_path):
+    """Teacher = the tiny run's pruned ensemble; student = the tiny MLP with the SGD schedule. The
+    table gets the label-only student (SGD x1) and the distilled one; the cache reports its size."""
+    out = tmp_path / "kd"
+    args = ["distill", TINY, "--teacher", f"{tiny_run}:SGLD+GSP+PR 90%", "--out", str(out), "--no-progress",
+            "--set", "sampler.samples=0", "--set", "sgd.members=1", "--lam", "0.7"]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert list(rows) == ["SGD x1", "KD(SGLD+GSP+PR 90%, lam 0.7) x1"]
+    assert rows["KD(SGLD+GSP+PR 90%, lam 0.7) x1"]["error"] < 0.5
+    info = json.loads((out / "distill" / "teacher.json").read_text())
+    assert info["row"] == "SGLD+GSP+PR 90%" and info["members"] == 3 and info["rows"] == 2000 and info["cache_bytes"] > 0
+    assert 1 <= info["mean_kept"] <= 10
+
+
+def test_self_distillation_trains_model_b_on_model_a_and_a_missing_teacher_row_is_a_clear_error(tiny_run, tmp_path, capsys):
+    out = tmp_path / "self"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sampler.samples=0",
+                 "--set", "sgd.members=1", "--set", "distill.teacher=\"self\""]) == 0
+    assert [r["method"] for r in json.loads((out / "results.json").read_text())] == ["SGD x1", "self-distilled (lam 0.5) x1"]
+    assert main(["distill", TINY, "--teacher", f"{tiny_run}:no such row", "--out", str(tmp_path / "bad"),
+                 "--no-progress", "--set", "sampler.samples=0"]) == 2
+    err = capsys.readouterr().err
+    assert "no such row" in err and "SGLD+GSP+PR 90%" in err
+    assert not (tmp_path / "bad" / "sgd").exists()  # checked before any training

@@ -25,6 +25,15 @@ def main(argv=None) -> int:
     run.add_argument("--only", action="append", default=[], metavar="STAGE",
                      help="run only these stages (folder names, shell patterns: 'sgd', '*iss*'); repeatable. "
                           "With --resume, several processes can share one run directory")
+    dist = sub.add_parser("distill", help="distil a finished run's row (or this run's SGD model) into the config's model")
+    dist.add_argument("config", help="a TOML config: its [model] is the student, [sgd] its schedule")
+    dist.add_argument("--teacher", required=True, metavar="RUN_DIR[:ROW]",
+                      help="a run directory and optionally a method of its results.json (default its last row), or 'self'")
+    dist.add_argument("--lam", type=float, default=None, help="weight of the teacher term (default distill.lam)")
+    dist.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    dist.add_argument("--out", help="run directory (default runs/<experiment.name>)")
+    dist.add_argument("--resume", action="store_true")
+    dist.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
     ev.add_argument("--ood", default=None, metavar="DATASET",
@@ -39,6 +48,14 @@ def main(argv=None) -> int:
             out = Path(args.out or Path("runs") / cfg.experiment.name)
             print(f"run directory: {out}")
             Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set, only=args.only).run()
+        elif args.command == "distill":
+            overrides = args.set + [f"distill.teacher={_toml_str(args.teacher)}"]
+            if args.lam is not None:
+                overrides.append(f"distill.lam={args.lam}")
+            cfg = config_mod.load(args.config, overrides)
+            out = Path(args.out or Path("runs") / cfg.experiment.name)
+            print(f"run directory: {out}")
+            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=overrides).run()
         elif args.command == "evaluate":
             evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)), ood=args.ood)
         elif args.command == "download":
@@ -51,6 +68,10 @@ def main(argv=None) -> int:
         print("\ninterrupted: finished work is saved; continue with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _toml_str(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 if __name__ == "__main__":

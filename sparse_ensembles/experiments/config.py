@@ -1,7 +1,7 @@
 """Typed experiment configuration, read from TOML.
 
 Sections ``[experiment]``, ``[task]``, ``[model]``, ``[sgd]``, ``[sampler]``, ``[prior]``,
-``[prune]``, ``[retrain]``. Where several implementations exist the section carries a ``kind``
+``[prune]``, ``[retrain]``, ``[distill]``. Where several implementations exist the section carries a ``kind``
 (``task.kind = "language_model"``, ``model.kind = "lstm_lm"``, ``sampler.kind = "sghmc"``), and
 each kind is a dataclass of its own with its own checks; the kinds come from their registries
 (tasks, model kinds) or from the tables below. Unknown keys and wrong types are errors that name
@@ -258,6 +258,27 @@ class ScheduleConfig:
         need(self.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
 
 
+@dataclass
+class DistillConfig:
+    """Distil a teacher into the configured model (the student), trained with the ``[sgd]``
+    schedule on L = lam * CE(teacher, student) + (1 - lam) * CE(labels, student) (Geras et al.
+    2016; torchdistill's alpha = 1 - lam). ``teacher``: a run directory, optionally
+    ``RUN_DIR:ROW`` with ROW a method of its results.json (default its last row), or "self" =
+    this run's first SGD member (self-compression: an identical model B mimics A). The teacher's
+    predictive distribution over the training set is computed once, truncated to the classes
+    covering ``mass`` (at most ``max_k``; 0 = no limit), and cached in ``distill/``."""
+    teacher: str = ""  # "" = no distillation
+    lam: float = 0.5
+    mass: float = 0.99
+    max_k: int = 0
+    students: int = 1
+
+    def validate(self, need) -> None:
+        need(0 <= self.lam <= 1, "distill.lam", "must be in [0, 1] (0 = labels only, 1 = teacher only)")
+        need(0 < self.mass <= 1, "distill.mass", "the teacher probability mass kept per row, in (0, 1]")
+        need(self.max_k >= 0 and self.students >= 1, "distill.max_k", "need max_k >= 0 (0 = no limit), students >= 1")
+
+
 SAMPLERS = {"sgld": SGLDConfig, "sghmc": SGHMCConfig}
 PRIORS = {"group_lasso": GroupLassoConfig, "gaussian": GaussianConfig, "ssgl": SSGLConfig}
 PRUNERS = {"sse": SSEPruneConfig, "schedule": ScheduleConfig}
@@ -270,13 +291,13 @@ def _kinds() -> dict[str, tuple[dict[str, type], str]]:
             "sampler": (SAMPLERS, "sgld"), "prior": (PRIORS, "group_lasso"), "prune": (PRUNERS, "sse")}
 
 
-PLAIN = {"experiment": ExperimentConfig, "sgd": SGDConfig, "retrain": RetrainConfig}
+PLAIN = {"experiment": ExperimentConfig, "sgd": SGDConfig, "retrain": RetrainConfig, "distill": DistillConfig}
 VARIED = ("model", "sampler", "prior", "prune", "retrain")  # the sections a variant may change
 # sections of the first release's schema, and where their keys went
 MOVED = {"data": "[data] is now [task] (kind = \"classification\", name -> dataset)",
          "sgld": "[sgld] is now [sampler] (kind = \"sgld\"; prior_precision -> prior.precision)",
          "gsp": "[gsp] is now [prior] (kind = \"group_lasso\", lam; enabled = false -> kind = \"gaussian\")"}
-ORDER = ("experiment", "task", "model", "sgd", "sampler", "prior", "prune", "retrain")
+ORDER = ("experiment", "task", "model", "sgd", "sampler", "prior", "prune", "retrain", "distill")
 
 
 @dataclass
@@ -289,6 +310,7 @@ class Config:
     prior: Any = None
     prune: Any = None
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     kinds: dict = field(default_factory=dict)  # section -> kind
     variants: dict = field(default_factory=dict)  # name -> {section: {key: value}} (see the module doc)
 

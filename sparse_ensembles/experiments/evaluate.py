@@ -86,12 +86,12 @@ _FORMATS = {"error": ("error %", 100, 8, ".2f"), "nll": ("NLL", 1, 8, ".4f"), "e
 
 def format_table(rows: list[dict], columns=("error", "nll", "ece", "brier"), title: str = "") -> str:
     cols = [c for c in columns if c in _FORMATS]
-    width = max([22] + [len(r["method"]) + 1 for r in rows])
-    head = f"{'method':<{width}}{'members':>8}" + "".join(f"{_FORMATS[c][0]:>{_FORMATS[c][2] + 1}}" for c in cols)
+    name_width = max([22] + [len(r["method"]) + 1 for r in rows])
+    head = f"{'method':<{name_width}}{'members':>8}" + "".join(f"{_FORMATS[c][0]:>{_FORMATS[c][2] + 1}}" for c in cols)
     head += f"{'params':>11}{'x1':>6}{'FLOPs':>12}{'x1':>6}{'train s':>9}"
     lines = ([title] if title else []) + [head, "-" * len(head)]
     for r in rows:
-        line = f"{r['method']:<{width}}{r['members']:>8}"
+        line = f"{r['method']:<{name_width}}{r['members']:>8}"
         for c in cols:
             label, scale, width, fmt = _FORMATS[c]
             line += f"{scale * r.get(c, math.nan):>{width + 1}{fmt}}"

@@ -179,6 +179,9 @@ class Pipeline:
                     raise ConfigError(f"--only {pattern!r} matches no stage; this config's stages: {names}")
             stages = [s for s in stages if any(fnmatch.fnmatch(s.name, p) for p in self.only)]
         for stage in stages:
+            if hasattr(stage, "check"):
+                stage.check(self.out)
+        for stage in stages:
             if stage.done(self.out):
                 continue
             if not stage.ready(self.out):

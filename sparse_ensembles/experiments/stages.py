@@ -366,6 +366,100 @@ class PruneRetrain:
         return [Row(f"{self.source.label}+PR {pct(self.sparsity)}%", files, self.sparsity, seconds)] if files else []
 
 
+class Distill:
+    """``distill.students`` students (the configured model) trained with the ``[sgd]`` schedule on
+    the Geras loss against a cached, truncated teacher (see :class:`~.config.DistillConfig`)."""
+
+    name = "distill"
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.d, self.c = cfg, cfg.distill, cfg.sgd
+        teacher = self.d.teacher
+        self.self_teacher = teacher == "self"
+        self.teacher_run, self.row = None, None
+        if not self.self_teacher:  # RUN_DIR or RUN_DIR:ROW
+            run, row = (teacher, "") if Path(teacher).exists() or ":" not in teacher else teacher.rsplit(":", 1)
+            self.teacher_run, self.row = Path(run), row or None
+
+    def check(self, out: Path) -> None:
+        """Fail before any training if the teacher cannot be found."""
+        if not self.self_teacher:
+            self._teacher(out)
+
+    def _teacher(self, out: Path) -> tuple[str, list[Path]]:
+        from ..distill import member_files
+        if self.self_teacher:
+            return "self", [out / "sgd" / "member_000.pt"]
+        if not (self.teacher_run / "config.toml").exists() and not (self.teacher_run / "config.current.toml").exists():
+            raise ConfigError(f"distill.teacher: {self.teacher_run} is not a run directory (no config.toml); give "
+                              "RUN_DIR or RUN_DIR:ROW of a finished run, or \"self\"")
+        try:
+            return member_files(self.teacher_run, self.row)
+        except ValueError as e:
+            raise ConfigError(f"distill.teacher: {e}") from None
+
+    def ready(self, out: Path) -> bool:
+        return not self.self_teacher or (out / "sgd" / "member_000.pt").exists()
+
+    def done(self, out: Path) -> bool:
+        return all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(self.d.students))
+
+    def run(self, ctx: Context) -> None:
+        from .. import distill
+        c, d, folder, seed = self.c, self.d, ctx.out / self.name, ctx.cfg.experiment.seed
+        row, files = self._teacher(ctx.out)
+        cache_file = folder / "teacher_cache.pt"
+        if cache_file.exists():
+            cache = distill.TeacherCache.load(cache_file)
+        else:
+            ctx.log(f"distill: caching the teacher ({row}, {len(files)} member(s)) over the training set")
+            cache = distill.TeacherCache.from_members(files, ctx.task.distill_inputs(), mass=d.mass,
+                                                      max_k=d.max_k or None, device=ctx.device)
+            cache.save(cache_file)
+            checkpoint.atomic_write_json(folder / "teacher.json", {"teacher": d.teacher, "row": row, "members": len(files),
+                                                                   "rows": len(cache), "cache_bytes": cache.nbytes,
+                                                                   "mean_kept": float(cache.counts.float().mean())})
+        by_batch = not hasattr(ctx.task, "data")  # language models: the cache is indexed by segment
+
+        def loss_fn(model, batch, state):
+            x, y, rows = batch
+            logits, state = ctx.task.logits(model, x, state)
+            idx, probs = cache.lookup_batch(rows) if by_batch else cache.lookup(rows)
+            teacher = (idx.to(logits.device), probs.to(logits.device))
+            return distill.geras_loss(logits, y, teacher, d.lam), state
+
+        for k in range(d.students):
+            path = folder / f"member_{k:03d}.pt"
+            if path.exists():
+                continue
+            model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
+            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
+            label = f"distilled student {k + 1}/{d.students}"
+
+            def epoch(e):
+                for group in opt.param_groups:
+                    group["lr"] = c.lr_at(e)
+                return train_epoch(model, opt, ctx.task.distill_batches(gen), loss_fn=loss_fn,
+                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
+
+            ckpt = folder / f"member_{k:03d}.ckpt"
+            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
+                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+            checkpoint.save_member(path, model, train_seconds=seconds, teacher=d.teacher, teacher_row=row, lam=d.lam)
+            ckpt.unlink(missing_ok=True)
+            ctx.log(f"{label}: {seconds:.1f} s")
+
+    def rows(self, out: Path) -> list[Row]:
+        files = sorted((out / self.name).glob("member_*.pt"))
+        info = out / self.name / "teacher.json"
+        row = json.loads(info.read_text())["row"] if info.exists() else "?"
+        each = lambda metas: sum(m.get("train_seconds", float("nan")) for m in metas)
+        label = f"KD({row}, lam {self.d.lam:g})" if row != "self" else f"self-distilled (lam {self.d.lam:g})"
+        # "+PR" in a teacher's name would drop the member count from the label; keep it explicit
+        return [Row(label + f" x{len(files)}" if "+PR" in label else label, files, 0.0, each)] if files else []
+
+
 def build_stages(cfg: Config) -> list:
     """The SSE recipe from the config: SGD baselines, the plain chain, and for the base config or
     each variant the sparse chain and prune + retrain of its samples at each sparsity."""
@@ -381,4 +475,6 @@ def build_stages(cfg: Config) -> list:
         stages.append(main)
         if sparse[name] and isinstance(v.prune, SSEPruneConfig):
             stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]
+    if cfg.distill.teacher:
+        stages.append(Distill(cfg))
     return stages

@@ -95,6 +95,23 @@ class Classification:
         x, y = batch
         return F.cross_entropy(model(x), y), None
 
+    # -- distillation (issue 12): a teacher cache over the training rows, in order ------------------
+    def distill_inputs(self) -> Tensor:
+        """The training inputs in cache-row order."""
+        return self.data["train"][0]
+
+    def distill_batches(self, generator: torch.Generator):
+        """Shuffled ``(x, y, rows)``: ``rows`` index the teacher cache (``cache.lookup(rows)``)."""
+        x, y = self.data["train"]
+        perm = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), self.batch_size):
+            rows = perm[i:i + self.batch_size]
+            idx = rows.to(self.device)
+            yield x[idx], y[idx], rows
+
+    def logits(self, model: nn.Module, x: Tensor, state=None):
+        return model(x), None
+
     # -- evaluation ----------------------------------------------------------------------------
     @property
     def splits(self) -> list[str]:

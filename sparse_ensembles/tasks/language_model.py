@@ -95,6 +95,19 @@ class LanguageModel:
         logits, state = model(x, _detach(state))
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state
 
+    # -- distillation (issue 12): the cache's rows are the tokens of each segment, in order -------
+    def distill_inputs(self) -> list[Tensor]:
+        """The training segments' inputs, in order (the cache carries each member's state)."""
+        return [x for x, _ in bptt_segments(self.batched["train"], self.bptt)]
+
+    def distill_batches(self, generator: torch.Generator = None):
+        """``(x, y, b)`` in stream order: ``b`` is the segment (``cache.lookup_batch(b)``)."""
+        for b, (x, y) in enumerate(bptt_segments(self.batched["train"], self.bptt)):
+            yield x, y, b
+
+    def logits(self, model: nn.Module, x: Tensor, state=None):
+        return model(x, _detach(state))
+
     # -- evaluation ----------------------------------------------------------------------------
     @property
     def splits(self) -> list[str]:
