@@ -154,6 +154,9 @@ def test_tiny_cnn_sa_config_runs_sghmc_sa_em_and_fixed_prior_chains_pruned_on_a_
     assert list(rows) == ["SGD x1", "SGHMC+SSGL(sa) x2", "SGHMC+SSGL(em) x2", "SGHMC+SSGL(fixed) x2"]
     for variant in ("sa", "em", "fixed"):
         assert rows[f"SGHMC+SSGL({variant}) x2"]["sparsity"] == 0.5 and rows[f"SGHMC+SSGL({variant}) x2"]["error"] < 0.5
+        trace = json.loads((out / f"sghmc_ssgl_{variant}" / "trace_0.json").read_text())
+        assert [t["epoch"] for t in trace] == [1, 2, 3] and all(t["sigma"] > 0 and 0 < t["delta"] < 1 for t in trace)
+        assert trace[-1]["sparsity"] >= 0.4  # the schedule's, over the covered weights
         for f in sorted((out / f"sghmc_ssgl_{variant}").glob("sample_*.pt")):
             model, meta = checkpoint.load_member(f)
             weights = dict(model.named_parameters())

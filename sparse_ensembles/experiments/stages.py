@@ -251,10 +251,20 @@ class Chain:
             return train_epoch(model, sampler, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
                                where=f"{label} epoch {e + 1}")
 
+        ssgl = next((p for p in getattr(sampler.prior, "priors", ()) if isinstance(p, SpikeSlabGL)), None)
+        trace_file = folder / f"trace_{chain}.json"
+
         def collect(done: int):
             if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
                 k = first + (done - c.burn_in) // c.thin - 1
                 checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, epoch=done, chain=chain)
+            if ssgl is not None:  # the SA latents' trace: sigma, delta, spike fraction, sparsity
+                params = sampler.named_parameters()
+                zeros = sum(int((params[n] == 0).sum()) for n in ssgl.names)
+                rec = {"epoch": done, **ssgl.trace(), "sparsity": zeros / max(ssgl.covered, 1)}
+                trace = json.loads(trace_file.read_text()) if trace_file.exists() else []
+                checkpoint.atomic_write_json(trace_file, [t for t in trace if t["epoch"] < done] + [rec])
+                ctx.log(f"{label} epoch {done}: " + ", ".join(f"{k_} {v:.4g}" for k_, v in rec.items() if k_ != "epoch"))
 
         try:
             seconds = run_epochs(folder / f"chain_{chain}.pt", epochs,
