@@ -165,3 +165,19 @@ def test_tiny_cnn_sa_config_runs_sghmc_sa_em_and_fixed_prior_chains_pruned_on_a_
             s = 0.5 * (1 - 0.8 ** (meta["epoch"] * 20 / 2))  # 20 steps per epoch, per layer
             for n in covered:
                 assert int((weights[n] == 0).sum()) >= int(s * weights[n].numel()) > 0.4 * weights[n].numel()
+
+
+def test_distilling_an_lstm_ensemble_through_the_cli_uses_a_truncated_per_token_cache(tmp_path):
+    """PTB subset: an SGD x2 LSTM ensemble distilled into one LSTM of the same size; the cache holds
+    one truncated row per training token and the student's row is in the table."""
+    need_data("ptb")
+    teacher = tmp_path / "teacher"
+    base = ["--no-progress", "--set", "sampler.samples=0", "--set", "sgd.epochs=1", "--set", "task.train_tokens=4000"]
+    assert main(["run", str(TINY_LM), "--out", str(teacher), "--set", "sgd.members=2"] + base) == 0
+    student = tmp_path / "student"
+    assert main(["distill", str(TINY_LM), "--teacher", f"{teacher}:SGD x2", "--out", str(student),
+                 "--set", "sgd.members=1", "--set", "distill.mass=0.9", "--set", "distill.max_k=50"] + base) == 0
+    rows = {r["method"]: r for r in json.loads((student / "results.json").read_text())}
+    assert list(rows) == ["SGD x1", "KD(SGD x2, lam 0.5) x1"] and rows["KD(SGD x2, lam 0.5) x1"]["ppl_test"] < 10000
+    info = json.loads((student / "distill" / "teacher.json").read_text())
+    assert info["rows"] == 20 * (4000 // 20 - 1) and 1 <= info["mean_kept"] <= 50

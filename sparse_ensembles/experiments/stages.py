@@ -423,8 +423,14 @@ class Distill:
             cache = distill.TeacherCache.load(cache_file)
         else:
             ctx.log(f"distill: caching the teacher ({row}, {len(files)} member(s)) over the training set")
-            cache = distill.TeacherCache.from_members(files, ctx.task.distill_inputs(), mass=d.mass,
-                                                      max_k=d.max_k or None, device=ctx.device)
+            inputs = ctx.task.distill_inputs()
+            # the dense (rows, classes) buffer of the running mixture stays under ~256 MB: a chunk of
+            # batches at a time (every member is reloaded per chunk) for a 10k-word vocabulary
+            classes = ctx.task.dims.get("classes") or ctx.task.dims.get("vocab")
+            rows = inputs[0].numel() if isinstance(inputs, list) else min(len(inputs), 1000)
+            chunk = max(1, (256 << 20) // (4 * rows * classes))
+            cache = distill.TeacherCache.from_members(files, inputs, mass=d.mass, max_k=d.max_k or None,
+                                                      device=ctx.device, chunk_batches=chunk)
             cache.save(cache_file)
             checkpoint.atomic_write_json(folder / "teacher.json", {"teacher": d.teacher, "row": row, "members": len(files),
                                                                    "rows": len(cache), "cache_bytes": cache.nbytes,
