@@ -38,7 +38,7 @@ KEYS = ("error", "nll", "ece", "brier", "aurc", "error_at_80", "ood_auroc", "ood
         "ood_auroc_mi", "ood_aupr_mi", "ood_fpr95_mi", "params_ratio", "members")
 
 
-def run(config: str, out: str, overrides=(), ood: str = "") -> list[dict]:
+def run(config: str, out: str, overrides=(), ood=None) -> list[dict]:
     cfg = config_mod.load(ROOT / "configs" / f"{config}.toml", list(overrides))
     path = ROOT / "runs" / out
     Pipeline(cfg, path, resume=True, progress=False, overrides=list(overrides), log=lambda m: None).run()
