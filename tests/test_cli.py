@@ -171,8 +171,10 @@ def test_tiny_lm_config_runs_the_whole_sse_pipeline_on_ptb_and_shrinks_lstm_memb
         assert {"ppl_valid", "ppl_test", "nll_valid", "nll_test", "params", "flops", "train_seconds"} <= set(r)
         assert math.isclose(r["ppl_test"], math.exp(r["nll_test"]), rel_tol=1e-9)
         assert r["ppl_test"] < 10000  # better than a uniform guess over the 10k-word vocabulary
+        assert 0 <= r["ece"] <= 1 and 0 <= r["aurc"] <= 1 and 0 < r["word_error"] <= 1  # next-word calibration
     pruned = rows[-1]
     assert pruned["params_ratio"] < 0.5 * rows[3]["params_ratio"]
+    assert (out / "reliability.png").stat().st_size > 1000
     for f in sorted((out / "pruned_90").glob("member_*.pt")):
         blob = torch.load(f, weights_only=True)
         assert blob["spec"]["kind"] == "lstm_lm" and blob["meta"]["sparsity"] >= 0.9

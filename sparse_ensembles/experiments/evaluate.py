@@ -58,6 +58,12 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
             if hasattr(task, "uncertainty") and "test" in streams:
                 result.update(task.uncertainty(streams["test"], ood_stream))
                 reliabilities[name] = task.reliability(streams["test"])
+            elif hasattr(task, "uncertainty_from_models") and "test" in task.splits:
+                # next-word calibration needs every member at once (segment by segment, states carried)
+                members = [checkpoint.load_member(f, device)[0] for f in row.files]
+                extra, reliabilities[name] = task.uncertainty_from_models(members)
+                result.update(extra)
+                del members
             result.update({"params": cost["params"], "flops": cost["flops"], "nonzero_macs": cost["nonzero_macs"],
                            "params_ratio": cost["params"] / ref["params"], "flops_ratio": cost["flops"] / ref["flops"],
                            "macs_ratio": cost["nonzero_macs"] / ref["nonzero_macs"],

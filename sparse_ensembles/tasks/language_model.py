@@ -127,6 +127,36 @@ class LanguageModel:
             return {"ppl": math.exp(nll), "nll": nll}
         return EnsembleStream(lambda model: self.target_logprobs(model, split), lm_metrics)
 
+    # -- uncertainty (issue 12): next-word calibration and selective prediction ------------------
+    @torch.no_grad()
+    def top_predictions(self, models: list, split: str = "test") -> tuple[Tensor, Tensor]:
+        """For every predicted token of ``split``: the ensemble's top next-word log-probability
+        (``log max_w mean_m p_m(w)``) and whether that word is the target. Segment by segment with
+        every member's state carried, so memory is one segment's (tokens, vocabulary) mixture."""
+        for m in models:
+            m.eval()
+        states, tops, hits = [None] * len(models), [], []
+        for x, y in bptt_segments(self.batched[split], self.bptt):
+            total = None
+            for i, m in enumerate(models):
+                logits, states[i] = m(x, states[i])
+                logp = torch.log_softmax(logits.float(), -1)
+                total = logp if total is None else torch.logaddexp(total, logp)
+            top, word = (total - math.log(len(models))).max(-1)
+            tops.append(top.flatten())
+            hits.append((word == y).flatten())
+        return torch.cat(tops), torch.cat(hits)
+
+    def uncertainty_from_models(self, models: list, split: str = "test") -> tuple[dict, dict]:
+        """ECE, AURC and the error at 80% coverage of the next-word predictions, and the
+        reliability diagram's bins."""
+        from .. import uncertainty as U
+        top, correct = self.top_predictions(models, split)
+        rel = U.reliability_from_topk(top, correct)
+        conf = top.exp()
+        return ({"ece": float(rel["ece"]), "word_error": float(1 - correct.float().mean()),
+                 "aurc": U.aurc(conf, correct), "error_at_80": U.error_at_coverage(conf, correct, 0.8)}, rel)
+
     def probe(self, model: nn.Module) -> Tensor:
         with torch.no_grad():
             return model(self.batched["test" if "test" in self.batched else "train"][:, :20])[0]
