@@ -1,5 +1,4 @@
 """Distillation losses, truncated teacher cache and teachers (sparse_ensembles.distill)."""
-import math
 
 import pytest
 import torch

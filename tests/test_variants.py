@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import need_data
-from sparse_ensembles.experiments import config as config_mod
 from sparse_ensembles.experiments.cli import main
 from sparse_ensembles.experiments.config import ConfigError, SGDConfig, from_dict, to_toml
 from sparse_ensembles.experiments.pipeline import claim

@@ -84,6 +84,32 @@ def _done(folder: Path) -> Optional[dict]:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, loss_fn, **meta) -> None:
+    """Member ``k`` of ``stage`` trained with the ``[sgd]`` schedule ``c`` (plain or momentum SGD,
+    step decay) on ``loss_fn`` over ``batches(generator)``, checkpointed every epoch, saved as
+    ``<stage>/member_<k>.pt`` with ``meta``; nothing to do if that file exists."""
+    folder, seed = ctx.out / stage, ctx.cfg.experiment.seed
+    path = folder / f"member_{k:03d}.pt"
+    if path.exists():
+        return
+    model = ctx.new_model(derive_seed(seed, stage, k, "init"))
+    opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    gen = torch.Generator().manual_seed(derive_seed(seed, stage, k, "data"))
+
+    def epoch(e):
+        for group in opt.param_groups:
+            group["lr"] = c.lr_at(e)
+        return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
+                           where=f"{label} epoch {e + 1}")
+
+    ckpt = folder / f"member_{k:03d}.ckpt"
+    seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
+                         epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+    checkpoint.save_member(path, model, train_seconds=seconds, **meta)
+    ckpt.unlink(missing_ok=True)
+    ctx.log(f"{label}: {seconds:.1f} s")
+
+
 class SGDBaselines:
     """``sgd.members`` dense models trained with SGD from their own seeds."""
 
@@ -99,28 +125,9 @@ class SGDBaselines:
         return True
 
     def run(self, ctx: Context) -> None:
-        c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
-        for k in range(c.members):
-            path = folder / f"member_{k:03d}.pt"
-            if path.exists():
-                continue
-            model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
-            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
-            label = f"SGD member {k + 1}/{c.members}"
-
-            def epoch(e):
-                for group in opt.param_groups:
-                    group["lr"] = c.lr_at(e)
-                return train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
-                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
-
-            ckpt = folder / f"member_{k:03d}.ckpt"
-            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
-                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
-            checkpoint.save_member(path, model, train_seconds=seconds)
-            ckpt.unlink(missing_ok=True)
-            ctx.log(f"{label}: {seconds:.1f} s")
+        for k in range(self.c.members):
+            train_sgd_member(ctx, self.c, self.name, k, f"SGD member {k + 1}/{self.c.members}",
+                             ctx.task.train_batches, ctx.task.loss)
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
@@ -416,7 +423,7 @@ class Distill:
 
     def run(self, ctx: Context) -> None:
         from .. import distill
-        c, d, folder, seed = self.c, self.d, ctx.out / self.name, ctx.cfg.experiment.seed
+        c, d, folder = self.c, self.d, ctx.out / self.name
         row, files = self._teacher(ctx.out)
         cache_file = folder / "teacher_cache.pt"
         if cache_file.exists():
@@ -445,26 +452,8 @@ class Distill:
             return distill.geras_loss(logits, y, teacher, d.lam), state
 
         for k in range(d.students):
-            path = folder / f"member_{k:03d}.pt"
-            if path.exists():
-                continue
-            model = ctx.new_model(derive_seed(seed, self.name, k, "init"))
-            opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
-            label = f"distilled student {k + 1}/{d.students}"
-
-            def epoch(e):
-                for group in opt.param_groups:
-                    group["lr"] = c.lr_at(e)
-                return train_epoch(model, opt, ctx.task.distill_batches(gen), loss_fn=loss_fn,
-                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
-
-            ckpt = folder / f"member_{k:03d}.ckpt"
-            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
-                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
-            checkpoint.save_member(path, model, train_seconds=seconds, teacher=d.teacher, teacher_row=row, lam=d.lam)
-            ckpt.unlink(missing_ok=True)
-            ctx.log(f"{label}: {seconds:.1f} s")
+            train_sgd_member(ctx, c, self.name, k, f"distilled student {k + 1}/{d.students}", ctx.task.distill_batches,
+                             loss_fn, teacher=d.teacher, teacher_row=row, lam=d.lam)
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
