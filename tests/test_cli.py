@@ -297,14 +297,17 @@ def test_an_ood_dataset_of_another_shape_is_a_clear_config_error(tiny_run, tmp_p
 
 def test_distill_cli_trains_a_student_on_a_cached_truncated_teacher_from_a_run_row(tiny_run, tmp_path):
     """Teacher = the tiny run's pruned ensemble; student = the tiny MLP with the SGD schedule. The
-    table gets the label-only student (SGD x1) and the distilled one; the cache reports its size."""
+    table gets the label-only student (SGD x1), the distilled one, and the distilled one pruned to
+    90%, retrained on the same loss and shrunk; the cache reports its size."""
     out = tmp_path / "kd"
     args = ["distill", TINY, "--teacher", f"{tiny_run}:SGLD+GSP+PR 90%", "--out", str(out), "--no-progress",
-            "--set", "sampler.samples=0", "--set", "sgd.members=1", "--lam", "0.7"]
+            "--set", "sampler.samples=0", "--set", "sgd.members=1", "--lam", "0.7", "--set", "distill.sparsities=[0.9]"]
     assert main(args) == 0
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
-    assert list(rows) == ["SGD x1", "KD(SGLD+GSP+PR 90%, lam 0.7) x1"]
+    assert list(rows) == ["SGD x1", "KD(SGLD+GSP+PR 90%, lam 0.7) x1", "KD(SGLD+GSP+PR 90%, lam 0.7)+PR 90%"]
     assert rows["KD(SGLD+GSP+PR 90%, lam 0.7) x1"]["error"] < 0.5
+    sparse = rows["KD(SGLD+GSP+PR 90%, lam 0.7)+PR 90%"]
+    assert sparse["params_ratio"] < 0.15 and sparse["error"] < 0.6
     info = json.loads((out / "distill" / "teacher.json").read_text())
     assert info["row"] == "SGLD+GSP+PR 90%" and info["members"] == 3 and info["rows"] == 2000 and info["cache_bytes"] > 0
     assert 1 <= info["mean_kept"] <= 10

@@ -272,11 +272,15 @@ class DistillConfig:
     mass: float = 0.99
     max_k: int = 0
     students: int = 1
+    # sparse students: each pruned to these sparsities ([prune] settings) and retrained ([retrain])
+    # on the same distillation loss, then shrunk
+    sparsities: list[float] = field(default_factory=list)
 
     def validate(self, need) -> None:
         need(0 <= self.lam <= 1, "distill.lam", "must be in [0, 1] (0 = labels only, 1 = teacher only)")
         need(0 < self.mass <= 1, "distill.mass", "the teacher probability mass kept per row, in (0, 1]")
         need(self.max_k >= 0 and self.students >= 1, "distill.max_k", "need max_k >= 0 (0 = no limit), students >= 1")
+        need(all(0 <= s < 1 for s in self.sparsities), "distill.sparsities", "each is the fraction removed, in [0, 1)")
 
 
 SAMPLERS = {"sgld": SGLDConfig, "sghmc": SGHMCConfig}

@@ -219,6 +219,15 @@ class Chain:
         # pruning during sampling (prune.kind = "schedule") makes the samples sparse themselves
         self.sparsity = cfg.prune.target if sparse and isinstance(cfg.prune, ScheduleConfig) else 0.0
 
+    member_glob = "sample_*.pt"  # what PruneRetrain prunes
+
+    def objective(self, ctx: Context):
+        """(batches(generator), loss_fn) for retraining what this stage wrote: the task's own."""
+        return ctx.task.train_batches, ctx.task.loss
+
+    def row_label(self, out: Path) -> str:
+        return self.label
+
     def ready(self, out: Path) -> bool:
         """A chain that starts from the first SGD baseline waits for it."""
         return not self.c.init_from or (out / "sgd" / "member_000.pt").exists()
@@ -294,19 +303,20 @@ def pct(s: float) -> str:
 
 
 class PruneRetrain:
-    """SSE pruning of every sample of ``source`` to ``sparsity``, masked retraining, shrinking."""
+    """SSE pruning of every member ``source`` wrote (a chain's samples, distilled students) to
+    ``sparsity``, masked retraining on the source's objective, shrinking."""
 
-    def __init__(self, cfg: Config, source: Chain, sparsity: float, variant: str = ""):
+    def __init__(self, cfg: Config, source, sparsity: float, variant: str = ""):
         self.cfg, self.source, self.sparsity = cfg, source, sparsity
         self.name = f"pruned_{pct(sparsity)}" + (f"_{variant}" if variant else "")
         self.p, self.c = cfg.prune, cfg.retrain
 
     def ready(self, out: Path) -> bool:
-        """Only after the chain has written all its samples."""
+        """Only after the source has written all its members."""
         return self.source.done(out)
 
     def _samples(self, out: Path) -> list[Path]:
-        return sorted((out / self.source.name).glob("sample_*.pt"))
+        return sorted((out / self.source.name).glob(self.source.member_glob))
 
     def done(self, out: Path) -> bool:
         n = len(self._samples(out))
@@ -322,6 +332,7 @@ class PruneRetrain:
         c, p, seed, ctx = self.c, self.p, ctx.cfg.experiment.seed, ctx.with_cfg(self.cfg)
         folder = ctx.out / self.name
         samples = self._samples(ctx.out)
+        batches, loss_fn = self.source.objective(ctx)
         for k, sample in enumerate(samples):
             path = folder / f"member_{k:03d}.pt"
             if path.exists():
@@ -353,7 +364,7 @@ class PruneRetrain:
 
             def epoch(e):
                 set_masks(e)
-                loss = train_epoch(model, opt, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+                loss = train_epoch(model, opt, batches(gen), loss_fn=loss_fn,
                                    max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
                 sched.step()
                 return loss
@@ -380,7 +391,7 @@ class PruneRetrain:
         info = _done(out / self.source.name)
         chain = info["train_seconds"] if info else float("nan")
         seconds = lambda metas: chain + sum(m.get("train_seconds", 0.0) for m in metas)
-        return [Row(f"{self.source.label}+PR {pct(self.sparsity)}%", files, self.sparsity, seconds)] if files else []
+        return [Row(f"{self.source.row_label(out)}+PR {pct(self.sparsity)}%", files, self.sparsity, seconds)] if files else []
 
 
 class Distill:
@@ -388,6 +399,7 @@ class Distill:
     the Geras loss against a cached, truncated teacher (see :class:`~.config.DistillConfig`)."""
 
     name = "distill"
+    member_glob = "member_*.pt"
 
     def __init__(self, cfg: Config):
         self.cfg, self.d, self.c = cfg, cfg.distill, cfg.sgd
@@ -442,6 +454,17 @@ class Distill:
             checkpoint.atomic_write_json(folder / "teacher.json", {"teacher": d.teacher, "row": row, "members": len(files),
                                                                    "rows": len(cache), "cache_bytes": cache.nbytes,
                                                                    "mean_kept": float(cache.counts.float().mean())})
+        loss_fn = self._loss(ctx, cache)
+        for k in range(d.students):
+            train_sgd_member(ctx, c, self.name, k, f"distilled student {k + 1}/{d.students}", ctx.task.distill_batches,
+                             loss_fn, teacher=d.teacher, teacher_row=row, lam=d.lam)
+        seconds = sum(checkpoint.load(folder / f"member_{k:03d}.pt").get("meta", {}).get("train_seconds", 0.0)
+                      for k in range(d.students))
+        checkpoint.atomic_write_json(folder / "done.json", {"train_seconds": seconds})
+
+    def _loss(self, ctx: Context, cache):
+        """The Geras loss against the cached teacher rows of each batch."""
+        from .. import distill
         by_batch = not hasattr(ctx.task, "data")  # language models: the cache is indexed by segment
 
         def loss_fn(model, batch, state):
@@ -449,18 +472,23 @@ class Distill:
             logits, state = ctx.task.logits(model, x, state)
             idx, probs = cache.lookup_batch(rows) if by_batch else cache.lookup(rows)
             teacher = (idx.to(logits.device), probs.to(logits.device))
-            return distill.geras_loss(logits, y, teacher, d.lam), state
+            return distill.geras_loss(logits, y, teacher, self.d.lam), state
+        return loss_fn
 
-        for k in range(d.students):
-            train_sgd_member(ctx, c, self.name, k, f"distilled student {k + 1}/{d.students}", ctx.task.distill_batches,
-                             loss_fn, teacher=d.teacher, teacher_row=row, lam=d.lam)
+    def objective(self, ctx: Context):
+        """Sparse students retrain on the distillation loss too."""
+        from ..distill import TeacherCache
+        return ctx.task.distill_batches, self._loss(ctx, TeacherCache.load(ctx.out / self.name / "teacher_cache.pt"))
+
+    def row_label(self, out: Path) -> str:
+        info = out / self.name / "teacher.json"
+        row = json.loads(info.read_text())["row"] if info.exists() else "?"
+        return f"KD({row}, lam {self.d.lam:g})" if row != "self" else f"self-distilled (lam {self.d.lam:g})"
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
-        info = out / self.name / "teacher.json"
-        row = json.loads(info.read_text())["row"] if info.exists() else "?"
         each = lambda metas: sum(m.get("train_seconds", float("nan")) for m in metas)
-        label = f"KD({row}, lam {self.d.lam:g})" if row != "self" else f"self-distilled (lam {self.d.lam:g})"
+        label = self.row_label(out)
         # "+PR" in a teacher's name would drop the member count from the label; keep it explicit
         return [Row(label + f" x{len(files)}" if "+PR" in label else label, files, 0.0, each)] if files else []
 
@@ -481,5 +509,7 @@ def build_stages(cfg: Config) -> list:
         if sparse[name] and isinstance(v.prune, SSEPruneConfig):
             stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]
     if cfg.distill.teacher:
-        stages.append(Distill(cfg))
+        student = Distill(cfg)
+        stages.append(student)
+        stages += [PruneRetrain(cfg, student, s, variant="distill") for s in cfg.distill.sparsities]
     return stages
