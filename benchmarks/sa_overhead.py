@@ -11,7 +11,9 @@ shared machine hit all alike; medians per step. Real MNIST when found, random im
 
     python benchmarks/sa_overhead.py [--threads 1] [--quick]
 
-Key ``sa_vs_sghmc`` (shipped config) and ``sa_all_pruned_vs_sghmc``. Target: <= 1.3.
+Key ``sa_vs_sghmc`` (shipped config, SGHMC-SA at its best setting: the SA update inline or
+overlapped with the next forward pass in a worker thread, ``overlap_prior_update=True``, which the
+experiment layer uses on CPU) and ``sa_all_pruned_vs_sghmc``. Target: <= 1.3.
 """
 from __future__ import annotations
 
@@ -52,8 +54,9 @@ def make(kind: str, seed: int = 0):
                   generator=torch.Generator().manual_seed(seed))
     if kind == "sghmc":
         return model, SGHMC(model.named_parameters(), 0.05, prior=Gaussian(1.0), **common)
-    if kind == "sghmc_sa":
-        return model, SGHMCSA(model.named_parameters(), 0.05, sparse=["fc1.weight"], a=3.2e6, b=3.2e6, **SSGL, **common)
+    if kind in ("sghmc_sa", "sghmc_sa_overlap"):  # the SA update inline, or beside the next forward pass
+        return model, SGHMCSA(model.named_parameters(), 0.05, sparse=["fc1.weight"], a=3.2e6, b=3.2e6, **SSGL, **common,
+                              overlap_prior_update=kind.endswith("overlap"))
     covered = list(model.prunable_weights())[1:]
     return model, SGHMCSA(model.named_parameters(), 0.05, sparse=covered, a=1e4, b=1e4, **SSGL,
                           pruning=SparsitySchedule(0.9, 0.99, 50, "layer", False, covered), **common)
@@ -70,7 +73,7 @@ def main():
         args.steps, args.rounds = 5, 3
     torch.set_num_threads(args.threads)
     data = batches(args.steps, 100)
-    kinds = ["sghmc", "sghmc_sa", "sghmc_sa_all_pruned"]
+    kinds = ["sghmc", "sghmc_sa", "sghmc_sa_overlap", "sghmc_sa_all_pruned"]
     runs = {k: make(k) for k in kinds}
     times = {k: [] for k in kinds}
 
@@ -91,7 +94,9 @@ def main():
     med = {k: 1e3 * median(v) for k, v in times.items()}
     out = {"threads": args.threads, "batch": 100, "steps_per_round": args.steps, "rounds": args.rounds,
            "quick": args.quick, "ms_per_step": med,
-           "sa_vs_sghmc": med["sghmc_sa"] / med["sghmc"],
+           "sa_vs_sghmc": min(med["sghmc_sa"], med["sghmc_sa_overlap"]) / med["sghmc"],
+           "sa_inline_vs_sghmc": med["sghmc_sa"] / med["sghmc"],
+           "sa_overlap_vs_sghmc": med["sghmc_sa_overlap"] / med["sghmc"],
            "sa_all_pruned_vs_sghmc": med["sghmc_sa_all_pruned"] / med["sghmc"],
            "covered_params": {"sghmc_sa": runs["sghmc_sa"][1].ssgl.covered,
                               "sghmc_sa_all_pruned": runs["sghmc_sa_all_pruned"][1].ssgl.covered},
@@ -100,7 +105,8 @@ def main():
     for k in kinds:
         print(f"{k:<22} {med[k]:7.2f} ms per step")
     print(f"sa_overhead: SGHMC-SA / SGHMC per step {out['sa_vs_sghmc']:.2f}x on the shipped CNN config "
-          f"(SSGL on fc1), {out['sa_all_pruned_vs_sghmc']:.2f}x with SSGL on every weight but the first and "
+          f"(SSGL on fc1; SA update inline {out['sa_inline_vs_sghmc']:.2f}x, overlapped "
+          f"{out['sa_overlap_vs_sghmc']:.2f}x), {out['sa_all_pruned_vs_sghmc']:.2f}x with SSGL on every weight but the first and "
           f"pruning every step (target <= 1.3: {'met' if out['sa_vs_sghmc'] <= 1.3 else 'NOT met'}) -> {path.name}")
 
 

@@ -256,3 +256,17 @@ def test_sgld_sa_recovers_the_three_nonzero_coefficients_of_a_small_large_p_smal
     rho = opt.ssgl.rho["beta"]
     assert bool((rho[:3] > 0.5).all())
     assert int((rho[3:] > 0.5).sum()) <= 4
+
+
+def test_the_prior_update_overlapped_in_a_worker_thread_gives_the_same_chain_and_latents():
+    a, b = _mlp(), _mlp()
+    sync = _sghmc_sa(a, omega=Polynomial(0.5, 1, 0.6), overlap_prior_update=False)
+    overlapped = _sghmc_sa(b, omega=Polynomial(0.5, 1, 0.6), overlap_prior_update=True, prefetch_noise=True)
+    assert overlapped.overlap_prior_update and not sync.overlap_prior_update
+    _steps(a, sync, 12)
+    _steps(b, overlapped, 12)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    sa, sb = sync.ssgl.state_dict(), overlapped.state_dict()["prior"]["0"]
+    assert sa["sigma"] == sb["sigma"] and all(torch.equal(sa["rho"][n], sb["rho"][n]) for n in sa["rho"])
+    overlapped.close()

@@ -198,7 +198,8 @@ def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=
     temperature = c.temperature if c.anneal == 1 else StepDecay(c.temperature, 1 / c.anneal, steps)
     generator = torch.Generator(ctx.device).manual_seed(seed)
     common = dict(num_data=ctx.task.num_train, temperature=temperature, prior=prior, generator=generator,
-                  prefetch_noise=c.prefetch_noise, noise=c.noise, pruning=prune)
+                  prefetch_noise=c.prefetch_noise, noise=c.noise, pruning=prune,
+                  overlap_prior_update=c.prefetch_noise and ctx.device.type == "cpu")  # SA latents in a worker
     if c.max_grad_norm:
         common["max_grad_norm"] = c.max_grad_norm
     if isinstance(c, SGHMCConfig):
@@ -275,6 +276,7 @@ class Chain:
                 k = first + (done - c.burn_in) // c.thin - 1
                 checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, epoch=done, chain=chain)
             if ssgl is not None:  # the SA latents' trace: sigma, delta, spike fraction, sparsity
+                sampler.synchronize()
                 params = sampler.named_parameters()
                 zeros = sum(int((params[n] == 0).sum()) for n in ssgl.names)
                 rec = {"epoch": done, **ssgl.trace(), "sparsity": zeros / max(ssgl.covered, 1)}

@@ -44,6 +44,7 @@ class _Adaptive:
     def trace(self) -> dict:
         """sigma, mean delta, the fraction of covered weights in the spike (rho < 0.5) and the
         fraction exactly zero (pruned): what the paper's figures follow."""
+        self.synchronize()  # a prior update may be running in the worker thread
         params = self.named_parameters()
         zeros = sum(int((params[n] == 0).sum()) for n in self.ssgl.names)
         total = sum(params[n].numel() for n in self.ssgl.names)

@@ -167,7 +167,7 @@ class SGMCMC(Optimizer):
     def __init__(self, params, defaults: dict, *, num_data: int, prior: Optional[Prior],
                  masks: Optional[Mapping[str, Tensor]], generator: Optional[torch.Generator],
                  prefetch_noise: bool, noise: str = "gaussian", max_grad_norm: Optional[float] = None,
-                 pruning=None):
+                 pruning=None, overlap_prior_update: Optional[bool] = None):
         lr = defaults["lr"]
         if not callable(lr) and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
             raise ValueError(f"invalid learning rate {lr!r}: use a number >= 0 or a schedule (step -> lr)")
@@ -207,16 +207,37 @@ class SGMCMC(Optimizer):
             raise ValueError(f"the noise generator is on {generator.device}, the parameters on {device}; "
                              f"pass torch.Generator({device.type!r}) or none")
         self._noise = _NoiseSource(self._params, generator, prefetch_noise, noise)
+        # Opt-in: a stateful prior's update (the SA latents) only has to be done when the next step
+        # adds the prior's gradient, so it can run in a worker thread while the training loop
+        # computes the next forward / backward (torch releases the GIL). Same arithmetic, same
+        # order: the chain is identical; read the prior's state after synchronize(). Not with a
+        # pruning schedule, which writes the parameters after the update.
+        self.overlap_prior_update = bool(overlap_prior_update) and pruning is None
+        self._prior_pool: Optional[ThreadPoolExecutor] = None
+        self._prior_pending: Optional[Future] = None
+        self._prior_finalizer: Optional[weakref.finalize] = None
 
     @property
     def clipped_steps(self) -> int:
         """How many steps had their likelihood gradient rescaled by ``max_grad_norm``."""
         return int(self._clipped.item())
 
+    def synchronize(self) -> None:
+        """Wait for a prior update running in the worker thread (and raise its error, if any).
+        Reading the prior's state directly needs this first; ``state_dict`` and ``step`` call it."""
+        if self._prior_pending is not None:
+            pending, self._prior_pending = self._prior_pending, None
+            pending.result()
+
     def close(self) -> None:
-        """Stop the noise worker thread (idempotent; never required: it also stops when the sampler
-        is garbage-collected, and a later ``step`` starts it again). The chain is unaffected."""
+        """Stop the worker threads (idempotent; never required: they also stop when the sampler
+        is garbage-collected, and a later ``step`` starts them again). The chain is unaffected."""
+        self.synchronize()
         self._noise.close()
+        if self._prior_pool is not None:
+            self._prior_finalizer.detach()
+            self._prior_pool.shutdown(wait=True)
+            self._prior_pool = self._prior_finalizer = None
 
     # -- masks ---------------------------------------------------------------------------------
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -311,6 +332,7 @@ class SGMCMC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.synchronize()  # the prior's state must be this step's before its gradient is added
         grads = self._effective_grads()
         temps = [resolve_temperature(g["temperature"], g["step"]) for g in self.param_groups]
         noise = {}
@@ -331,7 +353,13 @@ class SGMCMC(Optimizer):
             self._update(ps, [grads[id(p)] for p in ps], zs, lr, temperature, group)
             group["step"] += 1
         if self.prior is not None and self.prior.stateful:
-            self.prior.update_(self._detached, self._steps)
+            if self.overlap_prior_update:
+                if self._prior_pool is None:
+                    self._prior_pool = ThreadPoolExecutor(1, thread_name_prefix="sgmcmc-prior")
+                    self._prior_finalizer = weakref.finalize(self, self._prior_pool.shutdown, wait=False)
+                self._prior_pending = self._prior_pool.submit(self.prior.update_, self._detached, self._steps)
+            else:
+                self.prior.update_(self._detached, self._steps)
         if self.pruning is not None:
             self.pruning.apply_(self, self._steps)
         self._steps += 1
@@ -347,6 +375,7 @@ class SGMCMC(Optimizer):
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):
+        self.synchronize()
         sd = super().state_dict()
         # schedules are code, not data: they stay with the sampler that was constructed
         for g in sd["param_groups"]:
@@ -365,6 +394,7 @@ class SGMCMC(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        self.synchronize()
         state_dict = dict(state_dict)
         gen_state = state_dict.pop("noise_generator", None)
         steps = state_dict.pop("steps", None)
@@ -429,10 +459,11 @@ class SGLD(SGMCMC):
 
     def __init__(self, params, lr, *, num_data: int, temperature: float = 1.0, prior: Optional[Prior] = None,
                  masks=None, generator: Optional[torch.Generator] = None, prefetch_noise: bool = False,
-                 noise: str = "gaussian", max_grad_norm: Optional[float] = None, pruning=None):
+                 noise: str = "gaussian", max_grad_norm: Optional[float] = None, pruning=None,
+                 overlap_prior_update: Optional[bool] = None):
         super().__init__(params, dict(lr=lr, temperature=temperature), num_data=num_data, prior=prior,
                          masks=masks, generator=generator, prefetch_noise=prefetch_noise, noise=noise,
-                         max_grad_norm=max_grad_norm, pruning=pruning)
+                         max_grad_norm=max_grad_norm, pruning=pruning, overlap_prior_update=overlap_prior_update)
 
     def _update(self, params, grads, noise, lr, temperature, group):
         sgld_(params, grads, noise, lr=lr, temperature=temperature, num_data=self.num_data)
@@ -453,7 +484,7 @@ class SGHMC(SGMCMC):
                  estimate_gradient_noise: bool = False, noise_decay: float = 0.99,
                  prior: Optional[Prior] = None, masks=None, generator: Optional[torch.Generator] = None,
                  prefetch_noise: bool = False, noise: str = "gaussian", max_grad_norm: Optional[float] = None,
-                 pruning=None):
+                 pruning=None, overlap_prior_update: Optional[bool] = None):
         if not (isinstance(friction, (int, float)) and 0 < friction <= 1):
             raise ValueError(f"invalid friction {friction!r}: use 0 < friction <= 1 (momentum = 1 - friction)")
         if not 0 < noise_decay < 1:
@@ -461,7 +492,8 @@ class SGHMC(SGMCMC):
         super().__init__(params, dict(lr=lr, temperature=temperature, friction=friction,
                                       estimate_gradient_noise=estimate_gradient_noise, noise_decay=noise_decay),
                          num_data=num_data, prior=prior, masks=masks, generator=generator,
-                         prefetch_noise=prefetch_noise, noise=noise, max_grad_norm=max_grad_norm, pruning=pruning)
+                         prefetch_noise=prefetch_noise, noise=noise, max_grad_norm=max_grad_norm, pruning=pruning,
+                         overlap_prior_update=overlap_prior_update)
 
     def _init_state(self, p, state, group):
         state["momentum"] = torch.zeros_like(p)
