@@ -14,10 +14,12 @@ def pytest_configure(config):
 
 
 def need_data(name: str):
-    """Skip a test (with the reason) where ../shared or $SPARSE_ENSEMBLES_DATA lacks ``name``."""
-    root = os.environ.get("SPARSE_ENSEMBLES_DATA")
-    if not root or not (Path(root) / name).is_dir():
-        pytest.skip(f"{name} data not found (../shared/data/{name} or $SPARSE_ENSEMBLES_DATA/{name})")
+    """Skip a test (with the reason) where no directory the loaders search holds ``name``
+    (../shared/data, $SPARSE_ENSEMBLES_DATA, /usr/share/datasets, the user cache)."""
+    from sparse_ensembles.data.registry import candidate_dirs
+
+    if not any(d.is_dir() for d in candidate_dirs(name)):
+        pytest.skip(f"{name} data not found (../shared/data/{name}, $SPARSE_ENSEMBLES_DATA/{name} or /usr/share/datasets/{name})")
 
 
 @pytest.fixture

@@ -38,3 +38,4 @@ def test_resnet20_configs_cover_every_conv_but_the_stem_and_have_the_four_method
         convs = [n for n, p in model.named_parameters() if p.dim() == 4]
         assert covered == convs[1:] and v.prune.target == 0.9 and (v.prior.v0, v.prior.v1) == (0.005, 1e-5)
         assert cfg.variant("plain_90").kinds["prior"] == "gaussian" and cfg.variant("em_30").prior.omega == 1.0
+        assert all(cfg.variant(n).prune.names == ["blocks.*.conv*.weight"] for n in cfg.variants)  # same layers pruned

@@ -58,11 +58,12 @@ def test_stages_run_one_chain_and_pruning_per_variant_and_the_plain_chain_once()
                      "sgld_gsp_tied", "pruned_90_tied"]
 
 
-def test_a_variant_changing_the_prior_kind_starts_that_section_afresh_and_has_no_pruning():
+def test_a_variant_changing_the_prior_kind_starts_that_section_afresh_and_its_samples_are_pruned_too():
     cfg = _lm_config('[variants.plain]\nprior.kind = "gaussian"\nprior.precision = 2.0\n')
     v = cfg.variant("plain")
     assert cfg.kinds["prior"] == "group_lasso" and v.kinds["prior"] == "gaussian" and v.prior.precision == 2.0
-    assert [s.name for s in build_stages(cfg)] == ["sgd", "sgld_plain"]
+    # a Gaussian chain's samples are pruned and retrained as well ("SGLD+PR"), as without variants
+    assert [s.name for s in build_stages(cfg)] == ["sgd", "sgld_plain", "pruned_90_plain"]
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -83,22 +84,24 @@ def test_sgd_lr_rule_is_a_step_decay_by_default_and_zaremba_with_decay_start():
     assert [zaremba.lr_at(e) for e in range(6)] == [1, 1, 1, 1, 0.5, 0.25]
 
 
-def test_claim_skips_a_stage_held_by_a_live_process_and_takes_over_a_dead_ones_lock(tmp_path):
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    boot_id = boot.read_text().strip() if boot.exists() else ""
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+def test_claim_skips_a_stage_another_process_holds_and_takes_it_once_that_process_is_gone(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"f = open({str(tmp_path / 'a' / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush(); print('held', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    (tmp_path / "a").mkdir()
     try:
-        (tmp_path / "a").mkdir()
-        (tmp_path / "a" / ".lock").write_text(f"{sleeper.pid} {boot_id}")
-        with claim(tmp_path / "a") as holder:
-            assert holder == sleeper.pid
-        assert (tmp_path / "a" / ".lock").exists()  # not ours to remove
+        assert holder.stdout.readline().strip() == "held"
+        with claim(tmp_path / "a") as pid:
+            assert pid == holder.pid
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    with claim(tmp_path / "a") as holder:  # the holder died: stale, taken over
-        assert holder is None and (tmp_path / "a" / ".lock").read_text().split()[0] == str(os.getpid())
-    assert not (tmp_path / "a" / ".lock").exists()
+        holder.kill()  # dies holding the lock: the kernel releases it
+        holder.wait()
+    with claim(tmp_path / "a") as pid:
+        assert pid is None and (tmp_path / "a" / ".lock").read_text() == str(os.getpid())
+        with claim(tmp_path / "a") as again:  # a second claim (another open file) is refused
+            assert again == os.getpid()
 
 
 LM_KEYS = {"method", "members", "ppl_valid", "ppl_test", "nll_test", "params", "flops", "params_ratio",
@@ -151,7 +154,8 @@ def test_tiny_cnn_sa_config_runs_sghmc_sa_em_and_fixed_prior_chains_pruned_on_a_
     rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
     assert list(rows) == ["SGD x1", "SGHMC+SSGL(sa) x2", "SGHMC+SSGL(em) x2", "SGHMC+SSGL(fixed) x2"]
     for variant in ("sa", "em", "fixed"):
-        assert rows[f"SGHMC+SSGL({variant}) x2"]["sparsity"] == 0.5 and rows[f"SGHMC+SSGL({variant}) x2"]["error"] < 0.5
+        row = rows[f"SGHMC+SSGL({variant}) x2"]
+        assert 0.4 < row["sparsity"] < 0.5 and row["error"] < 0.5  # measured: s_k of each sample, below the target
         trace = json.loads((out / f"sghmc_ssgl_{variant}" / "trace_0.json").read_text())
         assert [t["epoch"] for t in trace] == [1, 2, 3] and all(t["sigma"] > 0 and 0 < t["delta"] < 1 for t in trace)
         assert trace[-1]["sparsity"] >= 0.4  # the schedule's, over the covered weights

@@ -239,6 +239,9 @@ class SSGLConfig:
             need(getattr(self, key) > 0, f"prior.{key}", "must be > 0")
         need(0 < self.delta0 < 1 and 0 < self.rho0 < 1, "prior.delta0", "delta0 and rho0 must be in (0, 1)")
         need(self.omega <= 1, "prior.omega", "use a weight in [0, 1], or < 0 for the schedule omega_c / (omega_A + k)^omega_alpha")
+        need(self.omega >= 0 or self.omega_c / self.omega_A ** self.omega_alpha <= 1, "prior.omega_c",
+             f"the schedule's first weight omega_c / omega_A^omega_alpha = "
+             f"{self.omega_c / self.omega_A ** self.omega_alpha:.3g} must be <= 1")
 
 
 @dataclass
@@ -251,6 +254,9 @@ class ScheduleConfig:
     every: float = 50.0
     scope: str = "layer"
     persistent: bool = True
+    # the pruned parameters (shell patterns); [] = the SSGL prior's, or every prunable weight. Set
+    # it when variants with different priors are compared, so that all prune the same layers.
+    names: list[str] = field(default_factory=list)
 
     def validate(self, need) -> None:
         need(0 <= self.target < 1, "prune.target", "the fraction removed, in [0, 1)")
@@ -400,9 +406,17 @@ def from_dict(raw: dict) -> Config:
     cfg.variants = _check_variants(variants)
     for name in cfg.variants:  # build each now, so that a bad key fails before any work is done
         try:
-            cfg.variant(name)
+            v = cfg.variant(name)
         except ConfigError as e:
             raise ConfigError(f"[variants.{name}]: {e}") from None
+        need(not (v.sampler.init_from and v.to_dict()["model"] != cfg.to_dict()["model"]), f"variants.{name}.model",
+             "sampler.init_from = 'sgd' starts the chain from the SGD baseline, which has the base [model]; "
+             "a variant cannot change the model then")
+    for c in [cfg] + [cfg.variant(n) for n in cfg.variants]:
+        need(not c.sampler.init_from or cfg.sgd.members >= 1, "sampler.init_from",
+             "'sgd' starts the chains from the first SGD baseline: set sgd.members >= 1")
+    need(cfg.distill.teacher != "self" or cfg.sgd.members >= 1, "distill.teacher",
+         "'self' distils this run's first SGD member: set sgd.members >= 1")
     return cfg
 
 
@@ -412,6 +426,7 @@ def _check_variants(variants) -> dict:
     for name, changes in variants.items():
         need(bool(re.fullmatch(r"[A-Za-z0-9_-]+", name)), f"variants.{name}",
              "a variant name is a folder name: letters, digits, '_' and '-' only")
+        need(name != "distill", "variants.distill", "'distill' names the distilled students' folders; choose another name")
         need(isinstance(changes, dict) and all(isinstance(v, dict) for v in changes.values()), f"variants.{name}",
              "give dotted keys such as prior.lam = 0.5")
         bad = sorted(set(changes) - set(VARIED))

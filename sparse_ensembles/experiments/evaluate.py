@@ -51,7 +51,9 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
                     member_units.append({fam.name: fam.size for fam in model.unit_groups()})
                 del model
             name = row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
-            result = {"method": name, "members": len(row.files), "sparsity": row.sparsity}
+            measured = [m["sparsity"] for m in metas if "sparsity" in m]  # what the members reached
+            sparsity = sum(measured) / len(measured) if len(measured) == len(metas) and metas else row.sparsity
+            result = {"method": name, "members": len(row.files), "sparsity": sparsity}
             for split, s in streams.items():
                 result.update({f"{k}_{split}": v for k, v in s.result.items()})
             result.update(streams["test"].result if "test" in streams else {})

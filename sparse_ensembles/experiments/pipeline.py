@@ -19,12 +19,14 @@ Every file is written atomically, and each stage skips what is already on disk, 
 after an interruption (or a divergence fixed by a config change) loses nothing finished.
 
 Several processes may work on one run directory at once (``--resume`` in each, optionally with
-``--only`` to choose their stages): a stage is claimed by a ``.lock`` file in its folder while it
-runs, other processes skip it, and a stage waits (is skipped) until its inputs are complete.
+``--only`` to choose their stages): a stage is claimed by an exclusive ``flock`` on ``.lock`` in
+its folder while it runs (released by the kernel when the holder exits or dies), other processes
+skip it, and a stage waits (is skipped) until its inputs are complete.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
 import json
 import os
@@ -63,52 +65,29 @@ def build_task(cfg: Config, device: torch.device):
         raise ConfigError(str(e)) from None
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @contextlib.contextmanager
 def claim(folder: Path) -> Iterator[Optional[int]]:
-    """Hold ``folder/.lock`` while the block runs. Yields None when this process holds it, or the
-    pid of the live process on this machine that does (then do nothing). A lock left by a dead
-    process, or from before a reboot, is taken over."""
+    """Hold an exclusive ``flock`` on ``folder/.lock`` while the block runs. Yields None when this
+    process holds it, or the pid of the process that does (then do nothing). The kernel releases
+    the lock when its holder exits or dies, so a crashed run never leaves a stale lock behind; the
+    file itself stays (it only carries the holder's pid for the message)."""
     folder.mkdir(parents=True, exist_ok=True)
-    lock, me = folder / ".lock", f"{os.getpid()} {_boot_id()}"
-    for _ in range(3):
+    with open(folder / ".lock", "a+") as f:
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid, boot = (lock.read_text().split() + ["", ""])[:2]
-                pid = int(pid)
-            except (OSError, ValueError):
-                pid, boot = 0, ""
-            if pid and pid != os.getpid() and boot == _boot_id() and _alive(pid):
-                yield pid
-                return
-            lock.unlink(missing_ok=True)  # stale
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read().strip()
+            yield int(text) if text.isdigit() else -1
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
         try:
             yield None
         finally:
-            lock.unlink(missing_ok=True)
-        return
-    raise RunDirError(f"cannot claim {lock}; delete it if no other process is running this stage")
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_model(ctx: Context, where: str = "model") -> None:
@@ -125,6 +104,10 @@ def check_model(ctx: Context, where: str = "model") -> None:
     if grouping and grouping not in getattr(model, "groupings", ()):
         raise ConfigError(f"prior.grouping: {ctx.cfg.kinds['model']} has groupings {list(getattr(model, 'groupings', ()))}, "
                           f"not {grouping!r}")
+    from .config import SSGLConfig
+    from .stages import ssgl_names
+    if isinstance(ctx.cfg.prior, SSGLConfig):
+        ssgl_names(ctx.cfg.prior, model)  # raises ConfigError when the patterns match nothing
     widths = getattr(ctx.cfg.prune, "widths", [])
     if widths:
         sizes = [fam.size for fam in model.unit_groups()]

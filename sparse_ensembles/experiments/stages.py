@@ -97,8 +97,8 @@ def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, l
     gen = torch.Generator().manual_seed(derive_seed(seed, stage, k, "data"))
 
     def epoch(e):
-        for group in opt.param_groups:
-            group["lr"] = c.lr_at(e)
+        for group in opt.param_groups:  # the config's values, also over a resumed checkpoint's
+            group.update(lr=c.lr_at(e), momentum=c.momentum, weight_decay=c.weight_decay)
         return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
                            where=f"{label} epoch {e + 1}")
 
@@ -187,7 +187,14 @@ def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySch
     p = ctx.cfg.prune
     if not isinstance(p, ScheduleConfig) or p.target == 0:
         return None
-    names = ssgl_names(ctx.cfg.prior, model) if isinstance(ctx.cfg.prior, SSGLConfig) else list(model.prunable_weights())
+    if p.names:
+        names = [n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, pat) for pat in p.names)]
+        if not names:
+            raise ConfigError(f"prune.names {p.names} match no parameter of the model")
+    elif isinstance(ctx.cfg.prior, SSGLConfig):
+        names = ssgl_names(ctx.cfg.prior, model)
+    else:
+        names = list(model.prunable_weights())
     return pruning.SparsitySchedule(p.target, p.decay, p.every, p.scope, p.persistent, names)
 
 
@@ -274,7 +281,12 @@ class Chain:
         def collect(done: int):
             if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
                 k = first + (done - c.burn_in) // c.thin - 1
-                checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, epoch=done, chain=chain)
+                meta = dict(epoch=done, chain=chain)
+                if prune is not None:  # the sparsity reached, over the pruned weights
+                    sampler.synchronize()
+                    ws = [p_ for n, p_ in model.named_parameters() if n in set(prune.names or [])]
+                    meta["sparsity"] = sum(int((w == 0).sum()) for w in ws) / max(sum(w.numel() for w in ws), 1)
+                checkpoint.save_member(folder / f"sample_{k:03d}.pt", model, **meta)
             if ssgl is not None:  # the SA latents' trace: sigma, delta, spike fraction, sparsity
                 sampler.synchronize()
                 params = sampler.named_parameters()
@@ -425,9 +437,16 @@ class Distill:
             raise ConfigError(f"distill.teacher: {self.teacher_run} is not a run directory (no config.toml); give "
                               "RUN_DIR or RUN_DIR:ROW of a finished run, or \"self\"")
         try:
-            return member_files(self.teacher_run, self.row)
+            name, files = member_files(self.teacher_run, self.row)
         except ValueError as e:
             raise ConfigError(f"distill.teacher: {e}") from None
+        table = self.teacher_run / "results.json"
+        finished = {r["method"]: r["members"] for r in json.loads(table.read_text())} if table.exists() else {}
+        if finished.get(name) != len(files):
+            raise ConfigError(f"distill.teacher: row {name!r} of {self.teacher_run} is not finished ({len(files)} member "
+                              f"files, results.json lists {finished.get(name, 'no such row')}); finish the teacher run "
+                              "first (sparse-ensembles run ... --resume)")
+        return name, files
 
     def ready(self, out: Path) -> bool:
         return not self.self_teacher or (out / "sgd" / "member_000.pt").exists()
@@ -439,8 +458,14 @@ class Distill:
         from .. import distill
         c, d, folder = self.c, self.d, ctx.out / self.name
         row, files = self._teacher(ctx.out)
-        cache_file = folder / "teacher_cache.pt"
+        cache_file, info_file = folder / "teacher_cache.pt", folder / "teacher.json"
+        wanted = {"teacher": d.teacher, "row": row, "members": len(files), "mass": d.mass, "max_k": d.max_k}
         if cache_file.exists():
+            info = json.loads(info_file.read_text()) if info_file.exists() else {}
+            stale = {k: (info.get(k), v) for k, v in wanted.items() if info.get(k) != v}
+            if stale:
+                raise ConfigError(f"{cache_file} was made for another teacher or truncation ({stale}: cached, "
+                                  f"now); delete {folder} or use another --out")
             cache = distill.TeacherCache.load(cache_file)
         else:
             ctx.log(f"distill: caching the teacher ({row}, {len(files)} member(s)) over the training set")
@@ -453,9 +478,8 @@ class Distill:
             cache = distill.TeacherCache.from_members(files, inputs, mass=d.mass, max_k=d.max_k or None,
                                                       device=ctx.device, chunk_batches=chunk)
             cache.save(cache_file)
-            checkpoint.atomic_write_json(folder / "teacher.json", {"teacher": d.teacher, "row": row, "members": len(files),
-                                                                   "rows": len(cache), "cache_bytes": cache.nbytes,
-                                                                   "mean_kept": float(cache.counts.float().mean())})
+            checkpoint.atomic_write_json(info_file, {**wanted, "rows": len(cache), "cache_bytes": cache.nbytes,
+                                                     "mean_kept": float(cache.counts.float().mean())})
         loss_fn = self._loss(ctx, cache)
         for k in range(d.students):
             train_sgd_member(ctx, c, self.name, k, f"distilled student {k + 1}/{d.students}", ctx.task.distill_batches,
@@ -508,7 +532,7 @@ def build_stages(cfg: Config) -> list:
     for name, v in recipes:
         main = Chain(v, sparse=True, variant=name)  # the configured prior (and pruning schedule, if any)
         stages.append(main)
-        if sparse[name] and isinstance(v.prune, SSEPruneConfig):
+        if isinstance(v.prune, SSEPruneConfig):
             stages += [PruneRetrain(v, main, s, variant=name) for s in v.prune.sparsities]
     if cfg.distill.teacher:
         student = Distill(cfg)

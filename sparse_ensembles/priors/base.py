@@ -24,6 +24,9 @@ from torch import Tensor
 class Prior:
     #: True when the prior adapts through ``update_`` and has state to save.
     stateful: bool = False
+    #: False when ``update_`` reads something the training loop sets for the next step (then the
+    #: sampler never runs it in a worker thread).
+    overlappable: bool = True
 
     def neg_log_prob(self, params: Mapping[str, Tensor]) -> Tensor:
         raise NotImplementedError
@@ -113,6 +116,10 @@ class Sum(Prior):
     @property
     def stateful(self) -> bool:
         return any(p.stateful for p in self.priors)
+
+    @property
+    def overlappable(self) -> bool:
+        return all(p.overlappable for p in self.priors)
 
     def _stateful(self) -> dict[str, Prior]:
         return {str(i): p for i, p in enumerate(self.priors) if p.stateful}

@@ -121,6 +121,12 @@ class SpikeSlabGL(Prior):
         self.rss = float(rss)
 
     @property
+    def overlappable(self) -> bool:
+        """Whether the sampler may run ``update_`` beside the next forward pass: not in the
+        regression form, whose update reads the RSS that the training loop sets for the next step."""
+        return self.form != "regression"
+
+    @property
     def covered(self) -> int:
         return sum(r.numel() for r in self.rho.values())
 

@@ -23,7 +23,8 @@ from ..priors.spike_slab import SpikeSlabGL
 from .schedules import Polynomial
 from .sgmcmc import SGHMC, SGLD
 
-SSGL_KEYS = ("v0", "v1", "a", "b", "nu", "lam", "omega", "form", "sigma0", "delta0", "rho0", "per_layer")
+SSGL_KEYS = ("v0", "v1", "a", "b", "nu", "lam", "omega", "form", "sigma0", "delta0", "rho0", "per_layer",
+             "kappa0", "kappa1", "scale_by_sigma")
 
 
 def _ssgl_prior(params: list, sparse: Iterable[str], num_data: int, precision: float, ssgl: dict):

@@ -212,7 +212,8 @@ class SGMCMC(Optimizer):
         # computes the next forward / backward (torch releases the GIL). Same arithmetic, same
         # order: the chain is identical; read the prior's state after synchronize(). Not with a
         # pruning schedule, which writes the parameters after the update.
-        self.overlap_prior_update = bool(overlap_prior_update) and pruning is None
+        self.overlap_prior_update = (bool(overlap_prior_update) and pruning is None
+                                     and (prior is None or prior.overlappable))
         self._prior_pool: Optional[ThreadPoolExecutor] = None
         self._prior_pending: Optional[Future] = None
         self._prior_finalizer: Optional[weakref.finalize] = None
@@ -232,12 +233,14 @@ class SGMCMC(Optimizer):
     def close(self) -> None:
         """Stop the worker threads (idempotent; never required: they also stop when the sampler
         is garbage-collected, and a later ``step`` starts them again). The chain is unaffected."""
-        self.synchronize()
-        self._noise.close()
-        if self._prior_pool is not None:
-            self._prior_finalizer.detach()
-            self._prior_pool.shutdown(wait=True)
-            self._prior_pool = self._prior_finalizer = None
+        try:
+            self.synchronize()
+        finally:  # a failed update must not leave the threads running (nor hide the caller's error)
+            self._noise.close()
+            if self._prior_pool is not None:
+                self._prior_finalizer.detach()
+                self._prior_pool.shutdown(wait=True)
+                self._prior_pool = self._prior_finalizer = None
 
     # -- masks ---------------------------------------------------------------------------------
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -409,13 +412,12 @@ class SGMCMC(Optimizer):
                 "the checkpoint has a prior state but this sampler's prior is stateless" if prior_state is not None
                 else f"this sampler's prior ({type(self.prior).__name__}) has state, but the checkpoint has none"
             )
-        current = [(g["lr"], g["temperature"]) for g in self.param_groups]
+        # the hyperparameters this sampler was built with win over the checkpoint's (a resume with
+        # a changed lr, temperature or friction uses the new values); only the step counts carry on
+        current = [{k: v for k, v in g.items() if k not in ("params", "param_names", "step")} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for g, (lr, t) in zip(self.param_groups, current):
-            if g["lr"] is None:
-                g["lr"] = lr
-            if g["temperature"] is None:
-                g["temperature"] = t
+        for g, values in zip(self.param_groups, current):
+            g.update(values)
         if masks is not None:
             self.set_masks(masks)
         if pruning_state is not None and self.pruning is not None:

@@ -126,6 +126,8 @@ class Classification:
     def ood_stream(self, dataset: str, path: str = "") -> EnsembleStream:
         """The test images of another dataset of the same shape (MNIST <-> Fashion-MNIST), scored
         without labels, for out-of-distribution detection."""
+        if dataset == self.name:
+            raise ValueError(f"ood dataset {dataset} is the task's own dataset; pick another (e.g. fashion-mnist for mnist)")
         if dataset not in self._ood:
             _, _, x, _ = load_image_dataset(dataset, path or None)
             if x[0].numel() != self.dims["in_features"]:
