@@ -66,11 +66,14 @@ def synthetic(vocab: int, hidden: int, iss_hidden: list[int], members: int, seed
     return dense, small
 
 
-def from_run(run: Path, sparsity: str):
+def from_run(run: Path, sparsity: str, variant: str = ""):
+    folder = f"pruned_{sparsity}" + (f"_{variant}" if variant else "")
     dense_files = sorted((run / "sgd").glob("member_*.pt"))
-    member_files = sorted((run / f"pruned_{sparsity}").glob("member_*.pt"))
+    member_files = sorted((run / folder).glob("member_*.pt"))
     if not dense_files or not member_files:
-        sys.exit(f"{run} has no SGD member or no pruned_{sparsity} members; run a PTB config first (or omit --run)")
+        found = sorted(p.name for p in run.glob("pruned_*")) if run.is_dir() else []
+        sys.exit(f"{run} has no SGD member or no {folder} members (pruned folders there: {found}); run a PTB "
+                 "config first, pick --sparsity / --variant, or omit --run")
     return checkpoint.load_member(dense_files[0])[0], [checkpoint.load_member(f)[0] for f in member_files]
 
 
@@ -123,6 +126,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="")
     ap.add_argument("--sparsity", default="90")
+    ap.add_argument("--variant", default="", help="the config variant of the pruned members (runs with [variants]: e.g. iss_se)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--vocab", type=int, default=10000)
     ap.add_argument("--hidden", type=int, default=200, help="synthetic dense model: units per layer (Zaremba small)")
@@ -136,7 +140,7 @@ def main():
     if synthetic_run:
         dense, members = synthetic(args.vocab, args.hidden, [int(h) for h in args.iss_hidden.split(",")], args.members)
     else:
-        dense, members = from_run(Path(args.run), args.sparsity)
+        dense, members = from_run(Path(args.run), args.sparsity, args.variant)
         members = members[: args.members]
     vocab = dense.vocab
     steps, reps = (10, 5) if args.quick else (35, 15)
@@ -174,6 +178,8 @@ def main():
            "targets": {"speedup_over_flops_ratio": 0.7, "ensemble_vs_single_dense": 1.0}}
     out["speedup_fraction_of_flops_ratio_batch20"] = out["iss_speedup_batch20"] / out["flops_ratio"]
     name = "lstm_inference" + ("_synthetic" if synthetic_run else f"_{Path(args.run).name}")
+    if args.variant:
+        name += f"_{args.variant}"
     if synthetic_run and args.iss_hidden != ap.get_default("iss_hidden"):
         name += "_iss" + args.iss_hidden.replace(",", "_")
     path = write(name + ("_quick" if args.quick else ""), out)
