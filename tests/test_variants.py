@@ -122,7 +122,8 @@ def test_lm_rows_for_each_grouping_with_and_without_shared_embeddings_through_th
         for g in ("iss", "untied", "tied") for se in (True, False)))
     out = tmp_path / "run"
     common = ["run", str(config), "--out", str(out), "--no-progress", "--set", "sampler.samples=1",
-              "--set", "retrain.epochs=1", "--set", "sgd.epochs=1"]
+              "--set", "retrain.epochs=1", "--set", "sgd.epochs=1", "--set", "task.train_tokens=8000",
+              "--set", "task.valid_tokens=2000", "--set", "task.test_tokens=2000"]
     assert main(common + ["--only", "sgd", "--only", "sgld"]) == 0
     assert not (out / "sgld_gsp_iss").exists()
     assert main(common + ["--resume", "--only", "*gsp*", "--only", "pruned_*"]) == 0
