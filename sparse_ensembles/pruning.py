@@ -93,6 +93,17 @@ def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
     return out
 
 
+def keep_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], keep: Sequence[Tensor]) -> Masks:
+    """Masks that keep exactly the groups marked True in ``keep[i]`` (one bool vector per family);
+    an entry in groups of several families is kept only if all of them keep it."""
+    out: Masks = {}
+    for fam, k in zip(groups, keep):
+        for name in fam.params:
+            m = fam.broadcast_keep(k.to(params[name].device), name, params[name])
+            out[name] = out[name] & m if name in out else m
+    return out
+
+
 def combine(*mask_sets: Mapping[str, Tensor]) -> Masks:
     """Entry kept only if every mask set that mentions it keeps it."""
     out: Masks = {}

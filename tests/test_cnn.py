@@ -38,10 +38,7 @@ def _resnet(shortcut="A", shape=(3, 8, 8), seed=0):
 def _masked(model, keep):
     """A copy of ``model`` with the dropped unit groups' weights zeroed."""
     masked = copy.deepcopy(model)
-    params = dict(masked.named_parameters())
-    for fam, k in zip(masked.unit_groups(), keep):
-        for name in fam.params:
-            params[name].mul_(fam.broadcast_keep(k, name, params[name]))
+    pruning.apply_masks(masked, pruning.keep_masks(dict(masked.named_parameters()), masked.unit_groups(), keep))
     return masked
 
 

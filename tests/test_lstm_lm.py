@@ -8,7 +8,7 @@ from torch import nn
 
 from sparse_ensembles.models import LSTMLM, registry
 from sparse_ensembles.priors import GroupLasso
-from sparse_ensembles.pruning import apply_masks, group_masks
+from sparse_ensembles.pruning import apply_masks, group_masks, keep_masks
 
 VOCAB = 50
 
@@ -37,10 +37,7 @@ def _run(model, tokens, segments=2):
 def _masked(model, keep):
     """A copy of ``model`` with the weights of the dropped unit groups zeroed."""
     masked = copy.deepcopy(model)
-    params = dict(masked.named_parameters())
-    for fam, k in zip(masked.unit_groups(), keep):
-        for name in fam.params:
-            params[name].mul_(fam.broadcast_keep(k, name, params[name]))
+    apply_masks(masked, keep_masks(dict(masked.named_parameters()), masked.unit_groups(), keep))
     return masked
 
 
@@ -401,13 +398,7 @@ def test_iss_member_flops_equal_the_hand_count_of_its_kept_units(tie):
         keep = [features] + keep
     inputs = 2 if tie else 3
     macs = (4 * 3 * inputs + 4 * 3 * 3) + (4 * 2 * 3 + 4 * 2 * 2) + VOCAB * 2
-    params = dict(model.named_parameters())
-    masks = {}
-    for fam, k in zip(model.groups("iss"), keep):
-        for name in fam.params:
-            m = fam.broadcast_keep(k, name, params[name])
-            masks[name] = m if name not in masks else masks[name] & m
-    apply_masks(model, masks)
+    apply_masks(model, keep_masks(dict(model.named_parameters()), model.groups("iss"), keep))
     small = model.shrink(model.live_units())
     assert small.hidden == [3, 2] and small.emb == inputs
     assert small.cost()["flops"] == model.cost()["flops"] == 2 * macs
