@@ -141,6 +141,35 @@ def hinton_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional
     return _mix(_check_lam(lam), soft, lambda: label_cross_entropy(student_logits, labels))
 
 
+def temper(teacher: TeacherTargets, tau: float) -> TeacherTargets:
+    """The teacher softened at temperature ``tau``: ``softmax(log p / tau)``, i.e. ``p^(1/tau)``
+    renormalised. A truncated teacher is renormalised over its kept classes (the dropped ones stay
+    at 0, so with ``mass < 1`` this differs slightly from tempering the full distribution)."""
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0; got {tau}")
+    if isinstance(teacher, (tuple, list)):
+        indices, probs = teacher
+        powered = torch.where(indices >= 0, probs.double().clamp_min(1e-30).pow(1.0 / tau), torch.zeros((), dtype=torch.float64))
+        return indices, (powered / powered.sum(-1, keepdim=True)).to(probs.dtype)
+    return torch.softmax(teacher.double().clamp_min(1e-30).log() / tau, dim=-1).to(teacher.dtype)
+
+
+def hinton_cached_loss(student_logits: Tensor, labels: Tensor, teacher: TeacherTargets, lam: float,
+                       tau: float) -> Tensor:
+    """:func:`hinton_loss` against teacher *probabilities* (the cache stores no logits):
+
+        L = lam * tau^2 * CE(temper(p, tau), softmax(s / tau)) + (1 - lam) * CE(y, softmax(s))
+
+    The cross-entropy differs from Hinton's KL by the tempered teacher's entropy, a constant, so
+    the gradients are the same; at ``tau = 1`` this is :func:`geras_loss`."""
+    lam = _check_lam(lam)
+    if tau == 1.0:
+        return geras_loss(student_logits, labels, teacher, lam)
+    soft_targets = temper(teacher, tau)
+    return _mix(lam, lambda: (tau * tau) * soft_cross_entropy(student_logits / tau, soft_targets),
+                lambda: label_cross_entropy(student_logits, labels))
+
+
 def logit_l2_loss(student_logits: Tensor, teacher_logits: Tensor, center: bool = False) -> Tensor:
     """Logit regression (Ba & Caruana, "Do deep nets really need to be deep?", 2014; Urban et al.,
     "Do deep convolutional nets really need to be deep and convolutional?", 2017):

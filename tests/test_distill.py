@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from sparse_ensembles import checkpoint
 from sparse_ensembles.distill import (EnsembleTeacher, MixtureTeacher, ModelTeacher, TeacherCache, geras_loss,
-                                      hinton_loss, logit_l2_loss, member_files, soft_cross_entropy,
+                                      hinton_cached_loss, hinton_loss, logit_l2_loss, member_files, soft_cross_entropy,
+                                      temper,
                                       teacher_from_run, truncate_topk, truncation_accuracy_cost, truncation_stats)
 from sparse_ensembles.models.lstm_lm import LSTMLM
 from sparse_ensembles.models.mlp import MLP
@@ -86,6 +87,29 @@ def test_hinton_loss_is_tau_squared_kl_and_mixes_with_labels():
     assert torch.equal(hinton_loss(s, t, y, tau=2.0, alpha_soft=0.25), hinton_loss(s, t, y, tau=2.0, lam=0.25))
     # the teacher may be given as log-probabilities (softmax is shift invariant)
     assert torch.allclose(hinton_loss(s, t.log_softmax(-1), tau=3.0), hinton_loss(s, t, tau=3.0), atol=1e-6)
+
+
+def test_hinton_on_cached_probabilities_has_the_gradient_of_hinton_on_logits_and_tau_one_is_geras():
+    """The cache stores probabilities: tau^2 * CE(temper(p), softmax(s / tau)) differs from
+    Hinton's tau^2 * KL by a constant, so the student gradients agree, dense and truncated (a
+    truncation that keeps every class); at tau = 1 it is the Geras loss bit for bit."""
+    s, t, y = _logits(), _logits(seed=1), torch.randint(0, 7, (32,))
+    p = t.softmax(-1)
+    full = truncate_topk(p, mass=1.0)
+
+    def grad(fn):
+        x = s.clone().requires_grad_()
+        fn(x).backward()
+        return x.grad
+
+    want = grad(lambda x: hinton_loss(x, t, y, tau=3.0, lam=0.7))
+    assert torch.allclose(grad(lambda x: hinton_cached_loss(x, y, p, 0.7, 3.0)), want, atol=1e-6)
+    assert torch.allclose(grad(lambda x: hinton_cached_loss(x, y, full, 0.7, 3.0)), want, atol=1e-6)
+    assert torch.equal(hinton_cached_loss(s, y, full, 0.7, 1.0), geras_loss(s, y, full, 0.7))
+    idx, tempered = temper(full, 3.0)
+    assert torch.allclose(tempered.sum(-1), torch.ones(32)) and torch.equal(idx, full[0])
+    with pytest.raises(ValueError, match="tau"):
+        temper(p, 0.0)
 
 
 def test_logit_l2_is_mean_squared_difference_and_centering_ignores_row_shifts():

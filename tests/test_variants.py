@@ -77,6 +77,16 @@ def test_bad_variant_is_a_config_error_naming_the_variant_and_key(extra, match):
         _lm_config(extra)
 
 
+@pytest.mark.parametrize("extra, match", [
+    ('[distill]\nteacher = "self"\ntau = 2.0\n', r'distill.tau: only the "hinton" loss has a temperature'),
+    ('[distill]\nteacher = "self"\nloss = "kl"\n', r'distill.loss: "geras"'),
+    ('[distill]\nteacher = "self"\nloss = "hinton"\ntau = 0\n', r"distill.tau: the softening temperature"),
+])
+def test_bad_distillation_loss_settings_are_config_errors_naming_the_key(extra, match):
+    with pytest.raises(ConfigError, match=match):
+        _lm_config(extra)
+
+
 def test_sgd_lr_rule_is_a_step_decay_by_default_and_zaremba_with_decay_start():
     step = SGDConfig(lr=0.5, lr_decay=0.5, decay_every=10)
     assert [step.lr_at(e) for e in (0, 9, 10, 19, 20)] == [0.5, 0.5, 0.25, 0.25, 0.125]

@@ -281,8 +281,15 @@ class DistillConfig:
     # sparse students: each pruned to these sparsities ([prune] settings) and retrained ([retrain])
     # on the same distillation loss, then shrunk
     sparsities: list[float] = field(default_factory=list)
+    # "geras": the loss above; "hinton": the soft term at temperature tau, times tau^2 (Hinton et
+    # al. 2015; distill.hinton_cached_loss)
+    loss: str = "geras"
+    tau: float = 1.0
 
     def validate(self, need) -> None:
+        need(self.loss in ("geras", "hinton"), "distill.loss", '"geras" (Geras et al. 2016) or "hinton" (with distill.tau)')
+        need(self.tau > 0, "distill.tau", "the softening temperature, > 0 (1 = none)")
+        need(self.loss == "hinton" or self.tau == 1.0, "distill.tau", 'only the "hinton" loss has a temperature; set distill.loss = "hinton"')
         need(0 <= self.lam <= 1, "distill.lam", "must be in [0, 1] (0 = labels only, 1 = teacher only)")
         need(0 < self.mass <= 1, "distill.mass", "the teacher probability mass kept per row, in (0, 1]")
         need(self.max_k >= 0 and self.students >= 1, "distill.max_k", "need max_k >= 0 (0 = no limit), students >= 1")

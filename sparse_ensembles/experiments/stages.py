@@ -410,7 +410,7 @@ class PruneRetrain:
 
 class Distill:
     """``distill.students`` students (the configured model) trained with the ``[sgd]`` schedule on
-    the Geras loss against a cached, truncated teacher (see :class:`~.config.DistillConfig`)."""
+    the Geras (or tempered Hinton) loss against a cached, truncated teacher (see :class:`~.config.DistillConfig`)."""
 
     name = "distill"
     member_glob = "member_*.pt"
@@ -483,13 +483,13 @@ class Distill:
         loss_fn = self._loss(ctx, cache)
         for k in range(d.students):
             train_sgd_member(ctx, c, self.name, k, f"distilled student {k + 1}/{d.students}", ctx.task.distill_batches,
-                             loss_fn, teacher=d.teacher, teacher_row=row, lam=d.lam)
+                             loss_fn, teacher=d.teacher, teacher_row=row, lam=d.lam, tau=d.tau)
         seconds = sum(checkpoint.load(folder / f"member_{k:03d}.pt").get("meta", {}).get("train_seconds", 0.0)
                       for k in range(d.students))
         checkpoint.atomic_write_json(folder / "done.json", {"train_seconds": seconds})
 
     def _loss(self, ctx: Context, cache):
-        """The Geras loss against the cached teacher rows of each batch."""
+        """The Geras (or tempered Hinton) loss against the cached teacher rows of each batch."""
         from .. import distill
         by_batch = not hasattr(ctx.task, "data")  # language models: the cache is indexed by segment
 
@@ -498,7 +498,7 @@ class Distill:
             logits, state = ctx.task.logits(model, x, state)
             idx, probs = cache.lookup_batch(rows) if by_batch else cache.lookup(rows)
             teacher = (idx.to(logits.device), probs.to(logits.device))
-            return distill.geras_loss(logits, y, teacher, self.d.lam), state
+            return distill.hinton_cached_loss(logits, y, teacher, self.d.lam, self.d.tau), state
         return loss_fn
 
     def objective(self, ctx: Context):
@@ -509,7 +509,8 @@ class Distill:
     def row_label(self, out: Path) -> str:
         info = out / self.name / "teacher.json"
         row = json.loads(info.read_text())["row"] if info.exists() else "?"
-        return f"KD({row}, lam {self.d.lam:g})" if row != "self" else f"self-distilled (lam {self.d.lam:g})"
+        how = f"lam {self.d.lam:g}" + (f", tau {self.d.tau:g}" if self.d.tau != 1.0 else "")
+        return f"KD({row}, {how})" if row != "self" else f"self-distilled ({how})"
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
