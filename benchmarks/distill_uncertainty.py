@@ -11,6 +11,8 @@ Runs (or resumes; finished stages are skipped) through the same pipeline as the 
     runs/<p>_distill_small                     a 784-100-10 student
     runs/<p>_self_distill[_seed<S>]            self-compression (model B mimics A, lam 0.5)
     runs/fmnist_uncertainty                    the demo's recipe with SGD x18 and the dense SGLD chain
+    runs/ptb_lstm_distill_small                (--ptb) the PTB ISS+SE sparse ensemble of
+                                               runs/ptb_lstm_sse_small distilled into one small LSTM
 
 Protocol: the schedule (20 or 40 epochs, the same number of halvings) of the label-only network,
 and the schedule and lam of the student, are each chosen on the validation split (seed 0); then
@@ -20,9 +22,14 @@ only read for the table. Writes ``benchmarks/results/distill.json`` and
 ``benchmarks/results/uncertainty.json``.
 
     python benchmarks/distill_uncertainty.py          # about 60 minutes on 2 cores from scratch
+    python benchmarks/distill_uncertainty.py --ptb    # + the PTB student (about 1 hour on one core
+                                                      #   once runs/ptb_lstm_sse_small has its ISS+SE rows)
 """
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import statistics
 import sys
 import time
@@ -105,7 +112,9 @@ def distill_table(prefix: str, log) -> tuple[dict, list[dict], dict]:
              for s in SEEDS]
     a = [pick(r, "SGD x1") for r in selfs]
     b = [pick(r, "self-distilled") for r in selfs]
-    gap = lambda label, student, split: (label - student) / (label - teacher[f"error_{split}"])
+    # undefined (None) when the teacher is not better than the label-only network on that split
+    gap = lambda label, student, split: ((label - student) / (label - teacher[f"error_{split}"])
+                                         if label > teacher[f"error_{split}"] else None)
     table = {
         "teacher": {**brief(teacher), "params_ratio": teacher["params_ratio"], "run": f"runs/{teacher_run}"},
         "valid_sweep": {"label_only_error_valid": {str(e): sweep[(e, LAMS[0])][0]["error_valid"] for e in EPOCHS},
@@ -133,10 +142,60 @@ def distill_table(prefix: str, log) -> tuple[dict, list[dict], dict]:
     }
     table["ece_lower_than_label_only"] = (table["distilled_784_300_100_10"]["ece"]["mean"]
                                           < table["label_only_784_300_100_10"]["ece"]["mean"])
-    table["gap_target_met"] = table["gap_recovered"] >= 0.5
+    table["gap_target_met"] = table["gap_recovered"] is not None and table["gap_recovered"] >= 0.5
     table["self_target_met"] = (table["self_compression"]["model_b_error_test"]["mean"]
                                 <= table["self_compression"]["model_a_error_test"]["mean"])
     return table, teacher_rows, student_seeds[0]
+
+
+PTB_TEACHER = "SGLD+GSP(iss_se)+PR 90%"
+
+
+def truncation_cost(cfg, teacher_run: Path, row: str, segments: int = 60) -> dict:
+    """What truncating the PTB teacher to (distill.mass, distill.max_k) keeps, on the first
+    ``segments`` training segments (20 x 35 tokens each): mass, label coverage, NLL."""
+    import torch
+    from sparse_ensembles.distill import teacher_from_run, truncate_topk, truncation_accuracy_cost, truncation_stats
+    from sparse_ensembles.experiments.pipeline import build_task
+    task = build_task(cfg, torch.device("cpu"))
+    teacher = teacher_from_run(teacher_run, row)
+    stats, costs, state = [], [], None
+    with torch.no_grad():
+        for k, (x, y, _) in enumerate(task.distill_batches()):
+            if k == segments:
+                break
+            logp, state = teacher.step(x, state)
+            p = logp.exp().reshape(-1, logp.shape[-1])
+            idx, kept = truncate_topk(p, mass=cfg.distill.mass, max_k=cfg.distill.max_k or None)
+            stats.append(truncation_stats(p, idx, kept))
+            costs.append(truncation_accuracy_cost(p, y, idx, kept))
+    mean = lambda rows, key: statistics.mean(r[key] for r in rows)
+    return {"tokens": segments * x.numel(), "mean_kept": mean(stats, "mean_kept"),
+            "mass_kept_mean": mean(stats, "mass_kept_mean"), "label_dropped": mean(costs, "label_dropped"),
+            "ppl_full": math.exp(mean(costs, "nll_full")), "acc_full": mean(costs, "acc_full"),
+            "acc_truncated": mean(costs, "acc_truncated")}
+
+
+def ptb_distill(log) -> dict:
+    """The PTB row: the ISS+SE sparse ensemble distilled into one dense small LSTM, against the
+    teacher run's own SGD x1 (the same model, schedule and seed on labels only)."""
+    teacher_run = ROOT / "runs" / "ptb_lstm_sse_small"
+    teacher_rows = {r["method"]: r for r in json.loads((teacher_run / "results.json").read_text())}
+    rows = run("ptb_lstm_distill_small", "ptb_lstm_distill_small")
+    student = pick(rows, "KD(")
+    label, teacher = teacher_rows["SGD x1"], teacher_rows[PTB_TEACHER]
+    info = json.loads((ROOT / "runs" / "ptb_lstm_distill_small" / "distill" / "teacher.json").read_text())
+    keep = ("method", "ppl_valid", "ppl_test", "params_ratio", "ece", "train_seconds")
+    gap = lambda split: ((label[f"ppl_{split}"] - student[f"ppl_{split}"])
+                         / (label[f"ppl_{split}"] - teacher[f"ppl_{split}"]))
+    log("PTB student evaluated; measuring the truncation")
+    cfg = config_mod.load(ROOT / "configs" / "ptb_lstm_distill_small.toml")
+    return {"teacher": {k: teacher.get(k) for k in keep}, "label_only": {k: label.get(k) for k in keep},
+            "distilled": {k: student.get(k) for k in keep}, "gap_recovered_ppl_test": gap("test"),
+            "gap_recovered_ppl_valid": gap("valid"), "lam": cfg.distill.lam,
+            "cache": {"bytes": info["cache_bytes"], "rows": info["rows"], "mean_kept": info["mean_kept"],
+                      "mass": info["mass"], "max_k": info["max_k"]},
+            "truncation": truncation_cost(cfg, teacher_run, PTB_TEACHER)}
 
 
 def rows_of(rows, rename=lambda m: m):
@@ -144,12 +203,17 @@ def rows_of(rows, rename=lambda m: m):
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ptb", action="store_true", help="also the PTB student (about an hour on one core)")
+    args = ap.parse_args()
     t0 = time.perf_counter()
     log = lambda m: print(f"[{time.perf_counter() - t0:6.0f} s] {m}", flush=True)
     distill, students = {}, {}
     for prefix in DATASETS:
         distill[prefix], _, students[prefix] = distill_table(prefix, log)
     log("distillation tables done")
+    if args.ptb:
+        distill["ptb"] = ptb_distill(log)
     distill["targets"] = {"gap_recovered": ">= 0.5 (Fashion-MNIST)", "ece": "student < label-only",
                           "self": "B at least as good as A (seed means)"}
     fmnist_rows = run("fmnist_demo", "fmnist_uncertainty", ["sgd.members=18", "sampler.plain_chain=true"], ood="mnist")
@@ -171,7 +235,7 @@ def main():
           f"{pct(f['distilled_784_300_100_10']['error_test']['mean'])} vs label-only "
           f"{pct(f['label_only_784_300_100_10']['error_test']['mean'])} vs teacher {pct(f['teacher']['error_test'])}: "
           f"gap recovered {f['gap_recovered']:.0%} (target 50%: {'met' if f['gap_target_met'] else 'NOT met'}); "
-          f"MNIST gap recovered {distill['mnist']['gap_recovered']:.0%}; self-compression "
+          f"MNIST teacher gap {distill['mnist']['teacher_gap_points']:.2f} points; self-compression "
           f"{'met' if f['self_target_met'] else 'NOT met'}. uncertainty: MNIST-in OOD AUROC SGD x1 "
           f"{sgd1['ood_auroc']:.3f}, sparse " + ", ".join(f"{r['method']} {r['ood_auroc']:.3f}" for r in sparse)
           + f" (target {'met' if uncertainty['target_met'] else 'NOT met'})")

@@ -264,8 +264,8 @@ def test_lstm_prune_widths_give_iss_members_shrunk_to_those_unit_counts(tmp_path
 
 def test_evaluate_with_ood_adds_detection_selective_prediction_and_reliability_for_every_row(tiny_run, tmp_path, capsys):
     """MNIST in, Fashion-MNIST out: every row gets AUROC / AUPR / FPR95 by predictive entropy (and
-    by mutual information for ensembles), AURC and the error at 80% coverage, and a reliability
-    diagram is drawn."""
+    by mutual information for ensembles) on test and on valid, AURC and the error at 80% coverage,
+    and a reliability diagram is drawn."""
     need_data("fashion-mnist")
     out = tmp_path / "ood"
     shutil.copytree(tiny_run, out)
@@ -275,6 +275,8 @@ def test_evaluate_with_ood_adds_detection_selective_prediction_and_reliability_f
         assert 0.5 < r["ood_auroc"] <= 1 and 0 <= r["ood_aupr"] <= 1 and 0 <= r["ood_fpr95"] <= 1
         assert 0 <= r["aurc"] <= r["error"] + 1e-9 and 0 <= r["error_at_80"] <= r["error"] + 1e-9
         assert ("ood_auroc_mi" in r) == (r["members"] > 1)
+        # the same on the valid split (the OOD set's last training images), to choose settings by
+        assert 0.5 < r["ood_auroc_valid"] <= 1 and r["ood_auroc_valid"] != r["ood_auroc"]
     assert (out / "reliability.png").stat().st_size > 1000
 
 

@@ -32,6 +32,8 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
             streams = {split: task.stream(split) for split in task.splits}
             try:
                 ood_stream = task.ood_stream(ood) if ood else None
+                # the same detection on the valid split (the OOD set's last training images)
+                ood_valid = task.ood_stream(ood, split="valid") if ood and "valid" in streams else None
             except ValueError as e:
                 raise ConfigError(str(e)) from None
             cost = {"params": 0, "flops": 0, "nonzero_macs": 0}
@@ -40,8 +42,9 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
                 model, meta = checkpoint.load_member(f, device)
                 for s in streams.values():
                     s.add(model)
-                if ood_stream is not None:
-                    ood_stream.add(model)
+                for o in (ood_stream, ood_valid):
+                    if o is not None:
+                        o.add(model)
                 for k, v in model.cost().items():
                     cost[k] += v
                 metas.append(meta)
@@ -59,6 +62,9 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
             result.update(streams["test"].result if "test" in streams else {})
             if hasattr(task, "uncertainty") and "test" in streams:
                 result.update(task.uncertainty(streams["test"], ood_stream))
+                if ood_valid is not None:
+                    valid = task.uncertainty(streams["valid"], ood_valid, split="valid")
+                    result.update({f"{k}_valid": v for k, v in valid.items() if k.startswith("ood_")})
                 reliabilities[name] = task.reliability(streams["test"])
             elif hasattr(task, "uncertainty_from_models") and "test" in task.splits:
                 # next-word calibration needs every member at once (segment by segment, states carried)

@@ -48,7 +48,7 @@ class Classification:
         self.data = {s: (x.to(self.device), y.to(self.device)) for s, (x, y) in
                      (("train", train), ("valid", valid), ("test", test))}
         self.batch_size, self.eval_batch_size, self.name = batch_size, eval_batch_size, name
-        self._ood: dict[str, Tensor] = {}
+        self._ood: dict[tuple[str, str], Tensor] = {}
         x = self.data["train"][0]
         self.num_train = len(x)
         self.dims = {"in_features": int(x[0].numel()), "classes": int(max(int(y.max()) for _, y in self.data.values() if len(y)) + 1)}
@@ -123,18 +123,22 @@ class Classification:
         return EnsembleStream(score, lambda logp: metrics.classification_metrics(logp, y), track_entropy=True)
 
     # -- uncertainty (issue 12) -------------------------------------------------------------------
-    def ood_stream(self, dataset: str, path: str = "") -> EnsembleStream:
-        """The test images of another dataset of the same shape (MNIST <-> Fashion-MNIST), scored
-        without labels, for out-of-distribution detection."""
+    def ood_stream(self, dataset: str, path: str = "", split: str = "test") -> EnsembleStream:
+        """The images of another dataset of the same shape (MNIST <-> Fashion-MNIST), scored
+        without labels, for out-of-distribution detection: its test images (``split="test"``), or
+        for ``split="valid"`` as many of its last training images as this task has validation
+        images, so that settings can be chosen on OOD detection without reading any test set."""
         if dataset == self.name:
             raise ValueError(f"ood dataset {dataset} is the task's own dataset; pick another (e.g. fashion-mnist for mnist)")
-        if dataset not in self._ood:
-            _, _, x, _ = load_image_dataset(dataset, path or None)
+        if (dataset, split) not in self._ood:
+            x_train, _, x, _ = load_image_dataset(dataset, path or None)
             if x[0].numel() != self.dims["in_features"]:
                 raise ValueError(f"ood dataset {dataset}: its images have {x[0].numel()} features, {self.name}'s "
                                  f"{self.dims['in_features']}; pick a dataset of the same shape")
-            self._ood[dataset] = x.to(self.device)
-        x = self._ood[dataset]
+            if split == "valid":
+                x = x_train[-len(self.data["valid"][1]):]
+            self._ood[(dataset, split)] = x.to(self.device)
+        x = self._ood[(dataset, split)]
         score = lambda model: metrics.predict_logprobs(model, x, self.eval_batch_size)
         return EnsembleStream(score, lambda logp: {}, track_entropy=True)
 
