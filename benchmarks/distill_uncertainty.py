@@ -96,9 +96,8 @@ def distill_table(prefix: str, log) -> tuple[dict, list[dict], dict]:
     name = lambda epochs, lam, seed=0: (f"{prefix}_distill" + (f"_e{epochs}" if epochs != 20 else "")
                                         + f"_lam{lam:g}" + (f"_seed{seed}" if seed else ""))
 
-    def students(epochs, lam, seed=0, extra=()):
-        rows = run(config, name(epochs, lam, seed) + "".join(f"_{e}" for e in extra),
-                   schedule(epochs) + [f"distill.lam={lam}", f"experiment.seed={seed}"])
+    def students(epochs, lam, seed=0):
+        rows = run(config, name(epochs, lam, seed), schedule(epochs) + [f"distill.lam={lam}", f"experiment.seed={seed}"])
         return pick(rows, "SGD x1"), pick(rows, "KD(")
 
     sweep = {(e, lam): students(e, lam) for e in EPOCHS for lam in LAMS}
