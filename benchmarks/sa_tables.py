@@ -1,0 +1,201 @@
+"""Deng et al. 2019's experiments (issue 11) from the shipped configs, via the same pipeline as the CLI.
+
+    python benchmarks/sa_tables.py cnn        # configs/{mnist,fmnist}_cnn_sa.toml -> results/cnn_sa.json
+    python benchmarks/sa_tables.py resnet20   # configs/fmnist_resnet20_sa.toml -> results/resnet20_sa.json
+    python benchmarks/sa_tables.py cnn resnet20 --evaluate-only   # the run directories as they are
+    python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 2k subset, 1 epoch per chain (2 min on a loaded 2-core machine)
+
+Each config runs (or resumes) into ``runs/<name>``. ``cnn_sa.json`` has, per dataset, the rows and
+SGHMC against SGHMC-SA beside the paper's accuracy. ``resnet20_sa.json`` has the rows, a table
+sparsity x method (test accuracy, with valid beside it), the targets at 90% and the measured inference
+latency of each sampled network physically shrunk (``model.shrink(model.live_units())``: channels whose
+weights were all pruned are removed) against the dense SGD network, at batch 1 and 100, each at its
+best torch thread count; medians of interleaved rounds. Networks of the same shape are timed once.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import median, timed, write  # noqa: E402
+
+from sparse_ensembles import checkpoint  # noqa: E402
+from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+from sparse_ensembles.experiments.evaluate import evaluate_run  # noqa: E402
+from sparse_ensembles.experiments.pipeline import Pipeline, run_config  # noqa: E402
+from sparse_ensembles.experiments.stages import build_stages  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = {"mnist": 99.60, "fashion-mnist": 93.01}  # Deng et al. 2019, no augmentation, test accuracy %
+QUICK = {"cnn": ["task.train_subset=1000", "task.test_subset=500", "task.valid_size=500", "sgd.epochs=1",
+                 "sampler.burn_in=0", "sampler.samples=1"],
+         "resnet20": ["task.train_subset=500", "task.test_subset=500", "task.valid_size=500", "sgd.epochs=1",
+                      "sampler.burn_in=0", "sampler.anneal=1.0", "prune.every=0.05"]}
+CONFIGS = {"cnn": ["mnist_cnn_sa", "fmnist_cnn_sa"], "resnet20": ["fmnist_resnet20_sa"]}
+
+
+def rows_of(name: str, overrides: list[str], quick: bool, evaluate_only: bool):
+    cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
+    out = ROOT / "runs" / (name + ("_quick" if quick else ""))
+    t0 = time.perf_counter()
+    if evaluate_only:
+        rows = evaluate_run(out, run_config(out))
+        cfg = run_config(out)
+    else:
+        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
+    return cfg, out, rows, time.perf_counter() - t0
+
+
+def accuracy(row: dict, split: str = "test") -> float:
+    return 100 * (1 - row[f"error_{split}"])
+
+
+def cnn_entry(cfg, rows: list[dict], wall: float) -> dict:
+    def find(pattern):
+        hit = [r for r in rows if re.fullmatch(pattern, r["method"])]
+        return hit[0] if hit else None
+
+    sgd, plain, sa = find(r"SGD x1"), find(r"SGHMC x\d+"), find(r"SGHMC\+SSGL.* x\d+")
+    return {"dataset": cfg.task.dataset, "paper_sghmc_sa_accuracy": PAPER.get(cfg.task.dataset),
+            "epochs": {"sgd": cfg.sgd.epochs, "chain": cfg.sampler.epochs_per_chain},
+            "accuracy_test": {k: accuracy(r) for k, r in (("sgd", sgd), ("sghmc", plain), ("sghmc_sa", sa)) if r},
+            "accuracy_valid": {k: accuracy(r, "valid") for k, r in (("sgd", sgd), ("sghmc", plain), ("sghmc_sa", sa))
+                               if r and "error_valid" in r},
+            "wall_seconds_this_invocation": wall, "rows": rows}
+
+
+def _method_level(method: str) -> tuple[str, int]:
+    """'SGHMC+SSGL(sa_anneal_90) x1' -> ('sa_anneal', 90)."""
+    m = re.search(r"\(([a-z_]+)_(\d+)\)", method)
+    return (m.group(1), int(m.group(2))) if m else (method, 0)
+
+
+def latencies(models: dict, x, threads: list[int], rounds: int) -> dict:
+    """Median seconds per forward pass of each model at each thread count. Within a round every model
+    runs once, in a rotated order, so a slow phase of the shared machine hits all of them alike."""
+    names = list(models)
+    times = {n: {t: [] for t in threads} for n in names}
+    with torch.inference_mode():
+        for t in threads:
+            torch.set_num_threads(t)
+            reps = {}
+            for n in names:
+                models[n].eval()(x)  # warm-up
+                reps[n] = max(1, int(0.05 / max(timed(lambda: models[n](x)), 1e-6)))
+            for r in range(rounds):
+                for n in names[r % len(names):] + names[: r % len(names)]:
+                    times[n][t].append(timed(lambda: [models[n](x) for _ in range(reps[n])]) / reps[n])
+    return {n: {t: median(v) for t, v in per.items()} for n, per in times.items()}
+
+
+def resnet_latency(cfg, out: Path, threads: list[int], rounds: int) -> dict:
+    """Each row's sampled network shrunk by its live channels against the dense SGD network, each at its
+    best thread count."""
+    nets = {}
+    for stage in build_stages(cfg):
+        for row in stage.rows(out):
+            if row.files:
+                nets[row.method] = checkpoint.load_member(row.files[0])[0].eval()
+    dense_name = next(k for k in nets if k.startswith("SGD"))
+    shape = [1, 28, 28] if cfg.task.dataset in ("mnist", "fashion-mnist") else [3, 32, 32]
+    result = {"threads_tried": threads, "rounds": rounds}
+    shrunk = {dense_name: nets[dense_name]}
+    for name, net in nets.items():
+        if name == dense_name:
+            continue
+        keep = net.live_units()
+        shrunk[name] = net.shrink(keep).eval()
+        x = torch.randn(4, *shape).flatten(1)
+        with torch.inference_mode():
+            gap = (shrunk[name](x) - net(x)).abs().max().item()
+        result[name] = {"channels_kept": [int(k.sum()) for k in keep], "channels_total": [int(k.numel()) for k in keep],
+                        "max_abs_gap_to_masked": gap}
+    # networks of one shape run the same kernels: time each distinct shape once (the dense one included)
+    shapes = {name: tuple(tuple(p.shape) for p in net.parameters()) for name, net in shrunk.items()}
+    distinct = {}
+    for name, shp in shapes.items():
+        distinct.setdefault(shp, name)
+    for batch in (1, 100):
+        x = torch.randn(batch, *shape).flatten(1)
+        per = latencies({n: shrunk[n] for n in distinct.values()}, x, threads, rounds)
+        best = {n: min(v.values()) for n, v in per.items()}
+        dense_ms = best[distinct[shapes[dense_name]]]
+        result[f"dense_batch{batch}_ms"] = 1e3 * dense_ms
+        for name in shrunk:
+            if name != dense_name:
+                timed_as = distinct[shapes[name]]
+                result[name][f"batch{batch}_ms"] = 1e3 * best[timed_as]
+                result[name][f"batch{batch}_threads"] = min(per[timed_as], key=per[timed_as].get)
+                result[name][f"speedup_batch{batch}"] = dense_ms / best[timed_as]
+    result["distinct_shapes_timed"] = len(distinct)
+    torch.set_num_threads(threads[0])
+    return result
+
+
+def resnet_entry(cfg, out: Path, rows: list[dict], wall: float, threads, rounds) -> dict:
+    dense = next(r for r in rows if r["method"].startswith("SGD"))
+    table = {}
+    for r in rows:
+        kind, level = _method_level(r["method"])
+        if level:
+            table.setdefault(str(level), {})[kind] = {"accuracy_test": accuracy(r), "accuracy_valid": accuracy(r, "valid"),
+                                                      "sparsity": r["sparsity"]}
+    at90 = table.get("90", {})
+    targets = {}
+    if "sa_anneal" in at90:
+        sa = at90["sa_anneal"]["accuracy_test"]
+        targets = {"sa_anneal_90_gap_to_dense": accuracy(dense) - sa,
+                   "within_1.5_of_dense": accuracy(dense) - sa <= 1.5,
+                   "ahead_of_em_and_plain": all(sa > at90[k]["accuracy_test"] for k in ("em", "plain") if k in at90)}
+    return {"dataset": cfg.task.dataset, "train_subset": cfg.task.train_subset, "width": cfg.model.width,
+            "epochs": {"sgd": cfg.sgd.epochs, "chain": cfg.sampler.epochs_per_chain},
+            "dense_accuracy_test": accuracy(dense), "dense_accuracy_valid": accuracy(dense, "valid"),
+            "table": table, "targets_at_90": targets,
+            "paper_cifar10_sghmc_sa": {"30": 94.23, "50": 94.27, "70": 93.74, "90": 91.68},
+            "latency": resnet_latency(cfg, out, threads, rounds),
+            "wall_seconds_this_invocation": wall, "rows": rows}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run directories as they are")
+    ap.add_argument("--threads", default="1,2", help="thread counts tried for the latency, best of each kept")
+    ap.add_argument("--rounds", type=int, default=7)
+    args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    for which in args.which:
+        overrides = QUICK[which] if args.quick else []
+        entries = {}
+        for name in CONFIGS[which]:
+            cfg, out, rows, wall = rows_of(name, overrides, args.quick, args.evaluate_only)
+            entries[name] = (cnn_entry(cfg, rows, wall) if which == "cnn"
+                             else resnet_entry(cfg, out, rows, wall, threads, 3 if args.quick else args.rounds))
+        label = ("cnn_sa" if which == "cnn" else "resnet20_sa") + ("_quick" if args.quick else "")
+        path = write(label, {"configs": [f"configs/{n}.toml" for n in CONFIGS[which]], "overrides": overrides,
+                             "evaluate_only": args.evaluate_only, "entries": entries})
+        for name, e in entries.items():
+            if which == "cnn":
+                acc = e["accuracy_test"]
+                print(f"{name}: test accuracy SGD {acc.get('sgd', float('nan')):.2f}%, SGHMC "
+                      f"{acc.get('sghmc', float('nan')):.2f}%, SGHMC-SA {acc.get('sghmc_sa', float('nan')):.2f}% "
+                      f"(paper {e['paper_sghmc_sa_accuracy']}%) -> {path.name}")
+            else:
+                for level, methods in sorted(e["table"].items(), key=lambda kv: -int(kv[0])):
+                    print(f"{name} {level}%: " + ", ".join(f"{k} {v['accuracy_test']:.2f}%" for k, v in methods.items()))
+                t = e["targets_at_90"]
+                print(f"{name}: dense {e['dense_accuracy_test']:.2f}%; at 90% SGHMC-SA (annealed) "
+                      f"{t.get('sa_anneal_90_gap_to_dense', float('nan')):.2f} points below dense (target <= 1.5: "
+                      f"{'met' if t.get('within_1.5_of_dense') else 'NOT met'}), ahead of EM and SGHMC: "
+                      f"{'yes' if t.get('ahead_of_em_and_plain') else 'NO'} -> {path.name}")
+
+
+if __name__ == "__main__":
+    main()
