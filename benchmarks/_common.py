@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# where results files go; tests point it at a temporary folder
+RESULTS = Path(os.environ.get("SPARSE_ENSEMBLES_RESULTS", Path(__file__).resolve().parent / "results"))
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 if "SPARSE_ENSEMBLES_DATA" not in os.environ and _SHARED.is_dir():
     os.environ["SPARSE_ENSEMBLES_DATA"] = str(_SHARED)  # our machines keep MNIST in ../shared/data

@@ -1,0 +1,27 @@
+"""The benchmarks' --quick modes run on a fresh clone (no run directory, no data needed) and write their keys."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_quick(script: str, tmp_path: Path, *args: str) -> str:
+    env = {**os.environ, "SPARSE_ENSEMBLES_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_lstm_inference_quick_writes_speedups_and_ensemble_ratio_on_synthetic_members(tmp_path):
+    out = run_quick("lstm_inference.py", tmp_path, "--threads", "1")
+    files = list(tmp_path.glob("lstm_inference*_quick.json"))
+    assert len(files) == 1, out
+    r = json.loads(files[0].read_text())
+    for key in ("iss_speedup_batch1", "iss_speedup_batch20", "flops_ratio", "ensemble_vs_single_dense"):
+        assert r[key] > 0, key
+    assert r["flops_ratio"] > 1  # the synthetic ISS members are smaller than the dense LM
+    assert out.strip().splitlines()[-1].startswith("lstm_inference")  # the one-line summary comes last
