@@ -77,7 +77,7 @@ def cnn_entry(cfg, rows: list[dict], wall: float) -> dict:
 
 def _method_level(method: str) -> tuple[str, int]:
     """'SGHMC+SSGL(sa_anneal_90) x1' -> ('sa_anneal', 90)."""
-    m = re.search(r"\(([a-z_]+)_(\d+)\)", method)
+    m = re.search(r"\(([a-z0-9_]+?)_(\d+)\)", method)
     return (m.group(1), int(m.group(2))) if m else (method, 0)
 
 
