@@ -135,6 +135,7 @@ def resnet_latency(cfg, out: Path, threads: list[int], rounds: int) -> dict:
         for name in shrunk:
             if name != dense_name:
                 timed_as = distinct[shapes[name]]
+                result[name]["timed_as"] = timed_as  # itself, or the first network of its shape
                 result[name][f"batch{batch}_ms"] = 1e3 * best[timed_as]
                 result[name][f"batch{batch}_threads"] = min(per[timed_as], key=per[timed_as].get)
                 result[name][f"speedup_batch{batch}"] = dense_ms / best[timed_as]
