@@ -325,3 +325,23 @@ def test_self_distillation_trains_model_b_on_model_a_and_a_missing_teacher_row_i
     err = capsys.readouterr().err
     assert "no such row" in err and "SGLD+GSP+PR 90%" in err
     assert not (tmp_path / "bad" / "sgd").exists()  # checked before any training
+
+
+def test_evaluate_only_recomputes_the_chosen_stages_and_takes_other_rows_from_their_last_evaluation(tiny_run, tmp_path):
+    out = tmp_path / "partial"
+    shutil.copytree(tiny_run, out)
+    full = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    # mark one cached row so we can tell a reused row from a recomputed one; drop another's cache
+    marked = out / "metrics" / "SGLD_x3.json"
+    m = json.loads(marked.read_text())
+    m["error"] = 0.123456
+    marked.write_text(json.dumps(m))
+    (out / "metrics" / "SGLD_GSP_x3.json").unlink()
+    (out / "metrics" / "SGD_x1.json").write_text(json.dumps({"method": "SGD x1", "error": 0.999}))  # stale, recomputed
+    assert main(["evaluate", str(out), "--only", "sgd", "--only", "pruned_*"]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["SGLD x3"]["error"] == 0.123456  # reused as saved
+    assert "SGLD+GSP x3" not in rows  # no saved evaluation: left out, not invented
+    assert rows["SGD x1"]["error"] == full["SGD x1"]["error"]  # recomputed
+    assert rows["SGLD+GSP+PR 90%"]["nll"] == full["SGLD+GSP+PR 90%"]["nll"]
+    assert (out / "reliability.png").exists() and (out / "members_curve.png").exists()

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ev.add_argument("run_dir")
     ev.add_argument("--ood", default=None, metavar="DATASET",
                     help="also score out-of-distribution detection against DATASET's test images (e.g. fashion-mnist)")
+    ev.add_argument("--only", action="append", default=[], metavar="STAGE",
+                    help="recompute only these stages' rows (shell patterns); the others come from their last evaluation")
     dl = sub.add_parser("download", help="opt-in: fetch a dataset from its canonical mirror (checksum-verified)")
     dl.add_argument("name", choices=sorted([*DATASETS, "cifar10"]))
     dl.add_argument("--dest", help="target directory (default: the user cache)")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
             print(f"run directory: {out}")
             Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=overrides).run()
         elif args.command == "evaluate":
-            evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)), ood=args.ood)
+            evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)), ood=args.ood, only=args.only)
         elif args.command == "download":
             fetch = download_cifar10 if args.name == "cifar10" else (lambda dest: download(args.name, dest))
             print(f"saved to {fetch(args.dest)}")

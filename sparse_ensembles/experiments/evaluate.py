@@ -3,6 +3,8 @@ valid and test streams (memory does not grow with members), costs against one de
 ``results.json``, ``metrics/<method>.json``, the table and the pictures."""
 from __future__ import annotations
 
+import fnmatch
+import json
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -12,9 +14,26 @@ from .config import Config, ConfigError
 from .stages import Context, build_stages
 
 
+def _cached(out: Path, name: str) -> Optional[dict]:
+    """A row's metrics as the last evaluation saved them (``metrics/<method>.json``), or None."""
+    from .plots import slug
+    path = out / "metrics" / f"{slug(name)}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _as_lists(r: dict) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in r.items()}
+
+
 def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] = print,
-                 ood: Optional[str] = None) -> list[dict]:
-    """``ood``: score out-of-distribution detection against this dataset (default: ``task.ood``)."""
+                 ood: Optional[str] = None, only: Optional[list[str]] = None) -> list[dict]:
+    """``ood``: score out-of-distribution detection against this dataset (default: ``task.ood``).
+    ``only``: stage-name patterns (as ``run --only``); the rows of other stages are taken from
+    their last evaluation (``metrics/``) instead of being recomputed, and left out if they have none."""
+    import torch
     from .pipeline import build_task, resolve_device
     from .plots import slug, write_plots  # matplotlib only when needed
 
@@ -28,7 +47,23 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
     if ood and not hasattr(task, "ood_stream"):
         raise ConfigError(f"--ood: the {cfg.kinds['task']} task has no out-of-distribution evaluation")
     for stage in build_stages(cfg):
+        fresh = not only or any(fnmatch.fnmatch(stage.name, p) for p in only)
         for row in stage.rows(out):
+            if not fresh:  # reuse the last evaluation of this row
+                name = row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
+                cached = _cached(out, name)
+                if cached is None:
+                    log(f"{name}: not evaluated yet (evaluate without --only to include it)")
+                    continue
+                results.append({k: v for k, v in cached.items()
+                                if not k.startswith("curve_") and k not in ("units_per_member", "reliability")})
+                curves[name] = cached.get("curve_test", [])
+                if row.sparsity and cached.get("units_per_member"):
+                    units[name] = cached["units_per_member"]
+                if cached.get("reliability"):
+                    reliabilities[name] = {k: torch.tensor(v) if isinstance(v, list) else v
+                                           for k, v in cached["reliability"].items()}
+                continue
             streams = {split: task.stream(split) for split in task.splits}
             try:
                 ood_stream = task.ood_stream(ood) if ood else None
@@ -84,7 +119,8 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
                 units[name] = member_units
             checkpoint.atomic_write_json(out / "metrics" / f"{slug(name)}.json",
                                          {**result, **{f"curve_{s}": st.curve for s, st in streams.items()},
-                                          "units_per_member": member_units})
+                                          "units_per_member": member_units,
+                                          "reliability": _as_lists(reliabilities[name]) if name in reliabilities else None})
     checkpoint.atomic_write_json(out / "results.json", results)
     write_plots(out, results, curves, inputs, task.dims.get("in_features", 0), task.columns[:2], units)
     if reliabilities:

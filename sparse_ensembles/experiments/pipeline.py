@@ -176,7 +176,8 @@ class Pipeline:
                     continue
                 stage.run(ctx)
         from .evaluate import evaluate_run
-        return evaluate_run(self.out, self.cfg, ctx.task, log=self.log)
+        # with --only, the other stages' rows come from their last evaluation (metrics/)
+        return evaluate_run(self.out, self.cfg, ctx.task, log=self.log, only=self.only)
 
 
 def run_config(run_dir: Path) -> Config:
