@@ -41,3 +41,12 @@ def test_resnet20_configs_cover_every_conv_but_the_stem_and_have_the_four_method
         assert covered == convs[1:] and v.prune.target == 0.9 and (v.prior.v0, v.prior.v1) == (0.005, 1e-5)
         assert cfg.variant("plain_90").kinds["prior"] == "gaussian" and cfg.variant("em_30").prior.omega == 1.0
         assert all(cfg.variant(n).prune.names == ["blocks.*.conv*.weight"] for n in cfg.variants)  # same layers pruned
+
+
+def test_cpu_resnet20_config_pruning_schedule_reaches_its_target_within_the_chain():
+    # with the authors' U = 50 steps copied into a 1,500-step chain, s_k stopped at 0.26 S
+    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "fmnist_resnet20_sa.toml")
+    steps = cfg.sampler.epochs_per_chain * cfg.task.train_subset // cfg.task.batch_size
+    for name in cfg.variants:
+        p = cfg.variant(name).prune
+        assert 1 - p.decay ** (steps / p.every) >= 0.99, (name, steps, p.every)
