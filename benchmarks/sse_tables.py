@@ -9,6 +9,8 @@ Runs (or resumes) ``configs/<name>.toml`` into ``runs/<name>`` and copies its ro
         # runs/mnist_fnn_sse_ramp -> benchmarks/results/mnist_fnn_sse_ramp.json
     python benchmarks/sse_tables.py ptb_lstm_sse_small --evaluate-only   # the rows of runs/<name> so far,
         # without training (while other processes are still running stages of it)
+    python benchmarks/sse_tables.py ptb_lstm_sse_small --evaluate-only --only 'pruned_80_*'   # recompute
+        # those stages' rows, take the others from their last evaluation (runs/<name>/metrics/)
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main():
                     help="config override (recorded in the results file)")
     ap.add_argument("--tag", default="", help="name a variant: runs/<name>_<tag>, results/<name>_<tag>.json")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run directory as it is, train nothing")
+    ap.add_argument("--only", action="append", default=[], metavar="STAGE",
+                    help="with --evaluate-only: recompute only these stages' rows, the others as last evaluated")
     args = ap.parse_args()
     for name in args.names:
         overrides = (QUICK if args.quick else []) + args.set
@@ -45,13 +49,14 @@ def main():
         out = ROOT / "runs" / label
         t0 = time.perf_counter()
         if args.evaluate_only:
-            rows = evaluate_run(out, run_config(out))
+            rows = evaluate_run(out, run_config(out), only=args.only)
         else:
             rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         wall = time.perf_counter() - t0
         total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
         path = write(label,
                      {"config": f"configs/{name}.toml", "overrides": overrides, "evaluate_only": args.evaluate_only,
+                      "recomputed_stages": args.only or "all",
                       "wall_seconds_this_invocation": wall, "summed_train_seconds": total_train, "rows": rows})
         metric, scale, unit = ("error", 100, "%") if "error" in rows[0] else ("ppl", 1, " PPL")
         best = {r["method"]: r for r in rows}
