@@ -180,6 +180,8 @@ def main():
     name = "lstm_inference" + ("_synthetic" if synthetic_run else f"_{Path(args.run).name}")
     if args.variant:
         name += f"_{args.variant}"
+    if not synthetic_run and args.sparsity != ap.get_default("sparsity"):
+        name += f"_{args.sparsity}"
     if synthetic_run and args.iss_hidden != ap.get_default("iss_hidden"):
         name += "_iss" + args.iss_hidden.replace(",", "_")
     path = write(name + ("_quick" if args.quick else ""), out)
