@@ -3,7 +3,7 @@
     python benchmarks/sa_tables.py cnn        # configs/{mnist,fmnist}_cnn_sa.toml -> results/cnn_sa.json
     python benchmarks/sa_tables.py resnet20   # configs/fmnist_resnet20_sa.toml -> results/resnet20_sa.json
     python benchmarks/sa_tables.py cnn resnet20 --evaluate-only   # the run directories as they are
-    python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 2k subset, 1 epoch per chain (2 min on a loaded 2-core machine)
+    python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 500-image subset, 1 epoch per chain (2 min on a loaded 2-core machine)
 
 Each config runs (or resumes) into ``runs/<name>``. ``cnn_sa.json`` has, per dataset, the rows and
 SGHMC against SGHMC-SA beside the paper's accuracy. ``resnet20_sa.json`` has the rows, a table
@@ -41,13 +41,13 @@ CONFIGS = {"cnn": ["mnist_cnn_sa", "fmnist_cnn_sa"], "resnet20": ["fmnist_resnet
 
 
 def rows_of(name: str, overrides: list[str], quick: bool, evaluate_only: bool):
-    cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
     out = ROOT / "runs" / (name + ("_quick" if quick else ""))
     t0 = time.perf_counter()
-    if evaluate_only:
-        rows = evaluate_run(out, run_config(out))
+    if evaluate_only:  # the config the run directory was last run with
         cfg = run_config(out)
+        rows = evaluate_run(out, cfg)
     else:
+        cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
         rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
     return cfg, out, rows, time.perf_counter() - t0
 
