@@ -25,3 +25,17 @@ def test_lstm_inference_quick_writes_speedups_and_ensemble_ratio_on_synthetic_me
         assert r[key] > 0, key
     assert r["flops_ratio"] > 1  # the synthetic ISS members are smaller than the dense LM
     assert out.strip().splitlines()[-1].startswith("lstm_inference")  # the one-line summary comes last
+
+
+def test_sse_seeds_quick_writes_per_seed_rows_spread_and_target_verdict(tmp_path):
+    out = run_quick("sse_seeds.py", tmp_path, "tiny", "--seeds", "0", "1", "--sparsity", "0.9",
+                    "--runs", str(tmp_path / "runs"))
+    r = json.loads((tmp_path / "tiny_quick_seeds.json").read_text())
+    assert [s["seed"] for s in r["per_seed"]] == [0, 1]
+    errors = [s["sse"]["error_test"] for s in r["per_seed"]]
+    assert errors[0] != errors[1]  # the seed reaches init, data order and noise
+    spread = r["summary"]["sse"]["error_test"]
+    assert abs(spread["mean"] - sum(errors) / 2) < 1e-12 and spread["std"] > 0
+    assert r["summary"]["sse"]["params_ratio"]["max"] < 1  # 90% of a tiny net: under one dense model
+    assert r["target"]["sgd_many"] is None and r["target"]["met"] is False  # no full table to compare with
+    assert out.strip().splitlines()[-1].startswith("tiny_quick_seeds")
