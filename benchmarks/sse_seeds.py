@@ -7,8 +7,12 @@ For each seed this runs (or resumes) ``configs/<name>.toml`` with ``experiment.s
 and the members pruned to ``--sparsity``. It writes ``benchmarks/results/<name>_seeds.json``: per
 seed and as mean / sample std, the valid and test error and NLL of both, and the paper's target
 
-    SSE(sparsity) test error < SGD x1 and <= SGD x18 (read from results/<name>.json, seed 0),
-    at params_ratio <= 1.
+    mean SSE(sparsity) test error < mean SGD x1 and <= SGD x18, at params_ratio <= 1.
+
+SGD x18 comes from one seed's directory when it holds more SGD members (train them there with
+``sparse-ensembles run configs/<name>.toml --out runs/<name>_seed0 --resume --only sgd --set
+sgd.members=18`` plus the overrides recorded in the results file; two such processes share the
+members), else from the full table ``benchmarks/results/<name>.json``.
 
     python benchmarks/sse_seeds.py mnist_fnn_sse --seeds 0 1 2            # about 20 min a seed on 1 core
     python benchmarks/sse_seeds.py mnist_fnn_sse --seeds 0 1 2 --evaluate-only   # rewrite from the run dirs
@@ -77,7 +81,12 @@ def main():
         else:
             rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         sse, sgd = pick(rows, pr), pick(rows, "SGD x1")
-        per_seed.append({"seed": seed, "run": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out), "sgd_x1": sgd, "sse": sse})
+        entry = {"seed": seed, "run": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
+                 "sgd_x1": sgd, "sse": sse}
+        many = [r["method"] for r in rows if r["method"].startswith("SGD x") and r["method"] != "SGD x1"]
+        if many:  # this seed's directory also trained SGD xM
+            entry["sgd_many"] = {"method": many[-1], **pick(rows, many[-1])}
+        per_seed.append(entry)
         print(f"seed {seed}: SGD x1 test {100 * sgd['error_test']:.2f}% (valid {100 * sgd['error_valid']:.2f}%), "
               f"{pr} test {100 * sse['error_test']:.2f}% (valid {100 * sse['error_valid']:.2f}%) "
               f"at {sse['params_ratio']:.2f}x params", flush=True)
@@ -86,18 +95,23 @@ def main():
                for side in ("sgd_x1", "sse")}
     summary["sse"]["params_ratio"] = spread([s["sse"]["params_ratio"] for s in per_seed])
     summary["sse"]["flops_ratio"] = spread([s["sse"]["flops_ratio"] for s in per_seed])
-    table = RESULTS / f"{label}.json"  # the full table (seed 0) holds SGD x18
-    sgd_all = None
-    if table.exists():
+    # SGD xM: from a seed's run when one trained it (same protocol: --set sgd.members=18 on one seed's
+    # directory), else from the full table (benchmarks/results/<name>.json)
+    ran = [s_ for s_ in per_seed if "sgd_many" in s_]
+    table = RESULTS / f"{label}.json"
+    sgd_all, source = None, ""
+    if ran:
+        sgd_all, source = ran[0]["sgd_many"], ran[0]["run"]
+    elif table.exists():
         rows = json.loads(table.read_text())["rows"]
         sgd_all = next((r for r in rows if r["method"].startswith("SGD x") and r["method"] != "SGD x1"), None)
+        source = str(table.relative_to(RESULTS.parent)) if table.is_relative_to(RESULTS.parent) else str(table)
     sse_mean, sgd_mean = summary["sse"]["error_test"]["mean"], summary["sgd_x1"]["error_test"]["mean"]
     target = {
         "below_sgd_x1": sse_mean < sgd_mean,
         "params_at_most_1x": summary["sse"]["params_ratio"]["max"] <= 1.0,
-        "sgd_many": ({"method": sgd_all["method"], "error_test": sgd_all.get("error_test", sgd_all["error"]),
-                      "source": str(table.relative_to(RESULTS.parent)) if table.is_relative_to(RESULTS.parent) else str(table)}
-                     if sgd_all else None),
+        "sgd_many": ({"method": sgd_all["method"], "error_test": sgd_all.get("error_test", sgd_all.get("error")),
+                      "error_valid": sgd_all.get("error_valid"), "source": source} if sgd_all else None),
     }
     target["no_worse_than_sgd_many"] = (sse_mean <= target["sgd_many"]["error_test"]) if sgd_all else None
     target["met"] = bool(target["below_sgd_x1"] and target["params_at_most_1x"] and target["no_worse_than_sgd_many"])
@@ -106,7 +120,7 @@ def main():
                                     "wall_seconds_this_invocation": time.perf_counter() - t0,
                                     "per_seed": per_seed, "summary": summary, "target": target})
     s, g = summary["sse"]["error_test"], summary["sgd_x1"]["error_test"]
-    many = (f", {target['sgd_many']['method']} {100 * target['sgd_many']['error_test']:.2f}% (seed 0)"
+    many = (f", {target['sgd_many']['method']} {100 * target['sgd_many']['error_test']:.2f}% (one seed)"
             if sgd_all else ", SGD xM: no full table yet")
     print(f"{label}_seeds: {len(args.seeds)} seeds, test error mean +- std: {pr} {100 * s['mean']:.2f} +- "
           f"{100 * s['std']:.2f}% at {summary['sse']['params_ratio']['max']:.2f}x params, SGD x1 {100 * g['mean']:.2f} +- "

@@ -4,9 +4,12 @@ from CPU copies) and rebuilt through the model registry without pickled modules
 (``torch.load(weights_only=True)``), onto any device."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -56,3 +59,28 @@ def load_member(path, device="cpu") -> tuple[nn.Module, dict]:
     model = from_spec(blob["spec"], blob["state_dict"]).to(device)
     model.eval()
     return model, blob.get("meta", {})
+
+
+@contextlib.contextmanager
+def claim(lock: Path) -> Iterator[Optional[int]]:
+    """Hold an exclusive ``flock`` on the file ``lock`` while the block runs. Yields None when this
+    process holds it, or the pid of the process that does (then do nothing). The kernel releases
+    the lock when its holder exits or dies, so a crashed run never leaves a stale lock behind; the
+    file itself stays (it only carries the holder's pid for the message)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            text = f.read().strip()
+            yield int(text) if text.isdigit() else -1
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield None
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

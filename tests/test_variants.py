@@ -11,7 +11,7 @@ import pytest
 from conftest import need_data
 from sparse_ensembles.experiments.cli import main
 from sparse_ensembles.experiments.config import ConfigError, SGDConfig, from_dict, to_toml
-from sparse_ensembles.experiments.pipeline import claim
+from sparse_ensembles.checkpoint import claim
 from sparse_ensembles.experiments.stages import build_stages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,15 +103,39 @@ def test_claim_skips_a_stage_another_process_holds_and_takes_it_once_that_proces
     (tmp_path / "a").mkdir()
     try:
         assert holder.stdout.readline().strip() == "held"
-        with claim(tmp_path / "a") as pid:
+        with claim(tmp_path / "a" / ".lock") as pid:
             assert pid == holder.pid
     finally:
         holder.kill()  # dies holding the lock: the kernel releases it
         holder.wait()
-    with claim(tmp_path / "a") as pid:
+    with claim(tmp_path / "a" / ".lock") as pid:
         assert pid is None and (tmp_path / "a" / ".lock").read_text() == str(os.getpid())
-        with claim(tmp_path / "a") as again:  # a second claim (another open file) is refused
+        with claim(tmp_path / "a" / ".lock") as again:  # a second claim (another open file) is refused
             assert again == os.getpid()
+
+
+def test_two_processes_share_the_sgd_stage_member_by_member_each_member_locked_on_its_own(tmp_path):
+    """A process holding member 0's lock (another run training it) makes this run skip member 0 and
+    train member 1; once the holder is gone, a resume trains member 0."""
+    need_data("ptb")
+    out = tmp_path / "run"
+    lock = out / "sgd" / ".member_000.lock"
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, time\n"
+        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    args = ["run", str(TINY_LM), "--out", str(out), "--no-progress", "--resume", "--only", "sgd",
+            "--set", "sgd.members=2", "--set", "sgd.epochs=1"]
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(args) == 0
+        assert not (out / "sgd" / "member_000.pt").exists() and (out / "sgd" / "member_001.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(args) == 0
+    assert (out / "sgd" / "member_000.pt").exists()
 
 
 LM_KEYS = {"method", "members", "ppl_valid", "ppl_test", "nll_test", "params", "flops", "params_ratio",

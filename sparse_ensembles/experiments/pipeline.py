@@ -21,18 +21,18 @@ after an interruption (or a divergence fixed by a config change) loses nothing f
 Several processes may work on one run directory at once (``--resume`` in each, optionally with
 ``--only`` to choose their stages): a stage is claimed by an exclusive ``flock`` on ``.lock`` in
 its folder while it runs (released by the kernel when the holder exits or dies), other processes
-skip it, and a stage waits (is skipped) until its inputs are complete.
+skip it, and a stage waits (is skipped) until its inputs are complete. Stages of independent
+members (SGD baselines, pruned members: ``claims_members = True``) lock each member instead, so
+several processes train one stage's members side by side.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import fnmatch
 import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -63,31 +63,6 @@ def build_task(cfg: Config, device: torch.device):
         if isinstance(e, DataError):
             raise
         raise ConfigError(str(e)) from None
-
-
-@contextlib.contextmanager
-def claim(folder: Path) -> Iterator[Optional[int]]:
-    """Hold an exclusive ``flock`` on ``folder/.lock`` while the block runs. Yields None when this
-    process holds it, or the pid of the process that does (then do nothing). The kernel releases
-    the lock when its holder exits or dies, so a crashed run never leaves a stale lock behind; the
-    file itself stays (it only carries the holder's pid for the message)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            text = f.read().strip()
-            yield int(text) if text.isdigit() else -1
-            return
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield None
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def check_model(ctx: Context, where: str = "model") -> None:
@@ -170,7 +145,10 @@ class Pipeline:
             if not stage.ready(self.out):
                 self.log(f"{stage.name}: its inputs are not complete yet (another process?); skipped")
                 continue
-            with claim(self.out / stage.name) as holder:
+            if getattr(stage, "claims_members", False):  # each member locked on its own: processes share it
+                stage.run(ctx)
+                continue
+            with checkpoint.claim(self.out / stage.name / ".lock") as holder:
                 if holder is not None:
                     self.log(f"{stage.name}: being run by process {holder}; skipped")
                     continue

@@ -84,17 +84,31 @@ def _done(folder: Path) -> Optional[dict]:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def member_claim(folder: Path, k: int):
+    """The lock of member ``k`` in a stage's ``folder`` (:func:`checkpoint.claim`): ``with`` it, None
+    means this process trains the member; a pid, that another process already does."""
+    return checkpoint.claim(folder / f".member_{k:03d}.lock")
+
+
 def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, loss_fn, **meta) -> None:
     """Member ``k`` of ``stage`` trained with the ``[sgd]`` schedule ``c`` (plain or momentum SGD,
     step decay) on ``loss_fn`` over ``batches(generator)``, checkpointed every epoch, saved as
-    ``<stage>/member_<k>.pt`` with ``meta``; nothing to do if that file exists."""
+    ``<stage>/member_<k>.pt`` with ``meta``; nothing to do if that file exists or another process
+    is training it."""
     folder, seed = ctx.out / stage, ctx.cfg.experiment.seed
     path = folder / f"member_{k:03d}.pt"
-    if path.exists():
-        return
-    model = ctx.new_model(derive_seed(seed, stage, k, "init"))
+    with member_claim(folder, k) as holder:
+        if holder is None and not path.exists():
+            _train_sgd_member(ctx, c, folder, k, label, batches, loss_fn, derive_seed(seed, stage, k, "init"),
+                              derive_seed(seed, stage, k, "data"), **meta)
+
+
+def _train_sgd_member(ctx: Context, c, folder: Path, k: int, label: str, batches, loss_fn, init_seed: int,
+                      data_seed: int, **meta) -> None:
+    path = folder / f"member_{k:03d}.pt"
+    model = ctx.new_model(init_seed)
     opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    gen = torch.Generator().manual_seed(derive_seed(seed, stage, k, "data"))
+    gen = torch.Generator().manual_seed(data_seed)
 
     def epoch(e):
         for group in opt.param_groups:  # the config's values, also over a resumed checkpoint's
@@ -114,6 +128,7 @@ class SGDBaselines:
     """``sgd.members`` dense models trained with SGD from their own seeds."""
 
     name = "sgd"
+    claims_members = True  # several processes may train its members side by side
 
     def __init__(self, cfg: Config):
         self.c = cfg.sgd
@@ -320,6 +335,8 @@ class PruneRetrain:
     """SSE pruning of every member ``source`` wrote (a chain's samples, distilled students) to
     ``sparsity``, masked retraining on the source's objective, shrinking."""
 
+    claims_members = True  # several processes may retrain its members side by side
+
     def __init__(self, cfg: Config, source, sparsity: float, variant: str = ""):
         self.cfg, self.source, self.sparsity = cfg, source, sparsity
         self.name = f"pruned_{pct(sparsity)}" + (f"_{variant}" if variant else "")
@@ -349,56 +366,63 @@ class PruneRetrain:
         batches, loss_fn = self.source.objective(ctx)
         for k, sample in enumerate(samples):
             path = folder / f"member_{k:03d}.pt"
-            if path.exists():
-                continue
-            model, _ = checkpoint.load_member(sample, ctx.device)
-            masks = self.masks(ctx, model, 0.0)  # group pruning only: its sparsity and widths start the ramp
-            pruning.apply_masks(model, masks)
-            start = min(pruning.sparsity_of({n: masks[n] for n in model.prunable_weights()}), self.sparsity)
-            live = [int(k_.sum()) for k_ in model.live_units()]
-            if p.widths and len(p.widths) != len(live):
-                raise ValueError(f"prune.widths gives {len(p.widths)} widths but the model has {len(live)} unit "
-                                 f"families (live sizes {live}); give one width per family")
-            opt = torch.optim.SGD(model.parameters(), lr=c.lr)
-            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
-            gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
-            current, hooks = Holder(masks), []
-            label = f"retrain {pct(self.sparsity)}% member {k + 1}/{len(samples)}"
+            with member_claim(folder, k) as holder:
+                if holder is None and not path.exists():
+                    self._retrain(ctx, k, sample, len(samples), batches, loss_fn)
+        ctx.log(f"pruned to {pct(self.sparsity)}%: {sum(1 for _ in folder.glob('member_*.pt'))} of "
+                f"{len(samples)} members retrained")
 
-            def set_masks(epoch):
-                nonlocal hooks
-                if epoch <= c.ramp_epochs:  # one-shot (ramp 0): the target at epoch 0, then fixed
-                    widths = pruning.cubic_widths(epoch, live, p.widths, c.ramp_epochs) if p.widths else None
-                    s = pruning.cubic_sparsity(epoch, start, self.sparsity, c.ramp_epochs)
-                    current.value = self.masks(ctx, model, s, current.value, widths)
-                pruning.apply_masks(model, current.value)
-                for h in hooks:
-                    h.remove()
-                hooks = pruning.keep_pruned_at_zero(model, current.value)
+    def _retrain(self, ctx: Context, k: int, sample: Path, count: int, batches, loss_fn) -> None:
+        """Member ``k``: prune ``sample``, retrain it under its masks, shrink it, save it."""
+        c, p, seed, folder = self.c, self.p, ctx.cfg.experiment.seed, ctx.out / self.name
+        path = folder / f"member_{k:03d}.pt"
+        model, _ = checkpoint.load_member(sample, ctx.device)
+        masks = self.masks(ctx, model, 0.0)  # group pruning only: its sparsity and widths start the ramp
+        pruning.apply_masks(model, masks)
+        start = min(pruning.sparsity_of({n: masks[n] for n in model.prunable_weights()}), self.sparsity)
+        live = [int(k_.sum()) for k_ in model.live_units()]
+        if p.widths and len(p.widths) != len(live):
+            raise ValueError(f"prune.widths gives {len(p.widths)} widths but the model has {len(live)} unit "
+                             f"families (live sizes {live}); give one width per family")
+        opt = torch.optim.SGD(model.parameters(), lr=c.lr)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=1.0 / c.lr_decay)
+        gen = torch.Generator().manual_seed(derive_seed(seed, self.name, k, "data"))
+        current, hooks = Holder(masks), []
+        label = f"retrain {pct(self.sparsity)}% member {k + 1}/{count}"
 
-            def epoch(e):
-                set_masks(e)
-                loss = train_epoch(model, opt, batches(gen), loss_fn=loss_fn,
-                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
-                sched.step()
-                return loss
-
-            ckpt = folder / f"member_{k:03d}.ckpt"
-            seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "sched": sched,
-                                                  "gen": GeneratorState(gen), "masks": current},
-                                 epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
-            set_masks(c.epochs)  # retrain.epochs = 0: prune without retraining; else a no-op re-apply
+        def set_masks(epoch):
+            nonlocal hooks
+            if epoch <= c.ramp_epochs:  # one-shot (ramp 0): the target at epoch 0, then fixed
+                widths = pruning.cubic_widths(epoch, live, p.widths, c.ramp_epochs) if p.widths else None
+                s = pruning.cubic_sparsity(epoch, start, self.sparsity, c.ramp_epochs)
+                current.value = self.masks(ctx, model, s, current.value, widths)
+            pruning.apply_masks(model, current.value)
             for h in hooks:
                 h.remove()
-            model.eval()
-            small = model.shrink(model.live_units()).to(ctx.device).eval()
-            gap = (ctx.task.probe(small) - ctx.task.probe(model)).abs().max().item()
-            if gap > 1e-4:
-                raise RuntimeError(f"compaction changed member {k}'s outputs by {gap:g}; this is a bug, please report it")
-            prunable = {n: current.value[n] for n in model.prunable_weights() if n in current.value}
-            checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(prunable))
-            ckpt.unlink(missing_ok=True)
-        ctx.log(f"pruned to {pct(self.sparsity)}% and retrained {len(samples)} members")
+            hooks = pruning.keep_pruned_at_zero(model, current.value)
+
+        def epoch(e):
+            set_masks(e)
+            loss = train_epoch(model, opt, batches(gen), loss_fn=loss_fn,
+                               max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
+            sched.step()
+            return loss
+
+        ckpt = folder / f"member_{k:03d}.ckpt"
+        seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "sched": sched,
+                                              "gen": GeneratorState(gen), "masks": current},
+                             epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+        set_masks(c.epochs)  # retrain.epochs = 0: prune without retraining; else a no-op re-apply
+        for h in hooks:
+            h.remove()
+        model.eval()
+        small = model.shrink(model.live_units()).to(ctx.device).eval()
+        gap = (ctx.task.probe(small) - ctx.task.probe(model)).abs().max().item()
+        if gap > 1e-4:
+            raise RuntimeError(f"compaction changed member {k}'s outputs by {gap:g}; this is a bug, please report it")
+        prunable = {n: current.value[n] for n in model.prunable_weights() if n in current.value}
+        checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(prunable))
+        ckpt.unlink(missing_ok=True)
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
