@@ -53,6 +53,11 @@ def pick(rows: list[dict], method: str) -> dict:
     return {k: row[k] for k in KEYS if k in row}
 
 
+def sgd_many(rows: list[dict]) -> dict | None:
+    """The SGD ensemble row (SGD xM, M > 1) of a table, if it has one."""
+    return next((r for r in rows if r["method"].startswith("SGD x") and r["method"] != "SGD x1"), None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("name", help="config name under configs/ (a classification SSE config)")
@@ -75,17 +80,17 @@ def main():
     for seed in args.seeds:
         overrides = base + [f"experiment.seed={seed}"]
         out = args.runs / f"{label}_seed{seed}"
-        cfg = config_mod.load(ROOT / "configs" / f"{args.name}.toml", overrides)
         if args.evaluate_only:
             rows = evaluate_run(out, run_config(out))
         else:
+            cfg = config_mod.load(ROOT / "configs" / f"{args.name}.toml", overrides)
             rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         sse, sgd = pick(rows, pr), pick(rows, "SGD x1")
         entry = {"seed": seed, "run": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out),
                  "sgd_x1": sgd, "sse": sse}
-        many = [r["method"] for r in rows if r["method"].startswith("SGD x") and r["method"] != "SGD x1"]
+        many = sgd_many(rows)
         if many:  # this seed's directory also trained SGD xM
-            entry["sgd_many"] = {"method": many[-1], **pick(rows, many[-1])}
+            entry["sgd_many"] = {"method": many["method"], **pick(rows, many["method"])}
         per_seed.append(entry)
         print(f"seed {seed}: SGD x1 test {100 * sgd['error_test']:.2f}% (valid {100 * sgd['error_valid']:.2f}%), "
               f"{pr} test {100 * sse['error_test']:.2f}% (valid {100 * sse['error_valid']:.2f}%) "
@@ -103,8 +108,7 @@ def main():
     if ran:
         sgd_all, source = ran[0]["sgd_many"], ran[0]["run"]
     elif table.exists():
-        rows = json.loads(table.read_text())["rows"]
-        sgd_all = next((r for r in rows if r["method"].startswith("SGD x") and r["method"] != "SGD x1"), None)
+        sgd_all = sgd_many(json.loads(table.read_text())["rows"])
         source = str(table.relative_to(RESULTS.parent)) if table.is_relative_to(RESULTS.parent) else str(table)
     sse_mean, sgd_mean = summary["sse"]["error_test"]["mean"], summary["sgd_x1"]["error_test"]["mean"]
     target = {

@@ -98,30 +98,24 @@ def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, l
     folder, seed = ctx.out / stage, ctx.cfg.experiment.seed
     path = folder / f"member_{k:03d}.pt"
     with member_claim(folder, k) as holder:
-        if holder is None and not path.exists():
-            _train_sgd_member(ctx, c, folder, k, label, batches, loss_fn, derive_seed(seed, stage, k, "init"),
-                              derive_seed(seed, stage, k, "data"), **meta)
+        if holder is not None or path.exists():
+            return
+        model = ctx.new_model(derive_seed(seed, stage, k, "init"))
+        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        gen = torch.Generator().manual_seed(derive_seed(seed, stage, k, "data"))
 
+        def epoch(e):
+            for group in opt.param_groups:  # the config's values, also over a resumed checkpoint's
+                group.update(lr=c.lr_at(e), momentum=c.momentum, weight_decay=c.weight_decay)
+            return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
+                               where=f"{label} epoch {e + 1}")
 
-def _train_sgd_member(ctx: Context, c, folder: Path, k: int, label: str, batches, loss_fn, init_seed: int,
-                      data_seed: int, **meta) -> None:
-    path = folder / f"member_{k:03d}.pt"
-    model = ctx.new_model(init_seed)
-    opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    gen = torch.Generator().manual_seed(data_seed)
-
-    def epoch(e):
-        for group in opt.param_groups:  # the config's values, also over a resumed checkpoint's
-            group.update(lr=c.lr_at(e), momentum=c.momentum, weight_decay=c.weight_decay)
-        return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
-                           where=f"{label} epoch {e + 1}")
-
-    ckpt = folder / f"member_{k:03d}.ckpt"
-    seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
-                         epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
-    checkpoint.save_member(path, model, train_seconds=seconds, **meta)
-    ckpt.unlink(missing_ok=True)
-    ctx.log(f"{label}: {seconds:.1f} s")
+        ckpt = path.with_suffix(".ckpt")
+        seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
+                             epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+        checkpoint.save_member(path, model, train_seconds=seconds, **meta)
+        ckpt.unlink(missing_ok=True)
+        ctx.log(f"{label}: {seconds:.1f} s")
 
 
 class SGDBaselines:
