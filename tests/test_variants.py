@@ -52,6 +52,17 @@ def test_variants_survive_the_written_config_round_trip():
     assert again.variants == cfg.variants and again.to_dict() == cfg.to_dict()
 
 
+def test_set_reaches_into_one_variant_and_a_misspelt_variant_is_an_error(tmp_path):
+    from sparse_ensembles.experiments.config import load
+    path = tmp_path / "lm.toml"
+    path.write_text(TINY_LM.read_text() + VARIANTS)
+    cfg = load(path, ["variants.iss_se.prune.widths=[8, 8]", "variants.tied.prior.lam=3.0"])
+    assert cfg.variant("iss_se").prune.widths == [8, 8] and cfg.variant("iss_se").model.tie_embeddings
+    assert cfg.variant("tied").prior.lam == 3.0 and cfg.variant("untied").prune.widths == cfg.prune.widths
+    with pytest.raises(ConfigError, match="no such variant.*iss_se"):
+        load(path, ["variants.iss_sd.prune.widths=[8, 8]"])
+
+
 def test_stages_run_one_chain_and_pruning_per_variant_and_the_plain_chain_once():
     names = [s.name for s in build_stages(_lm_config())]
     assert names == ["sgd", "sgld", "sgld_gsp_iss_se", "pruned_90_iss_se", "sgld_gsp_untied", "pruned_90_untied",

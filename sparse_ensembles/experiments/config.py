@@ -6,7 +6,8 @@ Sections ``[experiment]``, ``[task]``, ``[model]``, ``[sgd]``, ``[sampler]``, ``
 each kind is a dataclass of its own with its own checks; the kinds come from their registries
 (tasks, model kinds) or from the tables below. Unknown keys and wrong types are errors that name
 the key. ``--set section.key=value`` overrides take TOML literals (``--set sampler.lr=0.1``,
-``--set prune.sparsities=[0.9]``).
+``--set prune.sparsities=[0.9]``), and reach into a variant with more dots
+(``--set variants.iss_se.prune.widths=[50,50]``).
 
 Variants: ``[variants.<name>]`` tables run the chain -> prune -> retrain part of the recipe once
 per variant, each on the base config with the variant's keys changed (dotted, from the sections
@@ -466,8 +467,26 @@ def load(path, overrides: list[str] = ()) -> Config:
         raise ConfigError(f"{path}: invalid TOML ({e})") from None
     for text in overrides:
         section, key, value = parse_override(text)
-        raw.setdefault(section, {})[key] = value
+        set_dotted(raw, section, key, value)
     return from_dict(raw)
+
+
+def set_dotted(raw: dict, section: str, key: str, value: Any) -> None:
+    """``raw[section][key] = value`` where ``key`` may be dotted into nested tables: ``--set
+    variants.iss_se.prune.widths=[50, 50]`` changes one variant (which must exist: a typo must not
+    add a variant that runs a whole chain)."""
+    *parents, last = key.split(".")
+    if section == "variants":
+        known = list(raw.get("variants", {}))
+        if not parents or parents[0] not in known:
+            raise ConfigError(f"--set variants.{key}: the config has no such variant (variants: {known}); "
+                              f"write variants.<name>.<section>.<key>=value")
+    table = raw.setdefault(section, {})
+    for part in parents:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"--set {section}.{key}: {part!r} is a value, not a table")
+    table[last] = value
 
 
 def to_toml(cfg: Config) -> str:
