@@ -10,7 +10,7 @@ import pytest
 
 from conftest import need_data
 from sparse_ensembles.experiments.cli import main
-from sparse_ensembles.experiments.config import ConfigError, SGDConfig, from_dict, to_toml
+from sparse_ensembles.experiments.config import ConfigError, SGDConfig, from_dict, load, to_toml
 from sparse_ensembles.checkpoint import claim
 from sparse_ensembles.experiments.stages import build_stages
 
@@ -53,7 +53,6 @@ def test_variants_survive_the_written_config_round_trip():
 
 
 def test_set_reaches_into_one_variant_and_a_misspelt_variant_is_an_error(tmp_path):
-    from sparse_ensembles.experiments.config import load
     path = tmp_path / "lm.toml"
     path.write_text(TINY_LM.read_text() + VARIANTS)
     cfg = load(path, ["variants.iss_se.prune.widths=[8, 8]", "variants.tied.prior.lam=3.0"])
