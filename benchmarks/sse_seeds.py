@@ -19,6 +19,8 @@ members), else from the full table ``benchmarks/results/<name>.json``.
     python benchmarks/sse_seeds.py mnist_fnn_sse --seeds 1 & python benchmarks/sse_seeds.py mnist_fnn_sse --seeds 2
         # one process a seed (2 cores), then the summary of all with --evaluate-only
     python benchmarks/sse_seeds.py --quick mnist_fnn_sse                  # 5k subset, short chains (< 90 s)
+    python benchmarks/sse_seeds.py mnist_fnn_sse --tag lam15 --set prior.lam=1.5 --seeds 1
+        # a candidate recipe's seeds beside the shipped record: runs/mnist_fnn_sse_lam15_seed1
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="extra config override")
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run directories as they are")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs", help="where the run directories go (default runs/)")
+    ap.add_argument("--tag", default="", help="name a candidate recipe (with --set): runs/<name>_<tag>_seed<s>, "
+                    "results/<name>_<tag>_seeds.json, so the shipped config's record stays")
     args = ap.parse_args()
     if len(args.seeds) < 2:
         print("note: one seed has no spread; run the seeds in parallel processes (one --seeds each), then "
@@ -75,7 +79,7 @@ def main():
     keep = ["sgd.members=1", "sampler.plain_chain=false", f"prune.sparsities=[{args.sparsity}]"]
     base = (QUICK if args.quick else []) + args.set + keep
     pr = f"SGLD+GSP+PR {100 * args.sparsity:g}%"
-    label = args.name + ("_quick" if args.quick else "")
+    label = args.name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     per_seed, t0 = [], time.perf_counter()
     for seed in args.seeds:
         overrides = base + [f"experiment.seed={seed}"]
@@ -103,7 +107,7 @@ def main():
     # SGD xM: from a seed's run when one trained it (same protocol: --set sgd.members=18 on one seed's
     # directory), else from the full table (benchmarks/results/<name>.json)
     ran = [s_ for s_ in per_seed if "sgd_many" in s_]
-    table = RESULTS / f"{label}.json"
+    table = RESULTS / f"{args.name}{'_quick' if args.quick else ''}.json"
     sgd_all, source = None, ""
     if ran:
         sgd_all, source = ran[0]["sgd_many"], ran[0]["run"]

@@ -39,3 +39,14 @@ def test_sse_seeds_quick_writes_per_seed_rows_spread_and_target_verdict(tmp_path
     assert r["summary"]["sse"]["params_ratio"]["max"] < 1  # 90% of a tiny net: under one dense model
     assert r["target"]["sgd_many"] is None and r["target"]["met"] is False  # no full table to compare with
     assert out.strip().splitlines()[-1].startswith("tiny_quick_seeds")
+
+
+def test_sse_seeds_tag_keeps_a_candidate_recipe_apart_from_the_shipped_record(tmp_path):
+    """--tag names the run directories and the results file, so a candidate never overwrites the shipped seeds."""
+    out = run_quick("sse_seeds.py", tmp_path, "tiny", "--seeds", "0", "1", "--sparsity", "0.9", "--tag", "lam2",
+                    "--set", "prior.lam=2.0", "--runs", str(tmp_path / "runs"))
+    assert not (tmp_path / "tiny_quick_seeds.json").exists()
+    r = json.loads((tmp_path / "tiny_lam2_quick_seeds.json").read_text())
+    assert [Path(s["run"]).name for s in r["per_seed"]] == ["tiny_lam2_quick_seed0", "tiny_lam2_quick_seed1"]
+    assert "prior.lam=2.0" in r["overrides"]
+    assert out.strip().splitlines()[-1].startswith("tiny_lam2_quick_seeds")
