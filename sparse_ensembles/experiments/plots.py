@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 
 def slug(method: str) -> str:
@@ -22,6 +22,22 @@ _LABELS = {"error": ("test error (%)", 100), "nll": ("test NLL", 1), "ppl": ("te
            "ece": ("test ECE (%)", 100), "brier": ("test Brier", 1)}
 
 
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def styles(methods: list[str]) -> dict[str, dict]:
+    """One colour and marker per method, the same in every picture of a run: 20 colours (tab20),
+    then the markers change, so rows stay apart in tables of 16 or more (the PTB table)."""
+    colours = plt.get_cmap("tab20").colors
+    return {m: {"color": colours[i % len(colours)], "marker": _MARKERS[(i // len(colours)) % len(_MARKERS)]}
+            for i, m in enumerate(dict.fromkeys(methods))}
+
+
+def _legend_right(fig, ax, n: int) -> None:
+    """The legend beside the panels, so it hides no curve or point."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if n <= 18 else 2, frameon=False)
+
+
 def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_features: int,
                 metrics=("error", "nll"), units: dict | None = None) -> list[Path]:
     """``curves``: method -> test metrics after each member; ``inputs``: method -> each compacted
@@ -29,31 +45,34 @@ def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_f
     member, the units kept per unit family (``{"layer0": 61, ...}``)."""
     written = []
     # 1. the two headline metrics against the number of members averaged
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    style = styles([r["method"] for r in results] + list(curves))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for name, curve in curves.items():
         ks = range(1, len(curve) + 1)
         for ax, key in zip(axes, metrics):
-            ax.plot(ks, [_LABELS[key][1] * c[key] for c in curve], marker=".", label=name)
+            ax.plot(ks, [_LABELS[key][1] * c[key] for c in curve], markersize=4, label=name, **style[name])
     for ax, key in zip(axes, metrics):
         ax.set(xlabel="members averaged", ylabel=_LABELS[key][0], title=f"{key} vs ensemble size")
-    axes[0].legend(fontsize=8)
+    _legend_right(fig, axes[1], len(curves))
     fig.tight_layout()
     written.append(out / "members_curve.png")
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
     # 2. the accuracy-cost frontier
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     label, scale = _LABELS[metrics[0]]
     for r in results:
         for ax, key in zip(axes, ("params_ratio", "flops_ratio")):
-            ax.scatter(r[key], scale * r[metrics[0]])
-            ax.annotate(r["method"], (r[key], scale * r[metrics[0]]), fontsize=7)
+            ax.scatter(r[key], scale * r[metrics[0]], s=30, label=r["method"], **style[r["method"]])
     axes[0].set(xscale="log", xlabel="parameters (x one dense model)", ylabel=label)
     axes[1].set(xscale="log", xlabel="FLOPs (x one dense model)", ylabel=label)
-    for ax in axes:  # log axis with plain "0.5, 1, 2" labels instead of overlapping minor ticks
+    for ax in axes:  # log axis labelled at 1, 2, 5 x 10^k in plain numbers ("0.5, 1, 2"), no minor labels
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.axvline(1.0, color="0.8", linewidth=0.8, zorder=0)  # the one-dense-model budget
+    _legend_right(fig, axes[1], len(results))
     fig.suptitle("accuracy-cost frontier")
     fig.tight_layout()
     written.append(out / "frontier.png")
