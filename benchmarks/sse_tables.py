@@ -31,6 +31,17 @@ QUICK = ["task.train_subset=5000", "task.test_subset=2000", "sgd.members=3", "sg
          "sampler.thin=1", "sampler.samples=3", "retrain.epochs=1"]
 
 
+def stage_seconds(rows: list[dict]) -> float:
+    """Training time of all stages behind the rows, each counted once: the largest SGD ensemble (the
+    smaller ones are its first members), every chain, and each pruned row's retraining (its
+    ``train_seconds`` include its chain's, whose row is ``<label> xM`` for ``<label>+PR s%``)."""
+    sgd = [r["train_seconds"] for r in rows if r["method"].startswith("SGD x")]
+    chains = {r["method"].rsplit(" x", 1)[0]: r["train_seconds"] for r in rows
+              if "+PR" not in r["method"] and not r["method"].startswith("SGD x")}
+    retrain = [r["train_seconds"] - chains.get(r["method"].split("+PR ")[0], 0.0) for r in rows if "+PR" in r["method"]]
+    return max(sgd, default=0.0) + sum(chains.values()) + sum(retrain)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("names", nargs="+", help="config names under configs/")
@@ -53,7 +64,7 @@ def main():
         else:
             rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
         wall = time.perf_counter() - t0
-        total_train = sum(r["train_seconds"] for r in rows if r["method"] != "SGD x1")
+        total_train = stage_seconds(rows)
         path = write(label,
                      {"config": f"configs/{name}.toml", "overrides": overrides, "evaluate_only": args.evaluate_only,
                       "recomputed_stages": args.only or "all",

@@ -50,3 +50,14 @@ def test_sse_seeds_tag_keeps_a_candidate_recipe_apart_from_the_shipped_record(tm
     assert [Path(s["run"]).name for s in r["per_seed"]] == ["tiny_lam2_quick_seed0", "tiny_lam2_quick_seed1"]
     assert "prior.lam=2.0" in r["overrides"]
     assert out.strip().splitlines()[-1].startswith("tiny_lam2_quick_seeds")
+
+
+def test_sse_tables_stage_seconds_counts_each_chain_once_and_the_largest_sgd_ensemble():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sse_tables import stage_seconds
+    rows = [{"method": "SGD x1", "train_seconds": 10.0}, {"method": "SGD x4", "train_seconds": 40.0},
+            {"method": "SGLD x4", "train_seconds": 7.0},
+            {"method": "SGLD+GSP(iss) x4", "train_seconds": 100.0},
+            {"method": "SGLD+GSP(iss)+PR 90%", "train_seconds": 130.0},  # chain 100 + retraining 30
+            {"method": "SGLD+GSP(iss)+PR 80%", "train_seconds": 125.0}]  # the same chain + retraining 25
+    assert stage_seconds(rows) == 40 + 7 + 100 + 30 + 25
