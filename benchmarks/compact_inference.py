@@ -60,10 +60,20 @@ def test_images(run: Path):
         return torch.rand(10000, 28, 28, generator=g), torch.randint(0, 10, (10000,), generator=g)
 
 
+def _percent(text: str) -> str:
+    """'96', '96%' or '0.96' -> '96' (the run directory's pruned_96)."""
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sparsity {text!r}: give a percent (96) or a fraction (0.96)") from None
+    return f"{100 * value if value <= 1 else value:g}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=DEFAULT_RUN)
-    ap.add_argument("--sparsity", default="96")
+    ap.add_argument("--sparsity", default="96", type=_percent,
+                    help="the pruned members to time, in percent (96) or as a fraction (0.96)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--widths", default="160,64,32", help="synthetic members' widths when --run does not exist")
     args = ap.parse_args()

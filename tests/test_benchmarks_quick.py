@@ -61,3 +61,15 @@ def test_sse_tables_stage_seconds_counts_each_chain_once_and_the_largest_sgd_ens
             {"method": "SGLD+GSP(iss)+PR 90%", "train_seconds": 130.0},  # chain 100 + retraining 30
             {"method": "SGLD+GSP(iss)+PR 80%", "train_seconds": 125.0}]  # the same chain + retraining 25
     assert stage_seconds(rows) == 40 + 7 + 100 + 30 + 25
+
+
+def test_compact_inference_sparsity_takes_a_percent_or_a_fraction_and_rejects_words():
+    import argparse
+
+    import pytest
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compact_inference import _percent
+    assert _percent("96") == _percent("0.96") == _percent("96%") == "96"
+    assert _percent("0.9") == "90"
+    with pytest.raises(argparse.ArgumentTypeError, match="percent"):
+        _percent("high")
