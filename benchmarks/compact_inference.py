@@ -33,6 +33,7 @@ from sparse_ensembles.compact import FusedMLPEnsemble, SparseMLPEnsemble  # noqa
 from sparse_ensembles.data import load_idx_dataset  # noqa: E402
 from sparse_ensembles.ensembles import Ensemble  # noqa: E402
 from sparse_ensembles.experiments.pipeline import run_config  # noqa: E402
+from sparse_ensembles.experiments.stages import pct  # noqa: E402
 from sparse_ensembles.models import MLP, CompactMLP  # noqa: E402
 
 DEFAULT_RUN = "runs/mnist_fnn_sse"
@@ -66,7 +67,7 @@ def _percent(text: str) -> str:
         value = float(text.rstrip("%"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"--sparsity {text!r}: give a percent (96) or a fraction (0.96)") from None
-    return f"{100 * value if value <= 1 else value:g}"
+    return pct(value if value <= 1 else value / 100)  # the stage's own directory naming
 
 
 def main():

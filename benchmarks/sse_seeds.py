@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, write  # noqa: E402
-from sse_tables import QUICK  # noqa: E402
+from sse_tables import QUICK, run_label  # noqa: E402
 
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
 from sparse_ensembles.experiments.evaluate import evaluate_run  # noqa: E402
@@ -79,7 +79,7 @@ def main():
     keep = ["sgd.members=1", "sampler.plain_chain=false", f"prune.sparsities=[{args.sparsity}]"]
     base = (QUICK if args.quick else []) + args.set + keep
     pr = f"SGLD+GSP+PR {100 * args.sparsity:g}%"
-    label = args.name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+    label = run_label(args.name, args.tag, args.quick)
     per_seed, t0 = [], time.perf_counter()
     for seed in args.seeds:
         overrides = base + [f"experiment.seed={seed}"]
@@ -107,7 +107,7 @@ def main():
     # SGD xM: from a seed's run when one trained it (same protocol: --set sgd.members=18 on one seed's
     # directory), else from the full table (benchmarks/results/<name>.json)
     ran = [s_ for s_ in per_seed if "sgd_many" in s_]
-    table = RESULTS / f"{args.name}{'_quick' if args.quick else ''}.json"
+    table = RESULTS / f"{run_label(args.name, quick=args.quick)}.json"
     sgd_all, source = None, ""
     if ran:
         sgd_all, source = ran[0]["sgd_many"], ran[0]["run"]

@@ -31,6 +31,11 @@ QUICK = ["task.train_subset=5000", "task.test_subset=2000", "sgd.members=3", "sg
          "sampler.thin=1", "sampler.samples=3", "retrain.epochs=1"]
 
 
+def run_label(name: str, tag: str = "", quick: bool = False) -> str:
+    """The run directory and results file name of a config: ``<name>[_<tag>][_quick]``."""
+    return name + (f"_{tag}" if tag else "") + ("_quick" if quick else "")
+
+
 def stage_seconds(rows: list[dict]) -> float:
     """Training time of all stages behind the rows, each counted once: the largest SGD ensemble (the
     smaller ones are its first members), every chain, and each pruned row's retraining (its
@@ -56,7 +61,7 @@ def main():
     for name in args.names:
         overrides = (QUICK if args.quick else []) + args.set
         cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
-        label = name + (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
+        label = run_label(name, args.tag, args.quick)
         out = ROOT / "runs" / label
         t0 = time.perf_counter()
         if args.evaluate_only:
