@@ -3,7 +3,7 @@ plain LSTMs, from ``LSTMLM.shrink``) and against the compacted ensemble, advanci
 streams one token at a time with the state carried (how a language model is used to score or
 generate), at batch 1 and batch 20. The ensemble runs two ways: ``ensemble`` runs the members one
 after another and takes ``logsumexp(log_softmax)`` over them; ``ensemble_fused`` runs all members at
-once as one zero-padded batched network (``compact_lstm.FusedLSTMEnsemble``). Every variant runs in
+once as one zero-padded batched network (``compact.lstm.FusedLSTMEnsemble``). Every variant runs in
 one process, interleaved, repeated; medians are reported, and each ratio is taken against the
 dense model of the same run.
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import median, timed, write  # noqa: E402
 
 from sparse_ensembles import checkpoint  # noqa: E402
-from sparse_ensembles.compact_lstm import FusedLSTMEnsemble  # noqa: E402
+from sparse_ensembles.compact.lstm import FusedLSTMEnsemble  # noqa: E402
 from sparse_ensembles.models import LSTMLM  # noqa: E402
 
 

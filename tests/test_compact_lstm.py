@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparse_ensembles.compact_lstm import FusedLSTMEnsemble, _log_mean_softmax
+from sparse_ensembles.compact.lstm import FusedLSTMEnsemble, _log_mean_softmax
 from sparse_ensembles.models import LSTMLM
 
 VOCAB = 50

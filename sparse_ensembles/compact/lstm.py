@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models.lstm_lm import LSTMLM
+from ..models.lstm_lm import LSTMLM
 
 FusedState = list[tuple[Tensor, Tensor]]  # per layer (h, c), each (M, B, widest width of the layer)
 

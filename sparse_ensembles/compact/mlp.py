@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .models.mlp import ACTIVATIONS, CompactMLP
+from ..models.mlp import ACTIVATIONS, CompactMLP
 
 _NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
 
