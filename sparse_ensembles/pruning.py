@@ -93,6 +93,30 @@ def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
     return out
 
 
+def random_group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], sparsity: float,
+                       generator: torch.Generator) -> Masks:
+    """Random pre-pruning (block-sparse LSTM slides): in each family, ``round(sparsity * size)``
+    groups chosen uniformly at random are removed, whatever the weights; the mask is meant to be
+    fixed from the first step."""
+    sparsity = _check_sparsity(sparsity)
+    keep = []
+    for fam in groups:
+        k = torch.ones(fam.size, dtype=torch.bool)
+        k[torch.randperm(fam.size, generator=generator)[: int(round(sparsity * fam.size))]] = False
+        keep.append(k)
+    return keep_masks(params, groups, keep)
+
+
+def group_sparsity(params: Mapping[str, Tensor], groups: Sequence[GroupFamily]) -> float:
+    """Fraction of the groups of ``groups`` that are all zero (e.g. the achieved block sparsity)."""
+    zero = total = 0
+    for fam in groups:
+        sq = fam.sq_norms({n: p.detach() for n, p in params.items()})
+        zero += int((sq == 0).sum())
+        total += sq.numel()
+    return zero / max(total, 1)
+
+
 def keep_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], keep: Sequence[Tensor]) -> Masks:
     """Masks that keep exactly the groups marked True in ``keep[i]`` (one bool vector per family);
     an entry in groups of several families is kept only if all of them keep it."""
@@ -188,6 +212,16 @@ def cubic_widths(step: int, start: Sequence[int], final: Sequence[int], ramp: in
     """:func:`cubic_ramp` of group counts per family (e.g. layer widths), rounded, never below
     ``final``: structured pruning removes neurons as gradually as the weights go."""
     return [max(f, round(cubic_ramp(step, s, f, ramp))) for s, f in zip(start, final)]
+
+
+def linear_sparsity(epoch: int, final: float, start: int, ramp: int) -> float:
+    """The block-sparse LSTM slides' linear schedule ``rho_t = a (t - 1) + b`` written as a ramp:
+    0 before epoch ``start`` (0-based), then ``final * (epoch - start + 1) / ramp``, reaching
+    ``final`` after ``ramp`` epochs (a = final / ramp, b = a)."""
+    final = _check_sparsity(final)
+    if epoch < start:
+        return 0.0
+    return final if ramp <= 0 else min(final, final * (epoch - start + 1) / ramp)
 
 
 def gradual_sparsity(step: int, final: float, rate: float, period: int) -> float:

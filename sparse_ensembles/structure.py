@@ -19,15 +19,15 @@ Two kinds of family:
   ``size`` (an LSTM's gate matrices stack four gates, so unit ``k`` owns rows ``k, n+k, 2n+k,
   3n+k``). Two parts of one group may cover the same parameter along its two dimensions (an LSTM
   unit's rows *and* column of the recurrent matrix); the entries they share count once.
-* :class:`TileFamily`: the parameter cut into a grid of equal 2-D tiles, one group per tile
-  (a row or column of one gate matrix, or a block of block-sparse LSTMs).
+* :class:`TileFamily`: the parameter cut into a grid of 2-D tiles, one group per tile (a row or
+  column of one gate matrix, or a block of block-sparse LSTMs; edge tiles may be smaller).
 
 For a plain ``nn.Sequential`` MLP, :func:`sequential_groups` declares the neuron groups.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, runtime_checkable
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -151,9 +151,12 @@ class SliceFamily:
 
 @dataclass(frozen=True)
 class TileFamily:
-    """Parameter ``param`` of shape (rows, cols) cut into tiles of ``tile = (th, tw)``; group
-    ``i * (cols / tw) + j`` is tile (i, j). ``tile = (1, cols)`` gives one group per row,
-    ``(rows, 1)`` one per column; square tiles are the blocks of block-sparse RNNs."""
+    """Parameter ``param`` of shape (rows, cols) cut into a grid of 2-D tiles of ``tile = (th, tw)``;
+    group ``i * ceil(cols / tw) + j`` is tile (i, j). ``tile = (1, cols)`` gives one group per row,
+    ``(rows, 1)`` one per column; square tiles are the blocks of block-sparse RNNs (Narang et al.
+    2017). A tile that does not divide the shape leaves smaller tiles along the last block-row and
+    block-column (every entry still in exactly one group); ``group_dim`` is the full tile's
+    ``th * tw``, so the few edge tiles are weighed and scored as if full-sized."""
 
     name: str
     param: str
@@ -162,12 +165,19 @@ class TileFamily:
 
     def __post_init__(self):
         (r, c), (th, tw) = self.shape, self.tile
-        if th < 1 or tw < 1 or r % th or c % tw:
-            raise ValueError(f"tile family {self.name!r}: tiles {self.tile} do not divide {self.param!r} of shape {self.shape}")
+        if th < 1 or tw < 1 or r < 1 or c < 1:
+            raise ValueError(f"tile family {self.name!r}: tiles {self.tile} and shape {self.shape} of {self.param!r} "
+                             "must be positive")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Tiles along the rows and along the columns (edge tiles included)."""
+        (r, c), (th, tw) = self.shape, self.tile
+        return -(-r // th), -(-c // tw)
 
     @property
     def size(self) -> int:
-        return (self.shape[0] // self.tile[0]) * (self.shape[1] // self.tile[1])
+        return self.grid[0] * self.grid[1]
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -176,8 +186,10 @@ class TileFamily:
     def _grid(self, tensor: Tensor) -> Tensor:
         if tuple(tensor.shape) != tuple(self.shape):
             raise ValueError(f"tile family {self.name!r}: {self.param!r} has shape {tuple(tensor.shape)}, declared {self.shape}")
-        (r, c), (th, tw) = self.shape, self.tile
-        return tensor.reshape(r // th, th, c // tw, tw)
+        (r, c), (th, tw), (gr, gc) = self.shape, self.tile, self.grid
+        if (gr * th, gc * tw) != (r, c):  # ragged edge: pad with zeros, which add nothing to a norm
+            tensor = torch.nn.functional.pad(tensor, (0, gc * tw - c, 0, gr * th - r))
+        return tensor.reshape(gr, th, gc, tw)
 
     def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor:
         return self._grid(params[self.param]).pow(2).sum(dim=(1, 3)).flatten()
@@ -186,11 +198,19 @@ class TileFamily:
         return self.tile[0] * self.tile[1]
 
     def broadcast(self, values: Tensor, name: str, like: Tensor) -> Tensor:
-        (r, c), (th, tw) = self.shape, self.tile
-        grid = values.reshape(r // th, 1, c // tw, 1).expand(r // th, th, c // tw, tw)
-        return grid.reshape(r, c)
+        (r, c), (th, tw), (gr, gc) = self.shape, self.tile, self.grid
+        grid = values.reshape(gr, 1, gc, 1).expand(gr, th, gc, tw)
+        return grid.reshape(gr * th, gc * tw)[:r, :c]
 
     broadcast_keep = broadcast
+
+
+def block_family(name: str, param: str, shape: tuple[int, int], block: Sequence[int]) -> TileFamily:
+    """The blocks of one weight matrix for the block (group) Lasso and block pruning; ``block`` =
+    (bh, bw), each clipped to the matrix (a 32x32 block on a 10 x 300 matrix is 10 x 32)."""
+    if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
+        raise ValueError(f"a block is two positive ints (rows, cols); got {list(block)!r}")
+    return TileFamily(name, param, tuple(shape), (min(block[0], shape[0]), min(block[1], shape[1])))
 
 
 def sequential_groups(model: nn.Sequential, *, include_inputs: bool = True) -> list[SliceFamily]:

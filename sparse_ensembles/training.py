@@ -60,6 +60,41 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     return total / max(count, 1)
 
 
+class Constrained:
+    """A torch optimizer whose step adds a prior's gradient (a regulariser on the *mean* loss, so
+    ``num_data = 1``: the step sees ``grad loss + grad R``) and keeps pruned entries at exactly zero
+    afterwards (also against momentum and weight decay). ``masks`` is a :class:`Holder` so that a
+    pruning schedule may change it between steps; ``None`` or empty: nothing pruned.
+
+    Same interface as the wrapped optimizer for the training loop and checkpoints."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Mapping[str, Tensor], prior=None,
+                 masks: Optional["Holder"] = None):
+        self.optimizer, self.params, self.prior, self.masks = optimizer, dict(params), prior, masks
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.prior is not None:
+            grads = {n: p.grad for n, p in self.params.items() if p.grad is not None}
+            self.prior.add_grad_(grads, {n: p.detach() for n, p in self.params.items()}, 1)
+        self.optimizer.step()
+        for name, keep in (self.masks.value or {}).items() if self.masks is not None else ():
+            self.params[name].mul_(keep)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        self.optimizer.load_state_dict(sd)
+
+
 class GeneratorState:
     """A ``torch.Generator`` with ``state_dict`` / ``load_state_dict`` (for checkpoints)."""
 

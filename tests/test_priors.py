@@ -78,3 +78,38 @@ def test_plus_grad_equals_in_place_add_bit_for_bit_and_leaves_the_input_untouche
         for n in grads:
             assert torch.equal(got[n], expected[n]), (type(prior).__name__, n)
             assert torch.equal(grads[n], before[n])
+
+
+def _blocks():
+    from sparse_ensembles.structure import block_family
+    torch.manual_seed(0)
+    w = torch.randn(10, 7)
+    return w, [block_family("blocks", "w", (10, 7), (4, 3))]
+
+
+def test_block_lasso_is_lambda_times_the_sum_of_block_norms_and_its_gradient_matches_autograd():
+    from sparse_ensembles.priors import BlockLasso
+    w, fams = _blocks()
+    prior = BlockLasso(fams, lam=0.3)
+    blocks = [w[i:i + 4, j:j + 3] for i in range(0, 10, 4) for j in range(0, 7, 3)]
+    assert math.isclose(float(prior.neg_log_prob({"w": w})), 0.3 * sum(float(b.norm()) for b in blocks), rel_tol=1e-6)
+    g = {"w": torch.zeros_like(w)}
+    prior.add_grad_(g, {"w": w}, num_data=5)
+    torch.testing.assert_close(g["w"], _autograd_grad(prior, {"w": w})["w"] / 5)
+
+
+def test_block_lasso_hinge_pulls_only_when_the_total_norm_exceeds_the_budget():
+    from sparse_ensembles.priors import BlockLasso
+    w, fams = _blocks()
+    total = float(BlockLasso(fams, 1.0).neg_log_prob({"w": w}))
+    over = BlockLasso(fams, 0.5, budget=total - 1.0)  # 1 over budget
+    assert math.isclose(float(over.neg_log_prob({"w": w})), 0.5, rel_tol=1e-5)
+    g = {"w": torch.zeros_like(w)}
+    over.add_grad_(g, {"w": w}, num_data=1)
+    torch.testing.assert_close(g["w"], _autograd_grad(over, {"w": w})["w"])
+    assert g["w"].abs().sum() > 0
+    within = BlockLasso(fams, 0.5, budget=total + 1.0)
+    assert float(within.neg_log_prob({"w": w})) == 0.0
+    g = {"w": torch.zeros_like(w)}
+    within.add_grad_(g, {"w": w}, num_data=1)
+    assert torch.equal(g["w"], torch.zeros_like(w))

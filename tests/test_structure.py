@@ -84,8 +84,25 @@ def test_tile_family_rows_columns_and_blocks_cover_the_matrix_exactly_once():
         assert sorted(torch.bincount(ids.long().flatten()).tolist()) == [w.numel() // size] * size
     rows = TileFamily("rows", "w", (4, 6), (1, 6))
     torch.testing.assert_close(norms(rows, {"w": w}), w.norm(dim=1))
-    with pytest.raises(ValueError, match="do not divide"):
-        TileFamily("bad", "w", (4, 6), (3, 3))
+    with pytest.raises(ValueError, match="must be positive"):
+        TileFamily("bad", "w", (4, 6), (0, 3))
+
+
+def test_tiles_that_do_not_divide_the_matrix_cover_it_exactly_once_with_smaller_edge_tiles():
+    torch.manual_seed(0)
+    w = torch.randn(7, 10)
+    fam = TileFamily("b", "w", (7, 10), (3, 4))
+    assert fam.grid == (3, 3) and fam.size == 9
+    ids = fam.broadcast(torch.arange(9.0), "w", w)
+    counts = torch.bincount(ids.long().flatten(), minlength=9).reshape(3, 3)
+    # rows 3, 3, 1 and columns 4, 4, 2
+    assert counts.tolist() == [[12, 12, 6], [12, 12, 6], [4, 4, 2]]
+    torch.testing.assert_close(fam.sq_norms({"w": w}).sum(), w.pow(2).sum())
+    torch.testing.assert_close(fam.sq_norms({"w": w})[8], w[6:, 8:].pow(2).sum())
+    keep = torch.ones(9, dtype=torch.bool)
+    keep[8] = False
+    mask = fam.broadcast_keep(keep, "w", w)
+    assert not mask[6:, 8:].any() and int(mask.sum()) == 70 - 2
 
 
 def test_a_parameter_covered_twice_along_the_same_dimension_is_rejected():

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import MODELS
+from ..pruning import cubic_sparsity, linear_sparsity
 from ..tasks import TASKS
 
 
@@ -73,14 +74,47 @@ class SGDConfig:
     momentum: float = 0.0  # heavy-ball momentum (ResNets: 0.9)
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # clip the gradient norm (LSTMs: Zaremba clip 5); 0 = off
+    # Regularised and block-sparse SGD (block-sparse LSTM slides, Narang et al. 2017). A Lasso over
+    # the model's `grouping` groups added to the mean loss: lasso * sum_g ||W_g||_2 (no sqrt(dim_g)),
+    # or with lasso_budget = k > 0 the hinge lasso * max(sum_g ||W_g||_2 - k, 0).
+    lasso: float = 0.0  # 0 = off
+    lasso_budget: float = 0.0  # 0 = the plain penalty
+    grouping: str = ""  # groups of the Lasso and of pruning ("" = the model's default; "block" for blocks)
+    # pruning while training: "gradual" zeroes and freezes the lowest-norm groups of each family at
+    # the start of each epoch, their fraction rising on `prune_schedule` to `sparsity`; "pre" fixes a
+    # random mask of `sparsity` of each family's groups from the first step
+    prune: str = "none"  # none | gradual | pre
+    sparsity: float = 0.0  # target fraction of groups removed, per family
+    prune_schedule: str = "linear"  # linear (the slides' rho_t = a (t - 1) + b) | cubic (Zhu & Gupta)
+    prune_start: int = 0  # first epoch (0-based) with a pruned fraction > 0
+    prune_ramp: int = 1  # epochs from the first pruned one to the target
 
     def validate(self, need) -> None:
         need(self.members >= 0, "sgd.members", "must be >= 0")
+        need(self.lasso >= 0 and self.lasso_budget >= 0, "sgd.lasso", "lasso and lasso_budget must be >= 0 (0 = off)")
+        need(self.prune in ("none", "gradual", "pre"), "sgd.prune", "use 'none', 'gradual' or 'pre'")
+        need(0 <= self.sparsity < 1, "sgd.sparsity", "the fraction of groups removed, in [0, 1)")
+        need(self.prune == "none" or self.sparsity > 0, "sgd.sparsity", f"sgd.prune = {self.prune!r} needs a sparsity > 0")
+        need(self.prune_schedule in ("linear", "cubic"), "sgd.prune_schedule", "use 'linear' or 'cubic'")
+        need(self.prune_start >= 0 and self.prune_ramp >= 1, "sgd.prune_ramp", "need prune_start >= 0 and prune_ramp >= 1")
+        need(self.prune != "gradual" or self.prune_start + self.prune_ramp <= self.epochs, "sgd.prune_ramp",
+             f"gradual pruning reaches its target after epoch prune_start + prune_ramp = "
+             f"{self.prune_start + self.prune_ramp}, beyond sgd.epochs = {self.epochs}")
         need(self.epochs >= 1 and self.decay_every >= 1, "sgd.epochs", "epochs and decay_every must be >= 1")
         need(self.lr > 0 and self.lr_decay > 0, "sgd.lr", "lr and lr_decay must be > 0")
         need(self.decay_start >= 0, "sgd.decay_start", "must be >= 0 (0 = decay_every)")
         need(0 <= self.momentum < 1, "sgd.momentum", "must be in [0, 1)")
         need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "sgd.weight_decay", "must be >= 0")
+
+    def pruned_fraction(self, epoch: int) -> float:
+        """Fraction of each family's groups pruned during 0-based ``epoch``."""
+        if self.prune == "pre":
+            return self.sparsity
+        if self.prune == "none" or epoch < self.prune_start:
+            return 0.0
+        if self.prune_schedule == "linear":
+            return linear_sparsity(epoch, self.sparsity, self.prune_start, self.prune_ramp)
+        return cubic_sparsity(epoch - self.prune_start + 1, 0.0, self.sparsity, self.prune_ramp)
 
     def lr_at(self, epoch: int) -> float:
         start = self.decay_start or self.decay_every
@@ -149,10 +183,12 @@ class GroupLassoConfig:
     tag: typing.ClassVar[str] = "gsp"  # names the chain (sgld_gsp) and its rows (SGLD+GSP)
     lam: float = 3.0
     precision: float = 1.0
-    grouping: str = ""  # one of the model kind's groupings ("" = its default; lstm_lm: untied | tied | iss)
+    grouping: str = ""  # one of the model kind's groupings ("" = its default; lstm_lm: untied | tied | iss | block)
+    budget: float = 0.0  # k > 0: the hinge lam * max(sum_g sqrt(dim_g) ||theta_g|| - k, 0) instead
 
     def validate(self, need) -> None:
         need(self.lam > 0, "prior.lam", "must be > 0")
+        need(self.budget >= 0, "prior.budget", "must be >= 0 (0 = the plain group Lasso)")
         need(self.precision > 0, "prior.precision", "must be > 0")
 
 

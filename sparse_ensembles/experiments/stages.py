@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint, pruning
 from ..models import model_class
-from ..priors import Gaussian, GroupLasso, Prior, Sum
+from ..priors import BlockLasso, Gaussian, GroupLasso, Prior, Sum
 from ..samplers import SGHMC, SGLD, Cyclical
-from ..training import GeneratorState, Holder, run_epochs, train_epoch
+from ..structure import norms
+from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from ..priors.spike_slab import SpikeSlabGL
 from ..samplers.schedules import Polynomial, StepDecay
 from .config import Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig
@@ -90,29 +91,73 @@ def member_claim(folder: Path, k: int):
     return checkpoint.claim(folder / f".member_{k:03d}.lock")
 
 
+def _sgd_groups(model: nn.Module, c) -> list:
+    """The groups ``sgd.grouping`` names (the model kind's default if "")."""
+    try:
+        return model.groups(c.grouping or None) if hasattr(model, "groups") else model.unit_groups()
+    except ValueError as e:
+        raise ConfigError(f"sgd.grouping: {e}") from None
+
+
 def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, loss_fn, **meta) -> None:
     """Member ``k`` of ``stage`` trained with the ``[sgd]`` schedule ``c`` (plain or momentum SGD,
-    step decay) on ``loss_fn`` over ``batches(generator)``, checkpointed every epoch, saved as
+    step decay; optionally a group / block Lasso and gradual or random pre-pruning of groups) on
+    ``loss_fn`` over ``batches(generator)``, checkpointed every epoch, saved as
     ``<stage>/member_<k>.pt`` with ``meta``; nothing to do if that file exists or another process
-    is training it."""
+    is training it. With pruning or a Lasso, the groups' norms of the first recurrent (or first)
+    weight are recorded after every epoch in ``<stage>/group_norms_<k>.json`` (for heatmaps)."""
     folder, seed = ctx.out / stage, ctx.cfg.experiment.seed
     path = folder / f"member_{k:03d}.pt"
     with member_claim(folder, k) as holder:
         if holder is not None or path.exists():
             return
         model = ctx.new_model(derive_seed(seed, stage, k, "init"))
-        opt = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        params = dict(model.named_parameters())
+        sparse = c.lasso > 0 or c.prune != "none"
+        groups = _sgd_groups(model, c) if sparse else []
+        prior = BlockLasso(groups, c.lasso, budget=c.lasso_budget or None) if c.lasso > 0 else None
+        masks = Holder({})
+        if c.prune == "pre":  # a random mask fixed from the first step
+            masks.value = pruning.random_group_masks(params, groups, c.sparsity,
+                                                     torch.Generator().manual_seed(derive_seed(seed, stage, k, "prune")))
+            pruning.apply_masks(model, masks.value)
+        sgd = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        opt = Constrained(sgd, params, prior, masks) if sparse else sgd
         gen = torch.Generator().manual_seed(derive_seed(seed, stage, k, "data"))
+        traced = groups[1] if len(groups) > 1 and "hh" in groups[1].name else (groups[0] if groups else None)
+        norms_file = folder / f"group_norms_{k:03d}.json"
+
+        def record(done: int) -> None:
+            if traced is None:
+                return
+            grid = norms(traced, params).detach().cpu()
+            shape = getattr(traced, "grid", (traced.size,))
+            history = json.loads(norms_file.read_text()) if norms_file.exists() else []
+            history = [h for h in history if h["epoch"] < done] + [
+                {"epoch": done, "family": traced.name, "shape": list(shape), "norms": grid.tolist(),
+                 "group_sparsity": pruning.group_sparsity(params, groups)}]
+            checkpoint.atomic_write_json(norms_file, history)
 
         def epoch(e):
-            for group in opt.param_groups:  # the config's values, also over a resumed checkpoint's
+            for group in sgd.param_groups:  # the config's values, also over a resumed checkpoint's
                 group.update(lr=c.lr_at(e), momentum=c.momentum, weight_decay=c.weight_decay)
+            if c.prune == "gradual":  # zero and freeze the lowest-norm groups; never revive one
+                fraction = c.pruned_fraction(e)
+                if fraction > 0:
+                    chosen = pruning.group_masks(params, groups, sparsity=fraction)
+                    masks.value = pruning.combine(masks.value, chosen)
+                    pruning.apply_masks(model, masks.value)
             return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
                                where=f"{label} epoch {e + 1}")
 
+        if sparse and not norms_file.exists():
+            record(0)
         ckpt = path.with_suffix(".ckpt")
-        seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen)},
-                             epoch, bar=ctx.bar(c.epochs, label), log=ctx.log, label=label)
+        seconds = run_epochs(ckpt, c.epochs, {"model": model, "opt": opt, "gen": GeneratorState(gen), "masks": masks},
+                             epoch, after_epoch=record if sparse else None, bar=ctx.bar(c.epochs, label),
+                             log=ctx.log, label=label)
+        if sparse:
+            meta["group_sparsity"] = pruning.group_sparsity(params, groups)
         checkpoint.save_member(path, model, train_seconds=seconds, **meta)
         ckpt.unlink(missing_ok=True)
         ctx.log(f"{label}: {seconds:.1f} s")
@@ -164,7 +209,8 @@ def ssgl_names(cfg: SSGLConfig, model: nn.Module) -> list[str]:
 
 
 def _gsp_prior(ctx: Context, model: nn.Module) -> Prior:
-    return Sum(GroupLasso(ctx.groups(model), ctx.cfg.prior.lam), Gaussian(ctx.cfg.prior.precision))
+    p = ctx.cfg.prior
+    return Sum(GroupLasso(ctx.groups(model), p.lam, budget=p.budget or None), Gaussian(p.precision))
 
 
 def _ssgl_prior(ctx: Context, model: nn.Module) -> Prior:

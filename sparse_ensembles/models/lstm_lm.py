@@ -26,6 +26,8 @@ Groupings (``groups(grouping)``), for layer ``l`` with n units and input width `
 
   Both SSE groupings are defined on the LSTM weight matrices only: the embedding and the decoder
   get no group prior under them.
+* ``"block"`` (block-sparse LSTMs; Narang et al. 2017): W_ih and W_hh of each layer tiled in
+  ``block`` = (rows, cols) blocks, one group per block (:meth:`block_groups`).
 * ``"iss"`` (Wen et al.): one group per hidden unit k of layer l = its rows in all four gates of
   W_ih and W_hh, its column of W_hh (the entries in both count once) and its column of whatever
   reads it next (the next layer's W_ih, or the softmax weight after the last layer). Without SE,
@@ -43,13 +45,13 @@ medium = 650 units, dropout 0.5, init 0.05; large = 1500 units, dropout 0.65, in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..structure import GroupFamily, Part, SliceFamily, TileFamily
+from ..structure import GroupFamily, Part, SliceFamily, TileFamily, block_family
 from .registry import register, unknown_layer
 
 # Zaremba et al. 2014: hidden units, dropout probability (1 - keep), uniform init range.
@@ -95,12 +97,13 @@ class LSTMLM(nn.Module):
         dropout: float = -1.0  # drop probability on non-recurrent connections; < 0 = the preset's
         tie_embeddings: bool = False  # shared input/output embeddings (SE)
         init_scale: float = 0.0  # uniform(-s, s) on every weight and bias; 0 = the preset's
-        grouping: str = "iss"  # default grouping of groups(): untied / tied / iss
+        grouping: str = "iss"  # default grouping of groups(): untied / tied / iss / block
+        block: list[int] = field(default_factory=lambda: [32, 32])  # (rows, cols) of a block ("block" grouping)
 
-    groupings = ("untied", "tied", "iss")
+    groupings = ("untied", "tied", "iss", "block")
 
     def __init__(self, vocab: int, hidden: Sequence[int], emb: int, dropout: float = 0.0, tie: bool = False,
-                 init_scale: float = 0.1, grouping: str = "iss"):
+                 init_scale: float = 0.1, grouping: str = "iss", block: Sequence[int] = (32, 32)):
         super().__init__()
         self.vocab = _positive_int("vocab", vocab)
         if isinstance(hidden, (int, str)) or len(hidden) < 1:
@@ -119,6 +122,9 @@ class LSTMLM(nn.Module):
         if grouping not in self.groupings:
             raise ValueError(f"lstm_lm grouping must be one of {self.groupings}; got {grouping!r}")
         self.grouping = grouping
+        if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
+            raise ValueError(f"lstm_lm block must be two positive ints (rows, cols); got {list(block)!r}")
+        self.block = [int(b) for b in block]
 
         self.embedding = nn.Embedding(self.vocab, self.emb)
         self.drop = nn.Dropout(self.dropout)
@@ -150,22 +156,26 @@ class LSTMLM(nn.Module):
             raise ValueError(f"model.init_scale must be >= 0 (0 = the preset's {preset['init_scale']}); got {cfg.init_scale!r}")
         if cfg.grouping not in cls.groupings:
             raise ValueError(f"model.grouping must be one of {cls.groupings}; got {cfg.grouping!r}")
+        if len(cfg.block) != 2 or any(b < 1 for b in cfg.block):
+            raise ValueError(f"model.block must be [rows, cols] of a weight block, both >= 1; got {cfg.block!r}")
         if not isinstance(cfg.tie_embeddings, bool):
             raise ValueError(f"model.tie_embeddings must be true or false; got {cfg.tie_embeddings!r}")
         hidden = cfg.hidden or preset["hidden"]
         dropout = preset["dropout"] if cfg.dropout < 0 else cfg.dropout
         init_scale = cfg.init_scale or preset["init_scale"]
         # Zaremba et al. use the hidden size as the embedding width (required when tied)
-        return cls(dims["vocab"], [hidden] * cfg.layers, hidden, dropout, cfg.tie_embeddings, init_scale, cfg.grouping)
+        return cls(dims["vocab"], [hidden] * cfg.layers, hidden, dropout, cfg.tie_embeddings, init_scale, cfg.grouping,
+                   cfg.block)
 
     def spec(self) -> dict:
         return {"kind": "lstm_lm", "vocab": self.vocab, "hidden": list(self.hidden), "emb": self.emb,
-                "dropout": self.dropout, "tie": self.tie, "grouping": self.grouping, "init_scale": self.init_scale}
+                "dropout": self.dropout, "tie": self.tie, "grouping": self.grouping, "init_scale": self.init_scale,
+                "block": list(self.block)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "LSTMLM":
         return cls(spec["vocab"], spec["hidden"], spec["emb"], spec["dropout"], spec["tie"],
-                   spec.get("init_scale", 0.1), spec.get("grouping", "iss"))
+                   spec.get("init_scale", 0.1), spec.get("grouping", "iss"), spec.get("block", (32, 32)))
 
     # ----- computation ----------------------------------------------------------------------------
 
@@ -208,6 +218,8 @@ class LSTMLM(nn.Module):
             raise ValueError(f"lstm_lm has groupings {self.groupings}, not {grouping!r}")
         if grouping == "iss":
             return self.unit_groups()
+        if grouping == "block":
+            return self.block_groups()
         families: list[GroupFamily] = []
         for l, n in enumerate(self.hidden):
             w_ih, w_hh = self._names(l)
@@ -225,6 +237,18 @@ class LSTMLM(nn.Module):
                     SliceFamily(f"layer{l}.ih_cols", inp, (Part(w_ih, 1),)),
                     SliceFamily(f"layer{l}.hh_cols", n, (Part(w_hh, 1),)),
                 ]
+        return families
+
+    def block_groups(self, block: Optional[Sequence[int]] = None) -> list[TileFamily]:
+        """Block-sparse LSTMs: W_ih and W_hh of each layer tiled in ``block`` = (rows, cols) blocks
+        (default ``self.block``; smaller blocks at ragged edges), one family per matrix. Blocks
+        cut across the four stacked gates' rows as the matrices are stored (torch's i, f, g, o)."""
+        block = self.block if block is None else block
+        families = []
+        for l, n in enumerate(self.hidden):
+            w_ih, w_hh = self._names(l)
+            families += [block_family(f"layer{l}.ih_blocks", w_ih, (4 * n, self._in_width(l)), block),
+                         block_family(f"layer{l}.hh_blocks", w_hh, (4 * n, n), block)]
         return families
 
     def unit_groups(self) -> list[SliceFamily]:
@@ -311,7 +335,7 @@ class LSTMLM(nn.Module):
         features = features.to(device)
 
         small = type(self)(self.vocab, [len(u) for u in units], len(features), self.dropout, self.tie,
-                           self.init_scale, self.grouping)
+                           self.init_scale, self.grouping, self.block)
         small.to(device=device, dtype=self.decoder.weight.dtype)
         small.embedding.weight.copy_(self.embedding.weight[:, features])
         for l, (big, lstm) in enumerate(zip(self.lstms, small.lstms)):

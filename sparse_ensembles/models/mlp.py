@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..structure import Part, SliceFamily, sequential_groups
+from ..structure import GroupFamily, Part, SliceFamily, block_family, sequential_groups
 from .registry import register, unknown_layer
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
@@ -38,10 +38,11 @@ class MLP(nn.Sequential):
     class Config:
         sizes: list[int] = field(default_factory=lambda: [784, 300, 100, 10])  # input, hidden..., classes
         activation: str = "relu"
+        block: list[int] = field(default_factory=lambda: [32, 32])  # (rows, cols) of a block ("block" grouping)
 
-    groupings = ("neurons",)
+    groupings = ("neurons", "block")
 
-    def __init__(self, sizes: Sequence[int], activation: str = "relu"):
+    def __init__(self, sizes: Sequence[int], activation: str = "relu", block: Sequence[int] = (32, 32)):
         if len(sizes) < 2 or any((not isinstance(s, int)) or s < 1 for s in sizes):
             raise ValueError(f"model sizes must be >= 2 positive ints (input, hidden..., classes); got {list(sizes)}")
         if activation not in ACTIVATIONS:
@@ -53,10 +54,13 @@ class MLP(nn.Sequential):
                 layers.append(ACTIVATIONS[activation]())
         super().__init__(*layers)
         self.sizes, self.activation = list(sizes), activation
+        if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
+            raise ValueError(f"mlp block must be two positive ints (rows, cols); got {list(block)!r}")
+        self.block = [int(b) for b in block]
 
     @classmethod
     def from_config(cls, cfg: "MLP.Config", dims: dict) -> "MLP":
-        return cls(cfg.sizes, cfg.activation)
+        return cls(cfg.sizes, cfg.activation, cfg.block)
 
     @property
     def in_features(self) -> int:
@@ -67,15 +71,20 @@ class MLP(nn.Sequential):
         return self.sizes[-1]
 
     def spec(self) -> dict:
-        return {"kind": "mlp", "sizes": list(self.sizes), "activation": self.activation}
+        return {"kind": "mlp", "sizes": list(self.sizes), "activation": self.activation, "block": list(self.block)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "MLP":
-        return cls(spec["sizes"], spec["activation"])
+        return cls(spec["sizes"], spec["activation"], spec.get("block", (32, 32)))
 
-    def groups(self, grouping: str | None = None) -> list[SliceFamily]:
+    def groups(self, grouping: str | None = None) -> list[GroupFamily]:
+        """``"neurons"`` (default; SSE): each neuron's outgoing weights; ``"block"``: each weight
+        matrix tiled in ``block`` = (rows, cols) blocks (smaller at ragged edges)."""
         if grouping not in (None, *self.groupings):
             raise ValueError(f"mlp has groupings {self.groupings}, not {grouping!r}")
+        if grouping == "block":
+            return [block_family(f"{name}.blocks", name, tuple(p.shape), self.block)
+                    for name, p in self.named_parameters() if p.dim() == 2]
         return sequential_groups(self)
 
     def unit_groups(self) -> list[SliceFamily]:

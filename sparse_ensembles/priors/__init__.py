@@ -1,7 +1,7 @@
 """Priors as math objects over *named* parameters (see :mod:`.base` for the convention)."""
 from .adaptive import AdaptiveGaussian
 from .base import Gaussian, Laplace, Prior, Sum
-from .group import GroupLasso
+from .group import BlockLasso, GroupLasso
 from .spike_slab import SpikeSlabGL
 
-__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso", "AdaptiveGaussian", "SpikeSlabGL"]
+__all__ = ["Prior", "Gaussian", "Laplace", "Sum", "GroupLasso", "BlockLasso", "AdaptiveGaussian", "SpikeSlabGL"]
