@@ -212,9 +212,15 @@ class SSEPruneConfig:
     # neurons; LSTM: [input features,] hidden units per layer), by largest RMS group norm, before
     # magnitude pruning; gradually if retrain.ramp_epochs > 0; [] = off
     widths: list[int] = field(default_factory=list)
+    # what `sparsities` count: "weights" (magnitude pruning, the SSE paper) or "blocks" (the lowest-
+    # norm fraction of each matrix's blocks of the model's block grouping, for block-sparse execution)
+    structure: str = "weights"
 
     def validate(self, need) -> None:
         need(all(0 <= s < 1 for s in self.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")
+        need(self.structure in ("weights", "blocks"), "prune.structure", "use 'weights' or 'blocks'")
+        need(self.structure == "weights" or not self.widths, "prune.widths",
+             "structured widths and block pruning do not combine; use one of them")
         need(self.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
         need(self.group_threshold >= 0, "prune.group_threshold", "must be >= 0")
         need(all(w >= 1 for w in self.widths), "prune.widths", "each width must be >= 1")

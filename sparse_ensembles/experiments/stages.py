@@ -394,6 +394,10 @@ class PruneRetrain:
         return n > 0 and all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(n))
 
     def masks(self, ctx: Context, model: nn.Module, sparsity: float, masks=None, widths=None) -> dict:
+        if self.p.structure == "blocks":  # the sparsity fraction of each matrix's blocks, lowest norm first
+            params = dict(model.named_parameters())
+            chosen = pruning.group_masks(params, model.groups("block"), sparsity=sparsity) if sparsity > 0 else {}
+            return pruning.combine(masks or {}, chosen)
         return pruning.sse_masks(dict(model.named_parameters()), ctx.groups(model), model.unit_groups(),
                                  list(model.prunable_weights()), sparsity,
                                  scope=self.p.scope, group_threshold=self.p.group_threshold, widths=widths,
@@ -419,7 +423,7 @@ class PruneRetrain:
         model, _ = checkpoint.load_member(sample, ctx.device)
         masks = self.masks(ctx, model, 0.0)  # group pruning only: its sparsity and widths start the ramp
         pruning.apply_masks(model, masks)
-        start = min(pruning.sparsity_of({n: masks[n] for n in model.prunable_weights()}), self.sparsity)
+        start = min(pruning.sparsity_of({n: masks[n] for n in model.prunable_weights() if n in masks}), self.sparsity)
         live = [int(k_.sum()) for k_ in model.live_units()]
         if p.widths and len(p.widths) != len(live):
             raise ValueError(f"prune.widths gives {len(p.widths)} widths but the model has {len(live)} unit "
@@ -461,7 +465,9 @@ class PruneRetrain:
         if gap > 1e-4:
             raise RuntimeError(f"compaction changed member {k}'s outputs by {gap:g}; this is a bug, please report it")
         prunable = {n: current.value[n] for n in model.prunable_weights() if n in current.value}
-        checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(prunable))
+        extra = {"block_sparsity": pruning.group_sparsity(dict(model.named_parameters()), model.groups("block"))} \
+            if self.p.structure == "blocks" else {}
+        checkpoint.save_member(path, small, train_seconds=seconds, sparsity=pruning.sparsity_of(prunable), **extra)
         ckpt.unlink(missing_ok=True)
 
     def rows(self, out: Path) -> list[Row]:

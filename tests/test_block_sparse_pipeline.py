@@ -1,0 +1,121 @@
+"""Block-sparse LSTMs through the library and the CLI: schedules, masks that stay zero, the tiny
+PTB block config end to end."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import need_data
+from sparse_ensembles import pruning
+from sparse_ensembles.experiments.cli import main
+from sparse_ensembles.experiments.config import SGDConfig, need
+from sparse_ensembles.models import LSTMLM
+from sparse_ensembles.priors import BlockLasso
+from sparse_ensembles.samplers import SGLD
+from sparse_ensembles.training import Constrained, Holder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BLOCK = str(ROOT / "configs" / "tiny_lm_block.toml")
+
+
+def _sgd(**kw) -> SGDConfig:
+    c = SGDConfig(**kw)
+    c.validate(need)
+    return c
+
+
+def test_linear_and_cubic_schedules_rise_from_their_start_epoch_and_reach_the_target():
+    lin = _sgd(epochs=10, prune="gradual", sparsity=0.8, prune_start=2, prune_ramp=4)
+    assert [lin.pruned_fraction(e) for e in range(10)] == pytest.approx([0, 0, 0.2, 0.4, 0.6, 0.8, 0.8, 0.8, 0.8, 0.8])
+    cub = _sgd(epochs=10, prune="gradual", sparsity=0.8, prune_schedule="cubic", prune_start=1, prune_ramp=3)
+    fr = [cub.pruned_fraction(e) for e in range(10)]
+    assert fr[0] == 0 and fr[3] == pytest.approx(0.8) and all(a <= b for a, b in zip(fr, fr[1:]))
+    assert fr[1] > 0.8 / 3  # cubic prunes fast at first
+    assert _sgd(prune="pre", sparsity=0.5).pruned_fraction(0) == 0.5
+
+
+def test_a_gradual_ramp_that_ends_after_the_last_epoch_is_a_config_error():
+    with pytest.raises(ValueError, match="prune_ramp"):
+        _sgd(epochs=5, prune="gradual", sparsity=0.8, prune_start=3, prune_ramp=4)
+
+
+def test_random_pre_pruning_removes_the_fraction_of_blocks_in_each_matrix():
+    model = LSTMLM(50, [40], 40, block=(16, 16))
+    params = dict(model.named_parameters())
+    fams = model.groups("block")
+    masks = pruning.random_group_masks(params, fams, 0.75, torch.Generator().manual_seed(0))
+    pruning.apply_masks(model, masks)
+    for fam in fams:
+        zero = (fam.sq_norms(params) == 0).float().mean().item()
+        assert zero == pytest.approx(round(0.75 * fam.size) / fam.size)
+    again = pruning.random_group_masks(params, fams, 0.75, torch.Generator().manual_seed(0))
+    assert all(torch.equal(masks[n], again[n]) for n in masks)
+
+
+def _lm_loss(model, tokens):
+    logits, _ = model(tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def test_frozen_blocks_stay_exactly_zero_through_momentum_sgd_with_the_block_lasso():
+    torch.manual_seed(0)
+    model = LSTMLM(30, [24], 24, block=(8, 8))
+    params = dict(model.named_parameters())
+    fams = model.groups("block")
+    tokens = torch.randint(0, 30, (4, 9))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+    # momentum built up before pruning must not move the frozen blocks afterwards
+    opt = Constrained(sgd, params, BlockLasso(fams, 1e-3), Holder({}))
+    for _ in range(3):
+        opt.zero_grad()
+        _lm_loss(model, tokens).backward()
+        opt.step()
+    opt.masks.value = pruning.group_masks(params, fams, sparsity=0.5)
+    pruning.apply_masks(model, opt.masks.value)
+    for _ in range(5):
+        opt.zero_grad()
+        _lm_loss(model, tokens).backward()
+        opt.step()
+    for name, keep in opt.masks.value.items():
+        assert torch.equal(params[name].detach()[~keep], torch.zeros(int((~keep).sum())))
+        assert params[name].detach()[keep].abs().sum() > 0
+    assert pruning.group_sparsity(params, fams) == pytest.approx(0.5, abs=0.05)
+
+
+def test_pre_pruned_blocks_stay_exactly_zero_through_sgld_noise():
+    torch.manual_seed(0)
+    model = LSTMLM(30, [24], 24, block=(8, 8))
+    params = dict(model.named_parameters())
+    fams = model.groups("block")
+    masks = pruning.random_group_masks(params, fams, 0.8, torch.Generator().manual_seed(1))
+    pruning.apply_masks(model, masks)
+    sampler = SGLD(model.named_parameters(), 0.1, num_data=1000, temperature=1.0,
+                   prior=BlockLasso(fams, 1.0), masks=masks, generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 30, (4, 9))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for _ in range(5):
+        sampler.zero_grad()
+        _lm_loss(model, tokens).backward()
+        sampler.step()
+    sampler.synchronize()
+    for name, keep in masks.items():
+        assert torch.equal(params[name].detach()[~keep], torch.zeros(int((~keep).sum())))
+        assert not torch.equal(params[name].detach()[keep], before[name][keep])  # the kept ones moved
+
+
+def test_tiny_block_config_trains_gradually_pruned_sgd_and_block_sparse_sse_members(tmp_path):
+    need_data("ptb")
+    out = tmp_path / "tiny_block"
+    assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in rows] == ["SGD x1", "SGLD+GSP x2", "SGLD+GSP+PR 80%"]
+    sgd = torch.load(out / "sgd" / "member_000.pt", weights_only=True)
+    assert sgd["meta"]["group_sparsity"] == pytest.approx(0.8, abs=0.03)  # 8x8 blocks of 128x32 matrices
+    trace = json.loads((out / "sgd" / "group_norms_000.json").read_text())
+    assert [t["epoch"] for t in trace] == [0, 1, 2, 3] and trace[0]["shape"] == [16, 4]
+    assert trace[0]["group_sparsity"] == 0 and trace[-1]["group_sparsity"] == pytest.approx(0.8, abs=0.03)
+    for f in sorted((out / "pruned_80").glob("member_*.pt")):
+        meta = torch.load(f, weights_only=True)["meta"]
+        assert meta["block_sparsity"] >= 0.79
+    assert all(r["ppl_test"] < 10000 for r in rows)
