@@ -182,9 +182,9 @@ def test_empty_file_without_words_is_an_error(tmp_path, content):
 def test_md5_mismatch_says_expected_and_got(tmp_path):
     files = _corpus_files(tmp_path, "a b\n")
     good = hashlib.md5(b"a b\n").hexdigest()
-    read_text_corpus(*files, md5={"train": good})
+    read_text_corpus(*files, checksums={"train": good})
     with pytest.raises(DataError, match=rf"train\.txt: md5 .* is {good}, expected 0+; .*fetch it again"):
-        read_text_corpus(*files, md5={"train": "0" * 32})
+        read_text_corpus(*files, checksums={"train": "0" * 32})
 
 
 def test_invalid_utf8_is_an_error_naming_the_file(tmp_path):

@@ -467,23 +467,27 @@ def _scatter(blocks, rows, cols, bh, bw, trans, out):
 # --------------------------------------------------------------------------------------------- LSTM loop
 @njit(fastmath=True, cache=True)
 def _cell_fwd(a, cp, c, h, tc):
-    """a (B, 4n) pre-activations -> activations in place; c, h, tanh(c) of this step."""
+    """a (B, 4n) pre-activations -> activations in place; c, h, tanh(c) of this step. Simple
+    one-array loops so that LLVM vectorises them (no aliasing checks between many arrays)."""
     B, n = c.shape
     for b in range(B):
+        ab = a[b]
+        for u in range(2 * n):
+            ab[u] = _sigmoid(ab[u])
+        for u in range(2 * n, 3 * n):
+            ab[u] = _tanh(ab[u])
+        for u in range(3 * n, 4 * n):
+            ab[u] = _sigmoid(ab[u])
+        cb = c[b]
+        cpb = cp[b]
         for u in range(n):
-            ig = _sigmoid(a[b, u])
-            fg = _sigmoid(a[b, n + u])
-            gg = _tanh(a[b, 2 * n + u])
-            og = _sigmoid(a[b, 3 * n + u])
-            a[b, u] = ig
-            a[b, n + u] = fg
-            a[b, 2 * n + u] = gg
-            a[b, 3 * n + u] = og
-            cc = fg * cp[b, u] + ig * gg
-            t = _tanh(cc)
-            c[b, u] = cc
-            tc[b, u] = t
-            h[b, u] = og * t
+            cb[u] = ab[n + u] * cpb[u] + ab[u] * ab[2 * n + u]
+        tb = tc[b]
+        for u in range(n):
+            tb[u] = _tanh(cb[u])
+        hb = h[b]
+        for u in range(n):
+            hb[u] = ab[3 * n + u] * tb[u]
 
 
 @njit(fastmath=True, cache=True)

@@ -10,6 +10,10 @@ Corpora:
 * ``"ptb"``: ``ptb.{train,valid,test}.txt`` (plain or ``.gz``), found like the IDX data
   (:func:`sparse_ensembles.data.registry.candidate_dirs`) and checked against the md5 of the
   uncompressed text.
+* ``"wikitext2"``: WikiText-2 (Merity et al. 2016, the tokenised ``wikitext-2-v1`` release):
+  ``wiki.{train,valid,test}.tokens``, checked against their published SHA-1. Lines are paragraphs
+  and `` = Heading = `` lines; blank lines are kept as a lone ``<eos>`` (as in the AWD-LSTM
+  reader), giving 2,088,628 / 217,646 / 245,569 tokens and a 33,278-word vocabulary.
 * ``"text"``: your own corpus in the same format: the directory given as ``path`` (``task.path``)
   must hold ``train.txt``, ``valid.txt`` and ``test.txt`` (plain or ``.gz``); no checksums.
 """
@@ -36,7 +40,7 @@ UNKNOWN_MODES = ("error", "unk")
 @dataclass(frozen=True)
 class TextCorpusSpec:
     name: str
-    files: dict  # split -> (file name, md5 of the uncompressed text or None)
+    files: dict  # split -> (file name, hex md5 / sha1 / sha256 of the uncompressed text, or None)
     how_to_get: str
 
 
@@ -50,6 +54,16 @@ CORPORA = {
         "take ptb.{train,valid,test}.txt from data/ in Mikolov's "
         "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz and put them (plain or gzipped) "
         "in $SPARSE_ENSEMBLES_DATA/ptb, or set task.path to their directory",
+    ),
+    # SHA-1 of the files in wikitext-2-v1.zip, as published with the GluonNLP / MXNet loaders
+    "wikitext2": TextCorpusSpec(
+        "wikitext2",
+        {"train": ("wiki.train.tokens", "863f29c46ef9d167fff4940ec821195882fe29d1"),
+         "valid": ("wiki.valid.tokens", "0418625c8b4da6e4b5c7a0b9e78d4ae8f7ee5422"),
+         "test": ("wiki.test.tokens", "c7b8ce0aa086fb34dab808c5c49224211eb2b172")},
+        "unzip wikitext-2-v1.zip (https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip, "
+        "the tokenised release, not -raw) and put wiki.{train,valid,test}.tokens (plain or gzipped) in "
+        "$SPARSE_ENSEMBLES_DATA/wikitext2, or set task.path to their directory",
     ),
     "text": TextCorpusSpec(
         "text", {s: (f"{s}.txt", None) for s in SPLITS},
@@ -78,7 +92,10 @@ class Corpus:
         return len(self.vocab)
 
 
-def _read_words(path: Path, split: str, md5: Optional[str]) -> list:
+DIGESTS = {32: "md5", 40: "sha1", 64: "sha256"}  # hex length -> hash
+
+
+def _read_words(path: Path, split: str, checksum: Optional[str]) -> list:
     """The token stream of one file: each line's words, then ``<eos>``."""
     if not path.is_file():
         raise DataError(f"{path}: no such file; put the {split} split there (one sentence per line, "
@@ -90,10 +107,11 @@ def _read_words(path: Path, split: str, md5: Optional[str]) -> list:
     except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupt — delete it and "
                         "fetch it again") from e
-    if md5 is not None:
-        got = hashlib.md5(raw).hexdigest()
-        if got != md5:
-            raise DataError(f"{path}: md5 of the uncompressed text is {got}, expected {md5}; the file is "
+    if checksum is not None:
+        algo = DIGESTS[len(checksum)]
+        got = hashlib.new(algo, raw).hexdigest()
+        if got != checksum:
+            raise DataError(f"{path}: {algo} of the uncompressed text is {got}, expected {checksum}; the file is "
                             "corrupt or a different version — fetch it again")
     try:
         text = raw.decode("utf-8")
@@ -120,15 +138,19 @@ def build_vocab(words: list) -> list:
     return sorted(counts, key=lambda w: (-counts[w], w))
 
 
-def read_text_corpus(train, valid, test, *, name: str = "text", md5: Optional[dict] = None,
+def read_text_corpus(train, valid, test, *, name: str = "text", checksums: Optional[dict] = None,
                      unknown: str = "error") -> Corpus:
-    """Read three files; ``md5`` maps split -> md5 of the uncompressed text (checked where given).
+    """Read three files; ``checksums`` maps split -> hex md5, sha1 or sha256 of the uncompressed
+    text (told apart by length; checked where given).
     ``unknown="unk"`` maps valid/test words missing from the train vocabulary to ``<unk>``."""
     if unknown not in UNKNOWN_MODES:
         raise ValueError(f"unknown={unknown!r}; use one of {list(UNKNOWN_MODES)}")
-    md5 = md5 or {}
+    checksums = checksums or {}
+    bad = {s: c for s, c in checksums.items() if c is not None and len(c) not in DIGESTS}
+    if bad:
+        raise ValueError(f"checksums {bad}: give hex md5 (32), sha1 (40) or sha256 (64) digests")
     paths = dict(zip(SPLITS, (Path(train), Path(valid), Path(test))))
-    words = {s: _read_words(p, s, md5.get(s)) for s, p in paths.items()}
+    words = {s: _read_words(p, s, checksums.get(s)) for s, p in paths.items()}
     vocab = build_vocab(words["train"])
     index = {w: i for i, w in enumerate(vocab)}
     ids, mapped = {}, {}
@@ -169,14 +191,14 @@ def locate_corpus(name: str, path: Optional[str] = None) -> Path:
 
 
 def load_corpus(name: str = "ptb", path: Optional[str] = None, *, unknown: str = "error") -> Corpus:
-    """Find, verify and read a corpus (see the module docstring for ``"ptb"`` and ``"text"``)."""
+    """Find, verify and read a corpus (see the module docstring for ``"ptb"``, ``"wikitext2"`` and ``"text"``)."""
     if unknown not in UNKNOWN_MODES:
         raise ValueError(f"unknown={unknown!r}; use one of {list(UNKNOWN_MODES)}")
     spec = _spec(name)
     d = locate_corpus(name, path)
     files = [_find_file(d, spec.files[s][0]) for s in SPLITS]
-    md5 = {s: spec.files[s][1] for s in SPLITS}
-    return read_text_corpus(*files, name=name, md5=md5, unknown=unknown)
+    checksums = {s: spec.files[s][1] for s in SPLITS}
+    return read_text_corpus(*files, name=name, checksums=checksums, unknown=unknown)
 
 
 def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
