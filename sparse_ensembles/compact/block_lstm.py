@@ -77,7 +77,7 @@ def _stack_f32(typingctx, size):
     return types.CPointer(types.float32)(size), codegen
 
 
-@njit(fastmath=True, cache=True, inline="always")
+@njit(fastmath=True, error_model="numpy", cache=True, inline="always")
 def _tanh(x):
     """Rational tanh approximation (|error| < 4e-7), pure arithmetic so loops vectorise."""
     x = min(max(x, np.float32(-7.9053111)), np.float32(7.9053111))
@@ -96,7 +96,7 @@ def _tanh(x):
     return x * p / q
 
 
-@njit(fastmath=True, cache=True, inline="always")
+@njit(fastmath=True, error_model="numpy", cache=True, inline="always")
 def _sigmoid(x):
     return np.float32(0.5) + np.float32(0.5) * _tanh(np.float32(0.5) * x)
 
@@ -104,7 +104,7 @@ def _sigmoid(x):
 # --------------------------------------------------------------------------------------------- products
 # Y[:, :R] (=|+=) X[:, :C] @ W^T (+ bias) for one block row I. data[p] (axpy) = block^T (bw, bh).
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
     M = X.shape[0]
     r0 = I * 32
@@ -112,18 +112,13 @@ def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
     p0 = rowptr[I]
     p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (4, 32))
-    acc1 = numba.carray(_stack_f32(32), (32,))
+    tmp = numba.carray(_stack_f32(128), (4, 32))
+    acc1 = numba.carray(_stack_f32(128), (4, 32))
     m0 = 0
     while m0 + 4 <= M:
         for a in range(4):
             for j in range(32):
                 acc[a, j] = 0.0
-            if mode_init == 1:
-                for j in range(rn):
-                    acc[a, j] = Y[m0 + a, r0 + j]
-            elif mode_init == 2:
-                for j in range(rn):
-                    acc[a, j] = bias[r0 + j]
         for p in range(p0, p1):
             c0 = cols[p] * bw
             cn = min(bw, C - c0)
@@ -138,32 +133,59 @@ def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                     acc[1, j] += x1 * w
                     acc[2, j] += x2 * w
                     acc[3, j] += x3 * w
+        for a in range(4):  # copy out with constant indices: acc stays in registers
+            for j in range(32):
+                tmp[a, j] = acc[a, j]
         for a in range(4):
-            for j in range(rn):
-                Y[m0 + a, r0 + j] = acc[a, j]
+            if mode_init == 1:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] += tmp[a, j]
+            elif mode_init == 2:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] = tmp[a, j] + bias[r0 + j]
+            else:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] = tmp[a, j]
         m0 += 4
-    while m0 < M:
-        for j in range(32):
-            acc1[j] = 0.0
-        if mode_init == 1:
-            for j in range(rn):
-                acc1[j] = Y[m0, r0 + j]
-        elif mode_init == 2:
-            for j in range(rn):
-                acc1[j] = bias[r0 + j]
+    while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
+        for a in range(4):
+            for j in range(32):
+                acc1[a, j] = 0.0
         for p in range(p0, p1):
             c0 = cols[p] * bw
             cn = min(bw, C - c0)
-            for k in range(cn):
+            k = 0
+            while k + 4 <= cn:
+                x0 = X[m0, c0 + k]
+                x1 = X[m0, c0 + k + 1]
+                x2 = X[m0, c0 + k + 2]
+                x3 = X[m0, c0 + k + 3]
+                for j in range(32):
+                    acc1[0, j] += x0 * data[p, k, j]
+                    acc1[1, j] += x1 * data[p, k + 1, j]
+                    acc1[2, j] += x2 * data[p, k + 2, j]
+                    acc1[3, j] += x3 * data[p, k + 3, j]
+                k += 4
+            while k < cn:
                 x0 = X[m0, c0 + k]
                 for j in range(32):
-                    acc1[j] += x0 * data[p, k, j]
-        for j in range(rn):
-            Y[m0, r0 + j] = acc1[j]
+                    acc1[0, j] += x0 * data[p, k, j]
+                k += 1
+        for j in range(32):
+            tmp[0, j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+        if mode_init == 1:
+            for j in range(rn):
+                Y[m0, r0 + j] += tmp[0, j]
+        elif mode_init == 2:
+            for j in range(rn):
+                Y[m0, r0 + j] = tmp[0, j] + bias[r0 + j]
+        else:
+            for j in range(rn):
+                Y[m0, r0 + j] = tmp[0, j]
         m0 += 1
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
     M = X.shape[0]
     r0 = I * 16
@@ -171,18 +193,13 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
     p0 = rowptr[I]
     p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (8, 16))
-    acc1 = numba.carray(_stack_f32(16), (16,))
+    tmp = numba.carray(_stack_f32(128), (8, 16))
+    acc1 = numba.carray(_stack_f32(64), (4, 16))
     m0 = 0
     while m0 + 8 <= M:
         for a in range(8):
             for j in range(16):
                 acc[a, j] = 0.0
-            if mode_init == 1:
-                for j in range(rn):
-                    acc[a, j] = Y[m0 + a, r0 + j]
-            elif mode_init == 2:
-                for j in range(rn):
-                    acc[a, j] = bias[r0 + j]
         for p in range(p0, p1):
             c0 = cols[p] * bw
             cn = min(bw, C - c0)
@@ -205,32 +222,59 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                     acc[5, j] += x5 * w
                     acc[6, j] += x6 * w
                     acc[7, j] += x7 * w
+        for a in range(8):  # copy out with constant indices: acc stays in registers
+            for j in range(16):
+                tmp[a, j] = acc[a, j]
         for a in range(8):
-            for j in range(rn):
-                Y[m0 + a, r0 + j] = acc[a, j]
+            if mode_init == 1:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] += tmp[a, j]
+            elif mode_init == 2:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] = tmp[a, j] + bias[r0 + j]
+            else:
+                for j in range(rn):
+                    Y[m0 + a, r0 + j] = tmp[a, j]
         m0 += 8
-    while m0 < M:
-        for j in range(16):
-            acc1[j] = 0.0
-        if mode_init == 1:
-            for j in range(rn):
-                acc1[j] = Y[m0, r0 + j]
-        elif mode_init == 2:
-            for j in range(rn):
-                acc1[j] = bias[r0 + j]
+    while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
+        for a in range(4):
+            for j in range(16):
+                acc1[a, j] = 0.0
         for p in range(p0, p1):
             c0 = cols[p] * bw
             cn = min(bw, C - c0)
-            for k in range(cn):
+            k = 0
+            while k + 4 <= cn:
+                x0 = X[m0, c0 + k]
+                x1 = X[m0, c0 + k + 1]
+                x2 = X[m0, c0 + k + 2]
+                x3 = X[m0, c0 + k + 3]
+                for j in range(16):
+                    acc1[0, j] += x0 * data[p, k, j]
+                    acc1[1, j] += x1 * data[p, k + 1, j]
+                    acc1[2, j] += x2 * data[p, k + 2, j]
+                    acc1[3, j] += x3 * data[p, k + 3, j]
+                k += 4
+            while k < cn:
                 x0 = X[m0, c0 + k]
                 for j in range(16):
-                    acc1[j] += x0 * data[p, k, j]
-        for j in range(rn):
-            Y[m0, r0 + j] = acc1[j]
+                    acc1[0, j] += x0 * data[p, k, j]
+                k += 1
+        for j in range(16):
+            tmp[0, j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+        if mode_init == 1:
+            for j in range(rn):
+                Y[m0, r0 + j] += tmp[0, j]
+        elif mode_init == 2:
+            for j in range(rn):
+                Y[m0, r0 + j] = tmp[0, j] + bias[r0 + j]
+        else:
+            for j in range(rn):
+                Y[m0, r0 + j] = tmp[0, j]
         m0 += 1
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
     M = X.shape[0]
     r0 = I * bh
@@ -258,7 +302,7 @@ def _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
             Y[m, r0 + j] = acc[j]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_dot(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
     # data[p] = block as is, (bh, bw); each output a dot product vectorised over the block width
     M = X.shape[0]
@@ -284,7 +328,7 @@ def _rowblk_dot(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
             Y[m, r0 + j] = s
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I):
     if dot:
         _rowblk_dot(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
@@ -296,19 +340,19 @@ def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I):
         _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
     for I in range(rowptr.shape[0] - 1):
         _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _mm_parallel(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
     for I in prange(rowptr.shape[0] - 1):
         _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
     """Y = X @ W^T (mode_init 0), Y += X @ W^T (1), Y = bias + X @ W^T (2); W in block layout."""
     if parallel:
@@ -318,111 +362,122 @@ def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
 
 
 # --------------------------------------------------------------------------------------------- gradients
-@njit(fastmath=True, cache=True)
-def _tn_block(P, Q, po, qo, pn, qn, out):
-    """out[a, v] = sum_m P[m, po + a] * Q[m, qo + v] for a < pn, v < qn (out zero elsewhere)."""
-    M = P.shape[0]
-    A = out.shape[0]
-    V = out.shape[1]
-    for a in range(A):
-        for v in range(V):
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _nt_block(P, Q, po, qo, pn, qn, out):
+    """out[a, v] = sum_m P[po + a, m] * Q[qo + v, m] for a < pn, v < qn (zero elsewhere): inner
+    products over contiguous rows, 4x4 (or 4x1) tiles of scalar accumulators that LLVM vectorises
+    over m."""
+    M = P.shape[1]
+    for a in range(out.shape[0]):
+        for v in range(out.shape[1]):
             out[a, v] = 0.0
-    if qn == 32:
-        acc = numba.carray(_stack_f32(256), (8, 32))
-        for a0 in range(0, pn, 8):
-            an = min(8, pn - a0)
-            for a in range(8):
-                for v in range(32):
-                    acc[a, v] = 0.0
-            if an == 8:
-                for m in range(M):
-                    y0 = P[m, po + a0]
-                    y1 = P[m, po + a0 + 1]
-                    y2 = P[m, po + a0 + 2]
-                    y3 = P[m, po + a0 + 3]
-                    y4 = P[m, po + a0 + 4]
-                    y5 = P[m, po + a0 + 5]
-                    y6 = P[m, po + a0 + 6]
-                    y7 = P[m, po + a0 + 7]
-                    for v in range(32):
-                        q = Q[m, qo + v]
-                        acc[0, v] += y0 * q
-                        acc[1, v] += y1 * q
-                        acc[2, v] += y2 * q
-                        acc[3, v] += y3 * q
-                        acc[4, v] += y4 * q
-                        acc[5, v] += y5 * q
-                        acc[6, v] += y6 * q
-                        acc[7, v] += y7 * q
-            else:
-                for m in range(M):
-                    for a in range(an):
-                        y = P[m, po + a0 + a]
-                        for v in range(32):
-                            acc[a, v] += y * Q[m, qo + v]
-            for a in range(an):
-                for v in range(32):
-                    out[a0 + a, v] = acc[a, v]
-    elif qn == 16:
-        acc = numba.carray(_stack_f32(128), (8, 16))
-        for a0 in range(0, pn, 8):
-            an = min(8, pn - a0)
-            for a in range(8):
-                for v in range(16):
-                    acc[a, v] = 0.0
-            if an == 8:
-                for m in range(M):
-                    y0 = P[m, po + a0]
-                    y1 = P[m, po + a0 + 1]
-                    y2 = P[m, po + a0 + 2]
-                    y3 = P[m, po + a0 + 3]
-                    y4 = P[m, po + a0 + 4]
-                    y5 = P[m, po + a0 + 5]
-                    y6 = P[m, po + a0 + 6]
-                    y7 = P[m, po + a0 + 7]
-                    for v in range(16):
-                        q = Q[m, qo + v]
-                        acc[0, v] += y0 * q
-                        acc[1, v] += y1 * q
-                        acc[2, v] += y2 * q
-                        acc[3, v] += y3 * q
-                        acc[4, v] += y4 * q
-                        acc[5, v] += y5 * q
-                        acc[6, v] += y6 * q
-                        acc[7, v] += y7 * q
-            else:
-                for m in range(M):
-                    for a in range(an):
-                        y = P[m, po + a0 + a]
-                        for v in range(16):
-                            acc[a, v] += y * Q[m, qo + v]
-            for a in range(an):
-                for v in range(16):
-                    out[a0 + a, v] = acc[a, v]
-    else:
-        for m in range(M):
-            for a in range(pn):
-                y = P[m, po + a]
-                for v in range(qn):
-                    out[a, v] += y * Q[m, qo + v]
+    af = pn - pn % 4
+    vf = qn - qn % 4
+    for a0 in range(0, af, 4):
+        p0 = P[po + a0]
+        p1 = P[po + a0 + 1]
+        p2 = P[po + a0 + 2]
+        p3 = P[po + a0 + 3]
+        for v0 in range(0, vf, 4):
+            q0 = Q[qo + v0]
+            q1 = Q[qo + v0 + 1]
+            q2 = Q[qo + v0 + 2]
+            q3 = Q[qo + v0 + 3]
+            s00 = s01 = s02 = s03 = np.float32(0.0)
+            s10 = s11 = s12 = s13 = np.float32(0.0)
+            s20 = s21 = s22 = s23 = np.float32(0.0)
+            s30 = s31 = s32 = s33 = np.float32(0.0)
+            for m in range(M):
+                x0 = p0[m]
+                x1 = p1[m]
+                x2 = p2[m]
+                x3 = p3[m]
+                y0 = q0[m]
+                y1 = q1[m]
+                y2 = q2[m]
+                y3 = q3[m]
+                s00 += x0 * y0
+                s01 += x0 * y1
+                s02 += x0 * y2
+                s03 += x0 * y3
+                s10 += x1 * y0
+                s11 += x1 * y1
+                s12 += x1 * y2
+                s13 += x1 * y3
+                s20 += x2 * y0
+                s21 += x2 * y1
+                s22 += x2 * y2
+                s23 += x2 * y3
+                s30 += x3 * y0
+                s31 += x3 * y1
+                s32 += x3 * y2
+                s33 += x3 * y3
+            out[a0, v0] = s00
+            out[a0, v0 + 1] = s01
+            out[a0, v0 + 2] = s02
+            out[a0, v0 + 3] = s03
+            out[a0 + 1, v0] = s10
+            out[a0 + 1, v0 + 1] = s11
+            out[a0 + 1, v0 + 2] = s12
+            out[a0 + 1, v0 + 3] = s13
+            out[a0 + 2, v0] = s20
+            out[a0 + 2, v0 + 1] = s21
+            out[a0 + 2, v0 + 2] = s22
+            out[a0 + 2, v0 + 3] = s23
+            out[a0 + 3, v0] = s30
+            out[a0 + 3, v0 + 1] = s31
+            out[a0 + 3, v0 + 2] = s32
+            out[a0 + 3, v0 + 3] = s33
+        for v in range(vf, qn):  # 4x1 tiles
+            q0 = Q[qo + v]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for m in range(M):
+                y = q0[m]
+                s0 += p0[m] * y
+                s1 += p1[m] * y
+                s2 += p2[m] * y
+                s3 += p3[m] * y
+            out[a0, v] = s0
+            out[a0 + 1, v] = s1
+            out[a0 + 2, v] = s2
+            out[a0 + 3, v] = s3
+    for a in range(af, pn):  # leftover rows: 1 x 4 tiles, then single dots
+        pa = P[po + a]
+        for v0 in range(0, vf, 4):
+            q0 = Q[qo + v0]
+            q1 = Q[qo + v0 + 1]
+            q2 = Q[qo + v0 + 2]
+            q3 = Q[qo + v0 + 3]
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for m in range(M):
+                x = pa[m]
+                s0 += x * q0[m]
+                s1 += x * q1[m]
+                s2 += x * q2[m]
+                s3 += x * q3[m]
+            out[a, v0] = s0
+            out[a, v0 + 1] = s1
+            out[a, v0 + 2] = s2
+            out[a, v0 + 3] = s3
+        for v in range(vf, qn):
+            q0 = Q[qo + v]
+            s0 = np.float32(0.0)
+            for m in range(M):
+                s0 += pa[m] * q0[m]
+            out[a, v] = s0
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _grad_blocks(dY, X, rows, cols, bh, bw, R, C, trans, out):
-    """Kept-block gradient of Y = X @ W^T: block p of dW = dY[:, rows] ^T X[:, cols]. ``out[p]`` is
-    (bh, bw), or (bw, bh) when ``trans`` (then the contiguous side of the reduction is dY's)."""
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+def _grad_blocks(dYT, XT, rows, cols, bh, bw, R, C, out):
+    """Kept-block gradient of Y = X @ W^T from the TRANSPOSED operands dYT (R, M), XT (C, M):
+    out[p] (bh, bw) = dY[:, block rows]^T @ X[:, block cols]."""
     for p in prange(rows.shape[0]):
         r0 = rows[p] * bh
         c0 = cols[p] * bw
-        rn = min(bh, R - r0)
-        cn = min(bw, C - c0)
-        if trans:
-            _tn_block(X, dY, c0, r0, cn, rn, out[p])
-        else:
-            _tn_block(dY, X, r0, c0, rn, cn, out[p])
+        _nt_block(dYT, XT, r0, c0, min(bh, R - r0), min(bw, C - c0), out[p])
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _gather(W, rows, cols, bh, bw, transpose, data):
     """data[p] = block p of W (bh, bw), stored transposed (bw, bh) when ``transpose``, zero-padded."""
     R, C = W.shape
@@ -444,7 +499,7 @@ def _gather(W, rows, cols, bh, bw, transpose, data):
                     blk[j, k] = W[r0 + j, c0 + k]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _scatter(blocks, rows, cols, bh, bw, trans, out):
     """out (zeroed, R x C) gets block p's values; blocks[p] is (bh, bw), or (bw, bh) when ``trans``."""
     R, C = out.shape
@@ -465,7 +520,7 @@ def _scatter(blocks, rows, cols, bh, bw, trans, out):
 
 
 # --------------------------------------------------------------------------------------------- LSTM loop
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _cell_fwd(a, cp, c, h, tc):
     """a (B, 4n) pre-activations -> activations in place; c, h, tanh(c) of this step. Simple
     one-array loops so that LLVM vectorises them (no aliasing checks between many arrays)."""
@@ -490,7 +545,7 @@ def _cell_fwd(a, cp, c, h, tc):
             hb[u] = ab[3 * n + u] * tb[u]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _lstm_fwd(G, Hall, Call, TC, rowptr, cols, data, bh, bw, dot, parallel):
     """G (T, B, 4n): input projections (bias included), overwritten by the gate activations.
     Hall / Call (T+1, B, n): [0] holds h0 / c0, [t+1] gets h_t / c_t. TC (T, B, n) gets tanh(c_t)."""
@@ -502,7 +557,7 @@ def _lstm_fwd(G, Hall, Call, TC, rowptr, cols, data, bh, bw, dot, parallel):
         _cell_fwd(G[t], Call[t], Call[t + 1], Hall[t + 1], TC[t])
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _cell_bwd(dHt, a, tc, cp, dh, dc, dg):
     B, n = dh.shape
     for b in range(B):
@@ -521,7 +576,7 @@ def _cell_bwd(dHt, a, tc, cp, dh, dc, dg):
             dc[b, u] = dcc * fg
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot, parallel):
     """dH (T, B, n) output gradients; dh / dc (B, n) hold dh_T / dc_T on entry, dh0 / dc0 on exit.
     dG (T, B, 4n) gets the pre-activation gradients. (rowptr, cols, data) is the layout of W_hh^T."""
@@ -579,7 +634,6 @@ class BlockLayout:
         self.rowptr[1:] = np.cumsum(k.sum(1))
         self.nnzb = int(self.rows.shape[0])
         self.dot = self.bh < 8 and self.bw > self.bh
-        self.grad_trans = self.bh > self.bw  # gradient blocks computed (bw, bh): vectorise over the longer side
         self.density = self.nnzb / max(1, Rb * Cb)
 
     def data_shape(self):
@@ -622,25 +676,23 @@ def block_matmul(lay: BlockLayout, data: np.ndarray, X: Tensor, bias: Optional[T
     return torch.from_numpy(Y)
 
 
+def _transpose(A: np.ndarray) -> np.ndarray:
+    """A contiguous copy of A^T (torch's blocked copy)."""
+    return torch.from_numpy(A).t().contiguous().numpy()
+
+
 def block_grad(lay: BlockLayout, dY: Tensor, X: Tensor) -> Tensor:
     """dW = dY^T @ X (R x C) computed only on the kept blocks (zero elsewhere)."""
-    blocks = _grad_np(lay, _np(dY), _np(X))
-    out = np.zeros((lay.R, lay.C), np.float32)
-    _scatter(blocks, lay.rows, lay.cols, lay.bh, lay.bw, lay.grad_trans, out)
-    return torch.from_numpy(out)
+    return _dense_grad(lay, dY.detach().t().contiguous().numpy(), X.detach().t().contiguous().numpy())
 
 
-def _grad_np(lay: BlockLayout, dY: np.ndarray, X: np.ndarray) -> np.ndarray:
-    shape = (lay.nnzb, lay.bw, lay.bh) if lay.grad_trans else (lay.nnzb, lay.bh, lay.bw)
-    blocks = np.empty(shape, np.float32)
-    _grad_blocks(dY, X, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, lay.grad_trans, blocks)
-    return blocks
-
-
-def _dense_grad(lay: BlockLayout, dY: np.ndarray, X: np.ndarray) -> Tensor:
+def _dense_grad(lay: BlockLayout, dYT: np.ndarray, XT: np.ndarray) -> Tensor:
+    """Dense-shaped gradient from the transposed operands dYT (R, M), XT (C, M)."""
     out = np.zeros((lay.R, lay.C), np.float32)
     if lay.nnzb:
-        _scatter(_grad_np(lay, dY, X), lay.rows, lay.cols, lay.bh, lay.bw, lay.grad_trans, out)
+        blocks = np.empty((lay.nnzb, lay.bh, lay.bw), np.float32)
+        _grad_blocks(dYT, XT, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, blocks)
+        _scatter(blocks, lay.rows, lay.cols, lay.bh, lay.bw, False, out)
     return torch.from_numpy(out)
 
 
@@ -727,10 +779,12 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
             dxn = np.empty((T * B, li.R), np.float32)
             _mm(dGm, li.rowptr, li.cols, d_ih_t, li.bh, li.bw, li.R, li.C, dxn, _EMPTY, 0, li.dot, par)
             dx = torch.from_numpy(dxn).view(T, B, -1).transpose(0, 1)
+        if need[3] or need[4]:
+            dGT = _transpose(dGm)
         if need[3]:
-            dw_ih = _dense_grad(plan.ih, dGm, xn)
+            dw_ih = _dense_grad(plan.ih, dGT, _transpose(xn))
         if need[4]:
-            dw_hh = _dense_grad(plan.hh, dGm, Hall[:T].reshape(T * B, n))
+            dw_hh = _dense_grad(plan.hh, dGT, _transpose(Hall[:T].reshape(T * B, n)))
         if need[5] or need[6]:
             db = torch.from_numpy(dGm.sum(0, dtype=np.float64).astype(np.float32))
         dh0 = torch.from_numpy(dh) if need[1] else None

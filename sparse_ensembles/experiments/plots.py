@@ -123,3 +123,53 @@ def write_plots(out: Path, results: list[dict], curves: dict, inputs: dict, in_f
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def block_norm_heatmaps(histories: dict[str, list[dict]], path: Path, epochs: int = 3) -> Path:
+    """Heatmaps of one weight matrix's block norms (like the block-sparse slides' ``weight_hh_l0``
+    at epochs 0 / 50 / 100): one row of panels per variant, ``epochs`` panels spread from the first
+    recorded epoch to the last, one colour scale per variant; all-zero (pruned) blocks are white.
+    ``histories``: variant -> the records of ``group_norms_<k>.json`` (``epoch``, ``shape``,
+    flat ``norms``, ``group_sparsity``)."""
+    import numpy as np
+
+    rows = [(name, h) for name, h in histories.items() if h]
+    if not rows:
+        raise ValueError("block_norm_heatmaps: no recorded block norms (group_norms_*.json)")
+    fig, axes = plt.subplots(len(rows), epochs, figsize=(3.0 * epochs, 2.6 * len(rows)), squeeze=False)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    for r, (name, history) in enumerate(rows):
+        picks = [history[round(i * (len(history) - 1) / max(epochs - 1, 1))] for i in range(epochs)]
+        grids = [np.asarray(h["norms"], dtype=float).reshape(h["shape"]) for h in picks]
+        top = max(float(g.max()) for g in grids) or 1.0
+        for ax, h, grid in zip(axes[r], picks, grids):
+            im = ax.imshow(np.ma.masked_equal(grid, 0.0), cmap=cmap, vmin=0, vmax=top, aspect="auto",
+                           interpolation="nearest")
+            ax.set_title(f"{name}: epoch {h['epoch']}, {100 * h.get('group_sparsity', 0):.0f}% zero", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="block L2 norm")
+    fig.suptitle(f"block norms of {rows[0][1][0].get('family', 'one matrix')} (rows: stacked gates i, f, g, o)", fontsize=9, y=1.04)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def perplexity_vs_sparsity(points: list[dict], path: Path) -> Path:
+    """Test (and valid) perplexity against achieved block sparsity, one labelled point per row."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    st = styles([p["method"] for p in points])
+    for p in points:
+        ax.scatter(100 * p["block_sparsity"], p["ppl_test"], s=40, label=p["method"], **st[p["method"]])
+        if "ppl_valid" in p:
+            ax.scatter(100 * p["block_sparsity"], p["ppl_valid"], s=18, facecolors="none", edgecolors=st[p["method"]]["color"],
+                       marker=st[p["method"]]["marker"])
+    ax.set_xlabel("block sparsity of the LSTM weights (%)")
+    ax.set_ylabel("perplexity (filled: test, open: valid)")
+    ax.grid(alpha=0.3)
+    _legend_right(fig, ax, len(points))
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -31,6 +31,7 @@ from ..structure import norms
 from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from ..priors.spike_slab import SpikeSlabGL
 from ..samplers.schedules import Polynomial, StepDecay
+from . import plots
 from .config import Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig
 
 
@@ -158,6 +159,8 @@ def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, l
                              log=ctx.log, label=label)
         if sparse:
             meta["group_sparsity"] = pruning.group_sparsity(params, groups)
+            if traced is not None and getattr(traced, "grid", None):
+                plots.block_norm_heatmaps({label: json.loads(norms_file.read_text())}, norms_file.with_suffix(".png"))
         checkpoint.save_member(path, model, train_seconds=seconds, **meta)
         ckpt.unlink(missing_ok=True)
         ctx.log(f"{label}: {seconds:.1f} s")
