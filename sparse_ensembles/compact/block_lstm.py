@@ -106,46 +106,58 @@ def _sigmoid(x):
 
 @njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
+    # full block rows only (r0 + 32 <= R): every access to the accumulators has a constant index
     M = X.shape[0]
     r0 = I * 32
-    rn = min(32, R - r0)
     p0 = rowptr[I]
     p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (4, 32))
-    tmp = numba.carray(_stack_f32(128), (4, 32))
     acc1 = numba.carray(_stack_f32(128), (4, 32))
     m0 = 0
     while m0 + 4 <= M:
         for a in range(4):
             for j in range(32):
                 acc[a, j] = 0.0
-        for p in range(p0, p1):
-            c0 = cols[p] * bw
-            cn = min(bw, C - c0)
-            for k in range(cn):
-                x0 = X[m0, c0 + k]
-                x1 = X[m0 + 1, c0 + k]
-                x2 = X[m0 + 2, c0 + k]
-                x3 = X[m0 + 3, c0 + k]
+        if bw == 1:  # 32x1-like blocks: no k loop
+            for p in range(p0, p1):
+                c = cols[p]
+                x0 = X[m0, c]
+                x1 = X[m0 + 1, c]
+                x2 = X[m0 + 2, c]
+                x3 = X[m0 + 3, c]
                 for j in range(32):
-                    w = data[p, k, j]
+                    w = data[p, 0, j]
                     acc[0, j] += x0 * w
                     acc[1, j] += x1 * w
                     acc[2, j] += x2 * w
                     acc[3, j] += x3 * w
-        for a in range(4):  # copy out with constant indices: acc stays in registers
-            for j in range(32):
-                tmp[a, j] = acc[a, j]
-        for a in range(4):
-            if mode_init == 1:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] += tmp[a, j]
-            elif mode_init == 2:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] = tmp[a, j] + bias[r0 + j]
-            else:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] = tmp[a, j]
+        else:
+            for p in range(p0, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                for k in range(cn):
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0 + 1, c0 + k]
+                    x2 = X[m0 + 2, c0 + k]
+                    x3 = X[m0 + 3, c0 + k]
+                    for j in range(32):
+                        w = data[p, k, j]
+                        acc[0, j] += x0 * w
+                        acc[1, j] += x1 * w
+                        acc[2, j] += x2 * w
+                        acc[3, j] += x3 * w
+        if mode_init == 1:
+            for a in range(4):
+                for j in range(32):
+                    Y[m0 + a, r0 + j] += acc[a, j]
+        elif mode_init == 2:
+            for a in range(4):
+                for j in range(32):
+                    Y[m0 + a, r0 + j] = acc[a, j] + bias[r0 + j]
+        else:
+            for a in range(4):
+                for j in range(32):
+                    Y[m0 + a, r0 + j] = acc[a, j]
         m0 += 4
     while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
         for a in range(4):
@@ -171,49 +183,45 @@ def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                 for j in range(32):
                     acc1[0, j] += x0 * data[p, k, j]
                 k += 1
-        for j in range(32):
-            tmp[0, j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         if mode_init == 1:
-            for j in range(rn):
-                Y[m0, r0 + j] += tmp[0, j]
+            for j in range(32):
+                Y[m0, r0 + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         elif mode_init == 2:
-            for j in range(rn):
-                Y[m0, r0 + j] = tmp[0, j] + bias[r0 + j]
+            for j in range(32):
+                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
         else:
-            for j in range(rn):
-                Y[m0, r0 + j] = tmp[0, j]
+            for j in range(32):
+                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         m0 += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
 def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
+    # full block rows only (r0 + 16 <= R): every access to the accumulators has a constant index
     M = X.shape[0]
     r0 = I * 16
-    rn = min(16, R - r0)
     p0 = rowptr[I]
     p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (8, 16))
-    tmp = numba.carray(_stack_f32(128), (8, 16))
     acc1 = numba.carray(_stack_f32(64), (4, 16))
     m0 = 0
     while m0 + 8 <= M:
         for a in range(8):
             for j in range(16):
                 acc[a, j] = 0.0
-        for p in range(p0, p1):
-            c0 = cols[p] * bw
-            cn = min(bw, C - c0)
-            for k in range(cn):
-                x0 = X[m0, c0 + k]
-                x1 = X[m0 + 1, c0 + k]
-                x2 = X[m0 + 2, c0 + k]
-                x3 = X[m0 + 3, c0 + k]
-                x4 = X[m0 + 4, c0 + k]
-                x5 = X[m0 + 5, c0 + k]
-                x6 = X[m0 + 6, c0 + k]
-                x7 = X[m0 + 7, c0 + k]
+        if bw == 1:  # 32x1-like blocks: no k loop
+            for p in range(p0, p1):
+                c = cols[p]
+                x0 = X[m0, c]
+                x1 = X[m0 + 1, c]
+                x2 = X[m0 + 2, c]
+                x3 = X[m0 + 3, c]
+                x4 = X[m0 + 4, c]
+                x5 = X[m0 + 5, c]
+                x6 = X[m0 + 6, c]
+                x7 = X[m0 + 7, c]
                 for j in range(16):
-                    w = data[p, k, j]
+                    w = data[p, 0, j]
                     acc[0, j] += x0 * w
                     acc[1, j] += x1 * w
                     acc[2, j] += x2 * w
@@ -222,19 +230,41 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                     acc[5, j] += x5 * w
                     acc[6, j] += x6 * w
                     acc[7, j] += x7 * w
-        for a in range(8):  # copy out with constant indices: acc stays in registers
-            for j in range(16):
-                tmp[a, j] = acc[a, j]
-        for a in range(8):
-            if mode_init == 1:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] += tmp[a, j]
-            elif mode_init == 2:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] = tmp[a, j] + bias[r0 + j]
-            else:
-                for j in range(rn):
-                    Y[m0 + a, r0 + j] = tmp[a, j]
+        else:
+            for p in range(p0, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                for k in range(cn):
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0 + 1, c0 + k]
+                    x2 = X[m0 + 2, c0 + k]
+                    x3 = X[m0 + 3, c0 + k]
+                    x4 = X[m0 + 4, c0 + k]
+                    x5 = X[m0 + 5, c0 + k]
+                    x6 = X[m0 + 6, c0 + k]
+                    x7 = X[m0 + 7, c0 + k]
+                    for j in range(16):
+                        w = data[p, k, j]
+                        acc[0, j] += x0 * w
+                        acc[1, j] += x1 * w
+                        acc[2, j] += x2 * w
+                        acc[3, j] += x3 * w
+                        acc[4, j] += x4 * w
+                        acc[5, j] += x5 * w
+                        acc[6, j] += x6 * w
+                        acc[7, j] += x7 * w
+        if mode_init == 1:
+            for a in range(8):
+                for j in range(16):
+                    Y[m0 + a, r0 + j] += acc[a, j]
+        elif mode_init == 2:
+            for a in range(8):
+                for j in range(16):
+                    Y[m0 + a, r0 + j] = acc[a, j] + bias[r0 + j]
+        else:
+            for a in range(8):
+                for j in range(16):
+                    Y[m0 + a, r0 + j] = acc[a, j]
         m0 += 8
     while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
         for a in range(4):
@@ -260,17 +290,15 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                 for j in range(16):
                     acc1[0, j] += x0 * data[p, k, j]
                 k += 1
-        for j in range(16):
-            tmp[0, j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         if mode_init == 1:
-            for j in range(rn):
-                Y[m0, r0 + j] += tmp[0, j]
+            for j in range(16):
+                Y[m0, r0 + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         elif mode_init == 2:
-            for j in range(rn):
-                Y[m0, r0 + j] = tmp[0, j] + bias[r0 + j]
+            for j in range(16):
+                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
         else:
-            for j in range(rn):
-                Y[m0, r0 + j] = tmp[0, j]
+            for j in range(16):
+                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
         m0 += 1
 
 
@@ -303,38 +331,93 @@ def _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_dot(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
-    # data[p] = block as is, (bh, bw); each output a dot product vectorised over the block width
-    M = X.shape[0]
-    r0 = I * bh
-    rn = min(bh, R - r0)
-    p0 = rowptr[I]
-    p1 = rowptr[I + 1]
-    for j in range(rn):
-        for m in range(M):
+def _dot_rows4(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, m0):
+    """Rows m0..m0+3 of Y, all block rows, dot layout (data[p] = block as is, (bh, bw)). Full
+    32-wide blocks accumulate elementwise in a (4 x 32) register tile summed once per output;
+    other blocks (edges, other widths) add short dot products."""
+    acc = numba.carray(_stack_f32(128), (4, 32))
+    for I in range(rowptr.shape[0] - 1):
+        r0 = I * bh
+        rn = min(bh, R - r0)
+        for j in range(rn):
+            for a in range(4):
+                for k in range(32):
+                    acc[a, k] = 0.0
+            e0 = e1 = e2 = e3 = np.float32(0.0)
+            for p in range(rowptr[I], rowptr[I + 1]):
+                c0 = cols[p] * bw
+                if bw == 32 and c0 + 32 <= C:
+                    for k in range(32):
+                        w = data[p, j, k]
+                        acc[0, k] += X[m0, c0 + k] * w
+                        acc[1, k] += X[m0 + 1, c0 + k] * w
+                        acc[2, k] += X[m0 + 2, c0 + k] * w
+                        acc[3, k] += X[m0 + 3, c0 + k] * w
+                else:
+                    cn = min(bw, C - c0)
+                    for k in range(cn):
+                        w = data[p, j, k]
+                        e0 += X[m0, c0 + k] * w
+                        e1 += X[m0 + 1, c0 + k] * w
+                        e2 += X[m0 + 2, c0 + k] * w
+                        e3 += X[m0 + 3, c0 + k] * w
+            for k in range(32):
+                e0 += acc[0, k]
+                e1 += acc[1, k]
+                e2 += acc[2, k]
+                e3 += acc[3, k]
+            r = r0 + j
             if mode_init == 1:
-                s = Y[m, r0 + j]
+                e0 += Y[m0, r]
+                e1 += Y[m0 + 1, r]
+                e2 += Y[m0 + 2, r]
+                e3 += Y[m0 + 3, r]
             elif mode_init == 2:
-                s = bias[r0 + j]
-            else:
-                s = np.float32(0.0)
-            for p in range(p0, p1):
+                e0 += bias[r]
+                e1 += bias[r]
+                e2 += bias[r]
+                e3 += bias[r]
+            Y[m0, r] = e0
+            Y[m0 + 1, r] = e1
+            Y[m0 + 2, r] = e2
+            Y[m0 + 3, r] = e3
+
+
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _dot_row1(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, m):
+    for I in range(rowptr.shape[0] - 1):
+        r0 = I * bh
+        rn = min(bh, R - r0)
+        for j in range(rn):
+            s = np.float32(0.0)
+            for p in range(rowptr[I], rowptr[I + 1]):
                 c0 = cols[p] * bw
                 cn = min(bw, C - c0)
-                t = np.float32(0.0)
                 for k in range(cn):
-                    t += X[m, c0 + k] * data[p, j, k]
-                s += t
+                    s += X[m, c0 + k] * data[p, j, k]
+            if mode_init == 1:
+                s += Y[m, r0 + j]
+            elif mode_init == 2:
+                s += bias[r0 + j]
             Y[m, r0 + j] = s
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I):
-    if dot:
-        _rowblk_dot(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
-    elif bh == 32:
+def _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g):
+    """Rows 4g..4g+3 (those that exist) of a dot-layout product."""
+    m0 = 4 * g
+    if m0 + 4 <= X.shape[0]:
+        _dot_rows4(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, m0)
+    else:
+        for m in range(m0, X.shape[0]):
+            _dot_row1(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, m)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
+    if bh == 32 and (I + 1) * 32 <= R:
         _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I)
-    elif bh == 16:
+    elif bh == 16 and (I + 1) * 16 <= R:
         _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I)
     else:
         _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
@@ -342,14 +425,22 @@ def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I):
 
 @njit(fastmath=True, error_model="numpy", cache=True)
 def _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
+    if dot:  # batch rows outside: their X rows stay in cache while the blocks stream by
+        for g in range((X.shape[0] + 3) // 4):
+            _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
+        return
     for I in range(rowptr.shape[0] - 1):
-        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I)
+        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _mm_parallel(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
+    if dot:
+        for g in prange((X.shape[0] + 3) // 4):
+            _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
+        return
     for I in prange(rowptr.shape[0] - 1):
-        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, I)
+        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)

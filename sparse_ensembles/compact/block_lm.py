@@ -1,0 +1,93 @@
+"""Block-sparse execution of LSTM language models and of their ensembles.
+
+A block-pruned :class:`~sparse_ensembles.models.LSTMLM` is stored as it was trained: dense-shaped
+weights whose pruned blocks are exactly zero (masks are data). :func:`block_sparse_lm` swaps each of
+its ``nn.LSTM`` layers for a :class:`~.block_lstm.BlockSparseLSTM` over the *same* Parameter objects,
+keeping the blocks that hold any nonzero, so that an optimizer, a sampler or a prior that holds the
+model's parameters keeps working, and the compiled time loop skips the zero blocks in the forward
+and backward passes. Parameter names do not change (``lstms.0.weight_ih_l0`` ...).
+
+:class:`BlockSparseLMEnsemble` runs M such members one after another and returns
+``log mean_m softmax(logits_m)`` (members differ in their block masks, so nothing is fused across
+members: each member's LSTM cost is its own nonzero blocks; the decoders stay dense).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..models.lstm_lm import LSTMLM
+from .block_lstm import BlockSparseLSTM, block_keep_from_weight
+from .lstm import _log_mean_softmax
+
+_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+
+def block_sparse_lm(model: LSTMLM, block: Optional[Sequence[int]] = None, executor: str = "auto") -> LSTMLM:
+    """``model`` itself, its LSTM layers now :class:`BlockSparseLSTM` over the same Parameters
+    (``block`` defaults to ``model.block``); layers that already are keep their executor and get
+    their keep masks refreshed from the weights' zero blocks."""
+    block = tuple(model.block if block is None else block)
+    for l, lstm in enumerate(model.lstms):
+        if isinstance(lstm, BlockSparseLSTM):
+            if tuple(lstm.block) != block:
+                raise ValueError(f"layer {l} is block-sparse with blocks {lstm.block}, not {block}")
+            refresh_keep(lstm)
+            continue
+        layer = BlockSparseLSTM(lstm.input_size, lstm.hidden_size, block, executor=executor)
+        for name in _NAMES:  # the same Parameter objects: optimizers and samplers keep holding them
+            setattr(layer, name, getattr(lstm, name))
+        layer.to(lstm.weight_ih_l0.device)
+        refresh_keep(layer)
+        layer.train(lstm.training)
+        model.lstms[l] = layer
+    return model
+
+
+@torch.no_grad()
+def refresh_keep(layer: BlockSparseLSTM) -> None:
+    """Keep exactly the blocks that hold a nonzero weight (after pruning changed the weights)."""
+    layer.keep_ih.copy_(block_keep_from_weight(layer.weight_ih_l0, layer.block))
+    layer.keep_hh.copy_(block_keep_from_weight(layer.weight_hh_l0, layer.block))
+
+
+def block_density(model: LSTMLM) -> float:
+    """Fraction of the LSTM weight blocks that are kept (1 - block sparsity)."""
+    kept = total = 0
+    for lstm in model.lstms:
+        for w in (lstm.weight_ih_l0, lstm.weight_hh_l0):
+            keep = block_keep_from_weight(w, model.block)
+            kept, total = kept + int(keep.sum()), total + keep.numel()
+    return kept / max(total, 1)
+
+
+class BlockSparseLMEnsemble(nn.Module):
+    """M block-sparse LSTM LMs averaged in probability: ``forward(tokens, state)`` returns the
+    ensemble's log-probabilities (B, T, vocab) and the members' states (a list, one per member)."""
+
+    def __init__(self, members: Sequence[LSTMLM], executor: str = "auto"):
+        super().__init__()
+        if len(members) == 0:
+            raise ValueError("BlockSparseLMEnsemble needs at least one member")
+        vocab = {m.vocab for m in members}
+        if len(vocab) != 1:
+            raise ValueError(f"members have different vocabularies {sorted(vocab)}")
+        self.members = nn.ModuleList(block_sparse_lm(m, executor=executor).eval() for m in members)
+
+    def init_state(self, batch_size: int) -> list:
+        return [m.init_state(batch_size) for m in self.members]
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, state: Optional[list] = None) -> tuple[Tensor, list]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (batch, time); got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        state = self.init_state(B) if state is None else state
+        logits, new_state = [], []
+        for m, s in zip(self.members, state):
+            out, s = m(tokens, s)
+            logits.append(out.reshape(B * T, -1))
+            new_state.append(s)
+        return _log_mean_softmax(torch.stack(logits)).view(B, T, -1), new_state

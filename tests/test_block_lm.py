@@ -1,0 +1,79 @@
+"""Block-pruned LSTM LMs run on the block-sparse layer: same outputs, same parameters, saved and
+reloaded members, and the block-sparse ensemble."""
+import math
+
+import pytest
+import torch
+
+from sparse_ensembles import checkpoint, pruning
+from sparse_ensembles.compact.block_lm import BlockSparseLMEnsemble, block_density, block_sparse_lm
+from sparse_ensembles.compact.block_lstm import BlockSparseLSTM
+from sparse_ensembles.models import LSTMLM
+
+
+def _pruned_lm(seed: int, sparsity: float = 0.8) -> LSTMLM:
+    torch.manual_seed(seed)
+    model = LSTMLM(40, [48, 48], 48, block=(16, 16)).eval()
+    params = dict(model.named_parameters())
+    masks = pruning.random_group_masks(params, model.groups("block"), sparsity, torch.Generator().manual_seed(seed))
+    pruning.apply_masks(model, masks)
+    return model
+
+
+def test_a_block_pruned_lm_gives_the_same_log_probs_on_the_block_sparse_layers_and_keeps_its_parameters():
+    model = _pruned_lm(0)
+    tokens = torch.randint(0, 40, (3, 11))
+    with torch.no_grad():
+        dense, _ = model(tokens)
+    before = dict(model.named_parameters())
+    block_sparse_lm(model, executor="numba")
+    assert all(isinstance(l, BlockSparseLSTM) for l in model.lstms)
+    after = dict(model.named_parameters())
+    assert list(before) == list(after) and all(before[n] is after[n] for n in before)  # same Parameter objects
+    with torch.no_grad():
+        sparse, _ = model(tokens)
+    torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    assert block_density(model) == pytest.approx(0.2, abs=0.02)
+
+
+def test_an_optimizer_built_before_the_swap_still_trains_the_block_sparse_model_and_pruned_blocks_get_no_gradient():
+    model = _pruned_lm(1).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    block_sparse_lm(model, executor="numba")
+    tokens = torch.randint(0, 40, (2, 8))
+    logits, _ = model(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), tokens[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    w = model.lstms[0].weight_hh_l0
+    zero = w.detach() == 0
+    assert w.grad is not None and torch.equal(w.grad[zero], torch.zeros(int(zero.sum())))
+    old = w.detach().clone()
+    opt.step()
+    assert not torch.equal(w.detach(), old) and torch.equal(w.detach()[zero], torch.zeros(int(zero.sum())))
+
+
+def test_a_saved_block_sparse_member_reloads_and_runs_block_sparse_with_the_same_outputs(tmp_path):
+    model = _pruned_lm(2)
+    tokens = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        expected, _ = model(tokens)
+    checkpoint.save_member(tmp_path / "member_000.pt", model)
+    loaded, _ = checkpoint.load_member(tmp_path / "member_000.pt")
+    block_sparse_lm(loaded, executor="numba").eval()
+    with torch.no_grad():
+        got, _ = loaded(tokens)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_block_sparse_ensemble_is_the_log_of_the_mean_of_the_members_probabilities():
+    members = [_pruned_lm(s) for s in range(3)]
+    tokens = torch.randint(0, 40, (2, 6))
+    with torch.no_grad():
+        probs = torch.stack([torch.softmax(m(tokens)[0], -1) for m in members]).mean(0)
+    ens = BlockSparseLMEnsemble(members, executor="numba")
+    logp, state = ens(tokens)
+    torch.testing.assert_close(logp, probs.log(), atol=1e-5, rtol=1e-5)
+    assert len(state) == 3
+    logp2, _ = ens(tokens[:, 3:], None)
+    assert torch.isfinite(logp2).all() and math.isclose(float(logp2.exp().sum(-1).mean()), 1.0, rel_tol=1e-5)
