@@ -119,3 +119,19 @@ def test_tiny_block_config_trains_gradually_pruned_sgd_and_block_sparse_sse_memb
         meta = torch.load(f, weights_only=True)["meta"]
         assert meta["block_sparsity"] >= 0.79
     assert all(r["ppl_test"] < 10000 for r in rows)
+
+
+def test_mlp_block_grouping_tiles_every_weight_matrix_once_with_smaller_edge_blocks():
+    from sparse_ensembles.models import MLP
+    torch.manual_seed(0)
+    model = MLP([30, 20, 7], block=(8, 16))
+    params = dict(model.named_parameters())
+    fams = model.groups("block")
+    assert [f.params[0] for f in fams] == [n for n, p in params.items() if p.dim() == 2]
+    for fam in fams:
+        w = params[fam.params[0]]
+        count = fam.broadcast(torch.ones(fam.size), fam.params[0], w)
+        assert torch.equal(count, torch.ones_like(w))  # each entry in exactly one block
+        torch.testing.assert_close(fam.sq_norms(params).sum(), w.detach().pow(2).sum())
+    assert [f.grid for f in fams] == [(3, 2), (1, 2)]  # 20x30 in 8x16 blocks; 7x20 (block clipped to 7 rows)
+    assert MLP.from_spec(model.spec()).block == [8, 16]

@@ -1,0 +1,182 @@
+"""The block-sparse LSTM table on PTB (issue 21): the seed slides' four rows at 80% block sparsity
+(dense; + block Lasso; + block Lasso + gradual pruning; + block Lasso + pre-pruning) and block-sparse
+SSE against SGD x1 / x4, with train / valid / test perplexity, achieved block sparsity, and each
+model's measured speed-up over the dense model on the block-sparse kernel.
+
+The rows are trained by the pipeline (each is a config under configs/, run by sse_tables.py into
+runs/<label>), then collected here:
+
+    python benchmarks/sse_tables.py ptb_lstm_block_dense
+    python benchmarks/sse_tables.py ptb_lstm_block_gradual --tag lasso1e-6 --set sgd.lasso=1e-6   # the Lasso
+    python benchmarks/sse_tables.py ptb_lstm_block_gradual --tag lasso1e-5 --set sgd.lasso=1e-5   # grid
+    python benchmarks/sse_tables.py ptb_lstm_block_pre --tag lasso1e-5
+    python benchmarks/sse_tables.py ptb_lstm_block_lasso --tag lasso1e-5
+    python benchmarks/sse_tables.py ptb_lstm_block_sse
+    python benchmarks/block_sparse_table.py [--train-ppl] [--threads 1]
+
+The gradual row's Lasso strength is the grid point with the lowest *validation* perplexity; the
+test column is read for the table only. Missing rows are listed as such. Speed: each model's two LSTM
+layers on the block-sparse layer (``executor="numba"``) against the same layers as dense
+``nn.LSTM``, batch 20 x 35 steps, inference (no_grad) and one training step (forward + backward),
+interleaved, medians of ``--repeats``; and the whole model's inference (embedding and the dense
+10k-word softmax included, which bound it at hidden 200). The seed's training-cost formula for
+gradual pruning, ``sum_t (1 - rho_t) / T``, is given beside it.
+
+Writes benchmarks/results/block_sparse_lstm.json, block_norms_ptb.png, ppl_vs_block_sparsity.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import RESULTS, median, timed, write  # noqa: E402
+
+from sparse_ensembles import checkpoint  # noqa: E402
+from sparse_ensembles.compact.block_lm import block_density, block_sparse_lm  # noqa: E402
+from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+from sparse_ensembles.experiments.plots import block_norm_heatmaps, perplexity_vs_sparsity  # noqa: E402
+from sparse_ensembles.tasks.language_model import LanguageModel  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_rows(label: str) -> list[dict] | None:
+    f = RESULTS / f"{label}.json"
+    return json.loads(f.read_text())["rows"] if f.exists() else None
+
+
+def timing(model, repeats: int, threads: int) -> dict:
+    """Speed-up of the model's LSTM layers (and of the whole model) on the block-sparse layer."""
+    torch.set_num_threads(threads)
+    import numba
+    numba.set_num_threads(threads)
+    dense = copy.deepcopy(model).eval()
+    sparse = block_sparse_lm(copy.deepcopy(model), executor="numba").eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(0, model.vocab, (20, 35))
+    x = model.embedding(tokens).detach()
+
+    def layers(m, grad: bool):
+        h = x.clone().requires_grad_(grad)
+        for lstm in m.lstms:
+            h, _ = lstm(h)
+        if grad:
+            h.sum().backward()
+
+    def infer(m):
+        with torch.no_grad():
+            layers(m, False)
+
+    def whole(m):
+        with torch.no_grad():
+            m(tokens)
+
+    cases = {"layers_inference": (infer,), "layers_train_step": (lambda m: layers(m, True),), "model_inference": (whole,)}
+    out = {}
+    for key, (fn,) in cases.items():
+        fn(dense), fn(sparse)  # warm up (and compile)
+        td, ts = [], []
+        for _ in range(repeats):
+            td.append(timed(lambda: fn(dense)))
+            ts.append(timed(lambda: fn(sparse)))
+        out[key] = {"dense_ms": 1e3 * median(td), "block_ms": 1e3 * median(ts), "speedup": median(td) / median(ts)}
+    return out
+
+
+def train_ppl(model, task) -> float:
+    model.eval()
+    with torch.no_grad():
+        return math.exp(-float(task.target_logprobs(model, "train").mean()))
+
+
+def gradual_cost(cfg) -> float:
+    """The seed's training cost of gradual pruning relative to dense: mean over epochs of 1 - rho_t."""
+    c = cfg.sgd
+    return sum(1 - c.pruned_fraction(e) for e in range(c.epochs)) / c.epochs
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--train-ppl", action="store_true", help="also evaluate each model on the training split")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+
+    grid = sorted(RESULTS.glob("ptb_lstm_block_gradual_lasso*.json"))
+    candidates = {f.stem.split("_lasso")[-1]: json.loads(f.read_text())["rows"][0] for f in grid}
+    chosen = min(candidates, key=lambda k: candidates[k]["ppl_valid"]) if candidates else None
+    specs = [("dense (SGD)", "ptb_lstm_block_dense"),
+             ("+ block Lasso", f"ptb_lstm_block_lasso_lasso{chosen}" if chosen else None),
+             ("+ block Lasso + gradual pruning", f"ptb_lstm_block_gradual_lasso{chosen}" if chosen else None),
+             ("+ block Lasso + pre-pruning", f"ptb_lstm_block_pre_lasso{chosen}" if chosen else None)]
+    task = None
+    rows, histories, missing = [], {}, []
+    for method, label in specs:
+        table = load_rows(label) if label else None
+        run = ROOT / "runs" / (label or "")
+        member = run / "sgd" / "member_000.pt"
+        if not table or not member.exists():
+            missing.append({"method": method, "run": label})
+            continue
+        r = table[0]
+        model, meta = checkpoint.load_member(member)
+        cfg = config_mod.load(run / "config.toml")
+        row = {"method": method, "run": label, "lasso": cfg.sgd.lasso, "block": list(model.block),
+               "block_sparsity": 1 - block_density(model), "ppl_valid": r["ppl_valid"], "ppl_test": r["ppl_test"],
+               "params": r["params"], "train_seconds": r["train_seconds"]}
+        if args.train_ppl:
+            task = task or LanguageModel.from_config(cfg.task)
+            row["ppl_train"] = train_ppl(model, task)
+        if cfg.sgd.prune == "gradual":
+            row["seed_training_cost"] = gradual_cost(cfg)
+        row["speed"] = timing(model, args.repeats, args.threads)
+        rows.append(row)
+        norms = run / "sgd" / "group_norms_000.json"
+        if norms.exists():
+            histories[method] = json.loads(norms.read_text())
+        print(f"{method}: valid {row['ppl_valid']:.2f} test {row['ppl_test']:.2f} PPL, "
+              f"{100 * row['block_sparsity']:.1f}% blocks, layers x{row['speed']['layers_inference']['speedup']:.2f} "
+              f"inference / x{row['speed']['layers_train_step']['speedup']:.2f} train step")
+
+    sse = load_rows("ptb_lstm_block_sse") or []
+    sgd = {r["method"]: r for r in load_rows("ptb_lstm_sse_small") or [] if r["method"].startswith("SGD x")}
+    ensembles = [{"method": m, "source": "ptb_lstm_sse_small", **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio")}}
+                 for m, r in sgd.items()]
+    for r in sse:
+        ensembles.append({"method": r["method"], "source": "ptb_lstm_block_sse", "members": r["members"],
+                          **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio", "train_seconds")}})
+    pruned = ROOT / "runs" / "ptb_lstm_block_sse" / "pruned_80"
+    if pruned.exists():
+        metas = [checkpoint.load(f)["meta"] for f in sorted(pruned.glob("member_*.pt"))]
+        for e in ensembles:
+            if "+PR" in e["method"] and metas:
+                e["block_sparsity"] = sum(m.get("block_sparsity", 0) for m in metas) / len(metas)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if histories:
+        block_norm_heatmaps(histories, RESULTS / "block_norms_ptb.png")
+    points = [{"method": r["method"], "block_sparsity": r["block_sparsity"], "ppl_test": r["ppl_test"],
+               "ppl_valid": r["ppl_valid"]} for r in rows]
+    points += [{"method": e["method"], "block_sparsity": e["block_sparsity"], "ppl_test": e["ppl_test"],
+                "ppl_valid": e["ppl_valid"]} for e in ensembles if "block_sparsity" in e]
+    if points:
+        perplexity_vs_sparsity(points, RESULTS / "ppl_vs_block_sparsity.png")
+    path = write("block_sparse_lstm", {"lasso_grid_valid_ppl": {k: v["ppl_valid"] for k, v in candidates.items()},
+                                        "lasso_chosen_on_valid": chosen, "rows": rows, "ensembles": ensembles,
+                                        "missing": missing, "threads": args.threads})
+    for e in ensembles:
+        print(f"{e['method']}: valid {e['ppl_valid']:.2f} test {e['ppl_test']:.2f} PPL at {e['params_ratio']:.2f}x params")
+    if missing:
+        print("missing rows (not yet run):", ", ".join(m["method"] for m in missing))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
