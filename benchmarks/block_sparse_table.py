@@ -3,16 +3,19 @@
 SSE against SGD x1 / x4, with train / valid / test perplexity, achieved block sparsity, and each
 model's measured speed-up over the dense model on the block-sparse kernel.
 
-The rows are trained by the pipeline (each is a config under configs/, run by sse_tables.py into
-runs/<label>), then collected here:
+Each row is a config under configs/ run through the pipeline into runs/<label>; ``--train`` runs
+the missing ones (resumable), then the table is collected:
 
-    python benchmarks/sse_tables.py ptb_lstm_block_dense
-    python benchmarks/sse_tables.py ptb_lstm_block_gradual --tag lasso1e-6 --set sgd.lasso=1e-6   # the Lasso
-    python benchmarks/sse_tables.py ptb_lstm_block_gradual --tag lasso1e-5 --set sgd.lasso=1e-5   # grid
-    python benchmarks/sse_tables.py ptb_lstm_block_pre --tag lasso1e-5
-    python benchmarks/sse_tables.py ptb_lstm_block_lasso --tag lasso1e-5
-    python benchmarks/sse_tables.py ptb_lstm_block_sse
-    python benchmarks/block_sparse_table.py [--train-ppl] [--threads 1]
+    python benchmarks/block_sparse_table.py --train                      # full PTB (hours on 2 cores)
+    python benchmarks/block_sparse_table.py --train --tag ptb232k --set task.train_tokens=232000 \
+        --set sgd.members=4                 # the CPU-sized table: a quarter of PTB's training tokens
+    python benchmarks/block_sparse_table.py --train --rows grid,seed    # one process: the seed's rows
+    python benchmarks/block_sparse_table.py --train --rows sse          # another: block-sparse SSE
+
+Rows: ``grid`` = the gradual row at each ``--lassos`` value; ``seed`` = the block-Lasso-only and
+pre-pruned rows at the Lasso chosen on valid (after the grid); ``sse`` = ptb_lstm_block_sse (its
+``sgd.members`` give SGD x1, the dense row, and SGD x M; at 0, as shipped for full PTB, the dense
+row is ptb_lstm_block_dense and SGD x1 / x4 come from ptb_lstm_sse_small, the same protocol).
 
 The gradual row's Lasso strength is the grid point with the lowest *validation* perplexity; the
 test column is read for the table only. Missing rows are listed as such. Speed: each model's two LSTM
@@ -31,6 +34,7 @@ import copy
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +45,7 @@ from _common import RESULTS, median, timed, write  # noqa: E402
 from sparse_ensembles import checkpoint  # noqa: E402
 from sparse_ensembles.compact.block_lm import block_density, block_sparse_lm  # noqa: E402
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
+from sparse_ensembles.experiments.pipeline import Pipeline  # noqa: E402
 from sparse_ensembles.experiments.plots import block_norm_heatmaps, perplexity_vs_sparsity  # noqa: E402
 from sparse_ensembles.tasks.language_model import LanguageModel  # noqa: E402
 
@@ -90,6 +95,17 @@ def timing(model, repeats: int, threads: int) -> dict:
     return out
 
 
+def train(label: str, config: str, overrides: list[str]) -> None:
+    """Run (or resume) ``configs/<config>.toml`` with ``overrides`` into runs/<label> and write its
+    rows to results/<label>.json (as sse_tables.py does)."""
+    t0 = time.perf_counter()
+    cfg = config_mod.load(ROOT / "configs" / f"{config}.toml", overrides)
+    rows = Pipeline(cfg, ROOT / "runs" / label, resume=True, progress=False, overrides=overrides).run()
+    write(label, {"config": f"configs/{config}.toml", "overrides": overrides, "evaluate_only": False,
+                  "wall_seconds_this_invocation": time.perf_counter() - t0, "rows": rows})
+    print(f"{label}: " + ", ".join(f"{r['method']} valid {r['ppl_valid']:.2f}" for r in rows), flush=True)
+
+
 def train_ppl(model, task) -> float:
     model.eval()
     with torch.no_grad():
@@ -107,28 +123,63 @@ def main():
     ap.add_argument("--train-ppl", action="store_true", help="also evaluate each model on the training split")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--train", action="store_true", help="run the missing rows first (resumable)")
+    ap.add_argument("--rows", default="grid,seed,sse", help="with --train: which rows (grid, seed, sse)")
+    ap.add_argument("--lassos", default="1e-6,1e-5,1e-4", help="the gradual row's Lasso grid")
+    ap.add_argument("--tag", default="", help="suffix of every run and results label (a protocol variant)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for every row (recorded in the results files)")
+    ap.add_argument("--sse-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="config override for the sse row only (e.g. sgd.members=4: train SGD x1 / x4 there)")
     args = ap.parse_args()
+    suffix = f"_{args.tag}" if args.tag else ""
+    lassos = args.lassos.split(",")
 
-    grid = sorted(RESULTS.glob("ptb_lstm_block_gradual_lasso*.json"))
-    candidates = {f.stem.split("_lasso")[-1]: json.loads(f.read_text())["rows"][0] for f in grid}
+    def label(row: str, lasso: str = "") -> str:
+        return f"ptb_lstm_block_{row}" + (f"_lasso{lasso}" if lasso else "") + suffix
+
+    def grid_results() -> dict:
+        found = {l: load_rows(label("gradual", l)) for l in lassos}
+        return {l: rows[0] for l, rows in found.items() if rows}
+
+    if args.train:
+        wanted = args.rows.split(",")
+        if "grid" in wanted:
+            for l in lassos:
+                train(label("gradual", l), "ptb_lstm_block_gradual", args.set + [f"sgd.lasso={l}"])
+        if "seed" in wanted:
+            grid = grid_results()
+            if len(grid) < len(lassos):
+                sys.exit(f"the seed rows need the whole Lasso grid first (have {sorted(grid)} of {lassos})")
+            best = min(grid, key=lambda l: grid[l]["ppl_valid"])
+            for row in ("lasso", "pre"):
+                train(label(row, best), f"ptb_lstm_block_{row}", args.set + [f"sgd.lasso={best}"])
+        if "sse" in wanted:
+            train(label("sse"), "ptb_lstm_block_sse", args.set + args.sse_set)
+
+    candidates = grid_results()
     chosen = min(candidates, key=lambda k: candidates[k]["ppl_valid"]) if candidates else None
-    specs = [("dense (SGD)", "ptb_lstm_block_dense"),
-             ("+ block Lasso", f"ptb_lstm_block_lasso_lasso{chosen}" if chosen else None),
-             ("+ block Lasso + gradual pruning", f"ptb_lstm_block_gradual_lasso{chosen}" if chosen else None),
-             ("+ block Lasso + pre-pruning", f"ptb_lstm_block_pre_lasso{chosen}" if chosen else None)]
+    sse_rows = load_rows(label("sse")) or []
+    dense = label("dense")
+    if any(r["method"] == "SGD x1" for r in sse_rows):  # the SSE run trained the SGD baselines
+        dense = label("sse")
+    specs = [("dense (SGD)", dense),
+             ("+ block Lasso", label("lasso", chosen) if chosen else None),
+             ("+ block Lasso + gradual pruning", label("gradual", chosen) if chosen else None),
+             ("+ block Lasso + pre-pruning", label("pre", chosen) if chosen else None)]
     task = None
     rows, histories, missing = [], {}, []
-    for method, label in specs:
-        table = load_rows(label) if label else None
-        run = ROOT / "runs" / (label or "")
+    for method, run_label in specs:
+        table = load_rows(run_label) if run_label else None
+        run = ROOT / "runs" / (run_label or "")
         member = run / "sgd" / "member_000.pt"
         if not table or not member.exists():
-            missing.append({"method": method, "run": label})
+            missing.append({"method": method, "run": run_label})
             continue
-        r = table[0]
+        r = next(r for r in table if r["method"] in ("SGD", "SGD x1"))
         model, meta = checkpoint.load_member(member)
         cfg = config_mod.load(run / "config.toml")
-        row = {"method": method, "run": label, "lasso": cfg.sgd.lasso, "block": list(model.block),
+        row = {"method": method, "run": run_label, "lasso": cfg.sgd.lasso, "block": list(model.block),
                "block_sparsity": 1 - block_density(model), "ppl_valid": r["ppl_valid"], "ppl_test": r["ppl_test"],
                "params": r["params"], "train_seconds": r["train_seconds"]}
         if args.train_ppl:
@@ -145,14 +196,14 @@ def main():
               f"{100 * row['block_sparsity']:.1f}% blocks, layers x{row['speed']['layers_inference']['speedup']:.2f} "
               f"inference / x{row['speed']['layers_train_step']['speedup']:.2f} train step")
 
-    sse = load_rows("ptb_lstm_block_sse") or []
-    sgd = {r["method"]: r for r in load_rows("ptb_lstm_sse_small") or [] if r["method"].startswith("SGD x")}
-    ensembles = [{"method": m, "source": "ptb_lstm_sse_small", **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio")}}
-                 for m, r in sgd.items()]
-    for r in sse:
-        ensembles.append({"method": r["method"], "source": "ptb_lstm_block_sse", "members": r["members"],
+    own_sgd = any(r["method"].startswith("SGD x") for r in sse_rows)
+    sgd = [] if own_sgd else [r for r in load_rows("ptb_lstm_sse_small") or [] if r["method"].startswith("SGD x")]
+    ensembles = [{"method": r["method"], "source": "ptb_lstm_sse_small", **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio")}}
+                 for r in sgd]
+    for r in sse_rows:
+        ensembles.append({"method": r["method"], "source": label("sse"), "members": r["members"],
                           **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio", "train_seconds")}})
-    pruned = ROOT / "runs" / "ptb_lstm_block_sse" / "pruned_80"
+    pruned = ROOT / "runs" / label("sse") / "pruned_80"
     if pruned.exists():
         metas = [checkpoint.load(f)["meta"] for f in sorted(pruned.glob("member_*.pt"))]
         for e in ensembles:
@@ -161,14 +212,14 @@ def main():
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if histories:
-        block_norm_heatmaps(histories, RESULTS / "block_norms_ptb.png")
+        block_norm_heatmaps(histories, RESULTS / f"block_norms_ptb{suffix}.png")
     points = [{"method": r["method"], "block_sparsity": r["block_sparsity"], "ppl_test": r["ppl_test"],
                "ppl_valid": r["ppl_valid"]} for r in rows]
     points += [{"method": e["method"], "block_sparsity": e["block_sparsity"], "ppl_test": e["ppl_test"],
                 "ppl_valid": e["ppl_valid"]} for e in ensembles if "block_sparsity" in e]
     if points:
-        perplexity_vs_sparsity(points, RESULTS / "ppl_vs_block_sparsity.png")
-    path = write("block_sparse_lstm", {"lasso_grid_valid_ppl": {k: v["ppl_valid"] for k, v in candidates.items()},
+        perplexity_vs_sparsity(points, RESULTS / f"ppl_vs_block_sparsity{suffix}.png")
+    path = write("block_sparse_lstm" + suffix, {"overrides": args.set, "lasso_grid_valid_ppl": {k: v["ppl_valid"] for k, v in candidates.items()},
                                         "lasso_chosen_on_valid": chosen, "rows": rows, "ensembles": ensembles,
                                         "missing": missing, "threads": args.threads})
     for e in ensembles:
