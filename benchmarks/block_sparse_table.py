@@ -8,7 +8,7 @@ the missing ones (resumable), then the table is collected:
 
     python benchmarks/block_sparse_table.py --train                      # full PTB (hours on 2 cores)
     python benchmarks/block_sparse_table.py --train --tag ptb232k --set task.train_tokens=232000 \
-        --set sgd.members=4                 # the CPU-sized table: a quarter of PTB's training tokens
+        --sse-set sgd.members=4             # the CPU-sized table: a quarter of PTB's training tokens
     python benchmarks/block_sparse_table.py --train --rows grid,seed    # one process: the seed's rows
     python benchmarks/block_sparse_table.py --train --rows sse          # another: block-sparse SSE
 
