@@ -126,7 +126,16 @@ class ChainConfig:
     """Per prior, ``chains`` independent chains share ``samples``; each chain collects its share
     after epoch burn_in + thin * k, k = 1..samples / chains."""
     lr: float = 0.5
-    schedule: str = "constant"  # constant | cyclical (cosine cycles of `thin` epochs after burn-in)
+    # constant | cyclical (cosine cycles of `thin` epochs after burn-in) | step (x lr_factor at each
+    # of lr_milestones: epochs of the chain, or fractions of it with milestone_unit = "fraction")
+    schedule: str = "constant"
+    lr_milestones: list[float] = field(default_factory=list)
+    lr_factor: float = 0.1
+    milestone_unit: str = "epoch"  # epoch | fraction
+    # N of the scaling convention (the prior enters divided by it, the noise is sqrt(2 lr T / N));
+    # 0 = the training-set size. Another value samples a tempered posterior (Deng et al.'s free
+    # "-N": the effective number of data points; docs/adaptive.md)
+    num_data: int = 0
     temperature: float = 1.0
     burn_in: int = 10
     thin: int = 5
@@ -148,7 +157,7 @@ class ChainConfig:
 
     def validate(self, need) -> None:
         need(self.lr > 0, "sampler.lr", "must be > 0")
-        need(self.schedule in ("constant", "cyclical"), "sampler.schedule", "use 'constant' or 'cyclical'")
+        need(self.schedule in ("constant", "cyclical", "step"), "sampler.schedule", "use 'constant', 'cyclical' or 'step'")
         need(self.temperature >= 0, "sampler.temperature", "must be >= 0")
         need(self.burn_in >= 0 and self.thin >= 1 and self.samples >= 0, "sampler.samples",
              "need burn_in >= 0, thin >= 1, samples >= 0")
@@ -159,6 +168,16 @@ class ChainConfig:
         need(self.max_grad_norm >= 0, "sampler.max_grad_norm", "must be >= 0 (0 = off)")
         need(self.init_from in ("", "sgd"), "sampler.init_from", "use \"\" (random init) or \"sgd\" (the first SGD baseline)")
         need(self.anneal >= 1, "sampler.anneal", "must be >= 1 (1 = no annealing; 1.005 = the inverse temperature x 1.005 per epoch)")
+        need(self.milestone_unit in ("epoch", "fraction"), "sampler.milestone_unit", "use 'epoch' or 'fraction'")
+        need(self.schedule == "step" or not self.lr_milestones, "sampler.lr_milestones",
+             "milestones need sampler.schedule = 'step'")
+        need(self.schedule != "step" or bool(self.lr_milestones), "sampler.lr_milestones",
+             "the step schedule needs at least one milestone")
+        need(self.lr_factor > 0, "sampler.lr_factor", "must be > 0")
+        limit = 1.0 if self.milestone_unit == "fraction" else float(self.epochs_per_chain)
+        need(all(0 < m < limit for m in self.lr_milestones), "sampler.lr_milestones",
+             f"each milestone must lie inside the chain: 0 < m < {limit:g} ({self.milestone_unit}s)")
+        need(self.num_data >= 0, "sampler.num_data", "must be >= 0 (0 = the training-set size)")
 
 
 @dataclass
@@ -276,8 +295,10 @@ class SSGLConfig:
     kappa0: float = -1.0  # starting kappas; < 0 = implied by rho0 (the authors' code: 5e-4 each)
     kappa1: float = -1.0
     scale_by_sigma: bool = True  # rho's densities with sigma (the paper) or without (the authors' code)
+    sa_on: str = "sigma"  # the SA average of the scale: sigma (ours) or sigma2 (the authors' code)
 
     def validate(self, need) -> None:
+        need(self.sa_on in ("sigma", "sigma2"), "prior.sa_on", "use 'sigma' or 'sigma2'")
         for key in ("v0", "v1", "a", "b", "nu", "lam", "sigma0", "precision", "omega_c", "omega_A", "omega_alpha"):
             need(getattr(self, key) > 0, f"prior.{key}", "must be > 0")
         need(0 < self.delta0 < 1 and 0 < self.rho0 < 1, "prior.delta0", "delta0 and rho0 must be in (0, 1)")

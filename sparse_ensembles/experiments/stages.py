@@ -30,7 +30,7 @@ from ..samplers import SGHMC, SGLD, Cyclical
 from ..structure import norms
 from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from ..priors.spike_slab import SpikeSlabGL
-from ..samplers.schedules import Polynomial, StepDecay
+from ..samplers.schedules import MultiStep, Polynomial, StepDecay
 from . import plots
 from .config import Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig
 
@@ -222,7 +222,8 @@ def _ssgl_prior(ctx: Context, model: nn.Module) -> Prior:
     omega = c.omega if c.omega >= 0 else Polynomial(c.omega_c, c.omega_A, c.omega_alpha)
     ssgl = SpikeSlabGL(names, v0=c.v0, v1=c.v1, a=c.a, b=c.b, nu=c.nu, lam=c.lam, omega=omega, sigma0=c.sigma0,
                        delta0=c.delta0, rho0=c.rho0, per_layer=c.per_layer, scale_by_sigma=c.scale_by_sigma,
-                       kappa0=c.kappa0 if c.kappa0 > 0 else None, kappa1=c.kappa1 if c.kappa1 > 0 else None)
+                       kappa0=c.kappa0 if c.kappa0 > 0 else None, kappa1=c.kappa1 if c.kappa1 > 0 else None,
+                       sa_on=c.sa_on)
     rest = [n for n, _ in model.named_parameters() if n not in set(names)]
     return Sum(ssgl, Gaussian(c.precision, names=rest))
 
@@ -259,10 +260,14 @@ def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySch
 def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=None):
     c = ctx.cfg.sampler
     steps = ctx.task.steps_per_epoch()
-    lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
+    if c.schedule == "step":
+        epochs = [m * c.epochs_per_chain if c.milestone_unit == "fraction" else m for m in c.lr_milestones]
+        lr = MultiStep(c.lr, tuple(int(round(e * steps)) for e in epochs), c.lr_factor)
+    else:
+        lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
     temperature = c.temperature if c.anneal == 1 else StepDecay(c.temperature, 1 / c.anneal, steps)
     generator = torch.Generator(ctx.device).manual_seed(seed)
-    common = dict(num_data=ctx.task.num_train, temperature=temperature, prior=prior, generator=generator,
+    common = dict(num_data=c.num_data or ctx.task.num_train, temperature=temperature, prior=prior, generator=generator,
                   prefetch_noise=c.prefetch_noise, noise=c.noise, pruning=prune,
                   overlap_prior_update=c.prefetch_noise and ctx.device.type == "cpu")  # SA latents in a worker
     if c.max_grad_norm:

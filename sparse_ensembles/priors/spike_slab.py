@@ -58,6 +58,8 @@ class SpikeSlabGL(Prior):
         num_data: N, for the regression form's A.
         sigma0, delta0, rho0: starting latents (kappa0 and kappa1 start at their rho0 values).
         per_layer: one delta per covered tensor (True) or one shared.
+        sa_on: ``"sigma"`` (sigma <- (1-w) sigma + w sigma~) or ``"sigma2"`` (the authors' code:
+            sigma^2 <- (1-w) sigma^2 + w sigma~^2); the same fixed point, different paths.
     """
 
     stateful = True
@@ -66,8 +68,11 @@ class SpikeSlabGL(Prior):
                  nu: float = 1.0, lam: float = 1.0, omega: Weight = 1.0, form: str = "classification",
                  num_data: Optional[int] = None, sigma0: float = 1.0, delta0: float = 0.5, rho0: float = 0.5,
                  per_layer: bool = True, kappa0: Optional[float] = None, kappa1: Optional[float] = None,
-                 scale_by_sigma: bool = True):
+                 scale_by_sigma: bool = True, sa_on: str = "sigma"):
         self.names = list(names)
+        if sa_on not in ("sigma", "sigma2"):
+            raise ValueError(f"SpikeSlabGL sa_on must be 'sigma' or 'sigma2' (what the SA step averages), got {sa_on!r}")
+        self.sa_on = sa_on
         if not self.names:
             raise ValueError("SpikeSlabGL covers no parameters; pass the names of the weights it should cover")
         self.v0, self.v1 = _check_positive("SpikeSlabGL v0", v0), _check_positive("SpikeSlabGL v1", v1)
@@ -203,7 +208,10 @@ class SpikeSlabGL(Prior):
         else:
             A, C = p_all + self.nu + 2, j_sum + self.nu * self.lam
         sigma_tilde = (b_sum + math.sqrt(b_sum * b_sum + 4 * A * C)) / (2 * A)
-        self.sigma = (1 - w) * self.sigma + w * sigma_tilde
+        if self.sa_on == "sigma2":  # the authors' code: the SA average runs on sigma^2
+            self.sigma = math.sqrt((1 - w) * self.sigma ** 2 + w * sigma_tilde ** 2)
+        else:
+            self.sigma = (1 - w) * self.sigma + w * sigma_tilde
 
     def trace(self, threshold: float = 0.5) -> dict:
         """Scalars to log: sigma, mean delta, and the fraction of covered weights with rho below

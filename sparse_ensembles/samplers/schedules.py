@@ -30,6 +30,19 @@ class StepDecay:
 
 
 @dataclass(frozen=True)
+class MultiStep:
+    """``lr * factor ** (number of milestones <= step)`` — e.g. Deng et al.'s ResNet chains: the
+    step divided by 10 at epochs 700 and 900 (milestones in steps)."""
+
+    lr: float
+    milestones: tuple[int, ...]
+    factor: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        return self.lr * self.factor ** sum(step >= m for m in self.milestones)
+
+
+@dataclass(frozen=True)
 class Polynomial:
     """``a / (b + step) ** gamma`` — the decaying step of Welling & Teh 2011 and of SA updates
     (Deng et al. 2019 use c / (A + k)^alpha with c=0.02, A=1000, alpha=0.75)."""
