@@ -161,7 +161,8 @@ def truncation_cost(cfg, teacher_run: Path, row: str, segments: int = 60) -> dic
     """What truncating the PTB teacher to (distill.mass, distill.max_k) keeps, on the first
     ``segments`` training segments (20 x 35 tokens each): mass, label coverage, NLL."""
     import torch
-    from sparse_ensembles.distill import teacher_from_run, truncate_topk, truncation_accuracy_cost, truncation_stats
+    from sparse_ensembles.experiments.teachers import teacher_from_run
+    from sparse_ensembles.distill import truncate_topk, truncation_accuracy_cost, truncation_stats
     from sparse_ensembles.experiments.pipeline import build_task
     task = build_task(cfg, torch.device("cpu"))
     teacher = teacher_from_run(teacher_run, row)

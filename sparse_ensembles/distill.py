@@ -400,46 +400,6 @@ class MixtureTeacher(_Base):
         return torch.logaddexp(la + math.log(self.gamma), lb.to(la.dtype) + math.log1p(-self.gamma)), (sa, sb)
 
 
-def row_name(row) -> str:
-    """A run row's name as in ``results.json`` (``evaluate.py``): "SGLD+GSP+PR 90%", "SGD x1"."""
-    return row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
-
-
-def run_rows(run_dir) -> dict[str, list[Path]]:
-    """``{row name: member files}`` of a run directory, in table order."""
-    from .experiments.pipeline import run_config
-    from .experiments.stages import build_stages
-
-    run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
-    rows: dict[str, list[Path]] = {}
-    for stage in build_stages(cfg):
-        for row in stage.rows(run_dir):
-            rows.setdefault(row_name(row), list(row.files))
-    return rows
-
-
-def member_files(run_dir, row: Optional[str] = None) -> tuple[str, list[Path]]:
-    """(name, files) of the row called ``row`` (default: the last row of the table)."""
-    rows = run_rows(run_dir)
-    if not rows:
-        raise ValueError(f"{run_dir} has no finished rows (no member files yet)")
-    if row is None:
-        row = list(rows)[-1]
-    if row not in rows:
-        raise ValueError(f"row {row!r} not found in {run_dir}; available rows: {list(rows)}")
-    return row, rows[row]
-
-
-def teacher_from_run(run_dir, row: Optional[str] = None, device="cpu") -> EnsembleTeacher:
-    """The members of a finished run's row as an :class:`EnsembleTeacher` (all loaded onto
-    ``device``, in eval mode). ``row`` is the method as in ``results.json`` ("SGLD+GSP+PR 90%",
-    "SGD x1" = the first SGD member alone, "SGD x5"); default the last row. To stream members one
-    at a time instead, use :func:`member_files` with :meth:`TeacherCache.from_members`."""
-    _, files = member_files(run_dir, row)
-    return EnsembleTeacher([checkpoint.load_member(f, device)[0] for f in files])
-
-
 # -- the cache ----------------------------------------------------------------------------------
 def _batches(data, batch_size: int) -> list[Tensor]:
     """The inputs of each batch, in order: ``data`` is a tensor of inputs (cut into ``batch_size``

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from sparse_ensembles import checkpoint
 from sparse_ensembles.distill import (EnsembleTeacher, MixtureTeacher, ModelTeacher, TeacherCache, geras_loss,
-                                      hinton_cached_loss, hinton_loss, logit_l2_loss, member_files, soft_cross_entropy,
-                                      temper,
-                                      teacher_from_run, truncate_topk, truncation_accuracy_cost, truncation_stats)
+                                      hinton_cached_loss, hinton_loss, logit_l2_loss, soft_cross_entropy, temper,
+                                      truncate_topk, truncation_accuracy_cost, truncation_stats)
+from sparse_ensembles.experiments.stages import member_files
+from sparse_ensembles.experiments.teachers import teacher_from_run
 from sparse_ensembles.models.lstm_lm import LSTMLM
 from sparse_ensembles.models.mlp import MLP
 

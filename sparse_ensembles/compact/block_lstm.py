@@ -17,43 +17,59 @@ Backward through time (``dh``, ``dc`` carried from t+1; ``dH[t]`` the output gra
     dx = dG @ W_ih,  db_ih = db_hh = sum of dG
 
 Layout. A weight W (R x C) is cut into blocks (bh, bw); edge blocks may be smaller (R, C need not
-be multiples: blocks are zero-padded internally, products never read past R / C). ``keep``
-(ceil(R/bh), ceil(C/bw)) marks kept blocks. :class:`BlockLayout` is BSR-like: per block row the
-kept block columns (``rowptr``, ``cols``) and ``data`` holding the blocks. Two storage modes:
+be multiples: blocks are zero-padded internally and the products never read or write past R / C).
+``keep`` (ceil(R/bh), ceil(C/bw)) marks the kept blocks. :class:`BlockLayout` is BSR-like: per block
+row the kept block columns (``rowptr``, ``cols``; ``rows`` the block row of each kept block) and
+``data`` (nnzb, ., .) holding the blocks. Two storage modes, chosen from the block shape:
 
-* ``"axpy"`` (block height >= 8): ``data[p]`` is the block TRANSPOSED, (bw, bh), so the innermost
-  loop runs over contiguous output features; the kernel keeps a (4 rows x bh) accumulator in a
-  stack array (an ``alloca``, which LLVM promotes to vector registers for bh = 32 / 16), reuses
-  each loaded block row for 4 batch rows, and walks all kept blocks of a block row before storing.
-  This runs near the FMA peak of a core (about 90 GFLOP/s on the 2-core AVX-512 Xeon it was tuned on).
-* ``"dot"`` (short blocks, e.g. the 1x32 blocks of W^T for 32x1 blocks): ``data[p]`` is the block
-  as is, (bh, bw); each output is a dot product vectorised over the block width. Slower.
+* ``"axpy"`` (block height >= 8, or not shorter than wide): ``data[p]`` is the block TRANSPOSED,
+  (bw, bh), so the innermost loop runs over contiguous output features. For bh = 32 (16) the kernel
+  keeps a 4 x 32 (8 x 16) accumulator tile in a stack array (an ``alloca`` that LLVM promotes to
+  vector registers, which needs every index into it to be a compile-time constant: hence the
+  unrolled code, the full block rows only, and the edge block row taken by a generic loop), reuses
+  each block row it loads for 4 (8) batch rows and walks all kept blocks of a block row before
+  storing. Batch rows left over (batch 1) use 4 accumulators over k to hide the FMA latency.
+  About 90 GFLOP/s on one core of the Zen 4 (AVX-512) machine it was tuned on, near its FMA peak.
+* ``"dot"`` (short wide blocks, e.g. the 1x32 blocks of W^T when W has 32x1 blocks): ``data[p]``
+  is the block as is, (bh, bw); 4 batch rows at a time, 32-wide blocks accumulate elementwise in a
+  register tile summed once per output. The batch-row groups are the outer loop (their rows of X
+  stay in cache while the blocks stream by). About half the speed of the axpy kernel.
 
-Backward needs products with W^T: they use the layout of W^T (blocks (bw, bh), the keep mask
-transposed), gathered from the same dense parameter. The weight gradients are computed only for the
-kept blocks, as small (bh x bw) GEMMs reduced over all B*T rows, then scattered into a zero dense
-tensor. Parameters stay dense-shaped (``weight_ih_l0`` ...); each call gathers the kept blocks
-(about 20% of the weights at 80% sparsity), so optimizers, priors and masks work unchanged, and
-values in pruned blocks are ignored (their gradient is exactly zero).
+Backward needs products with W^T: they use the layout of W^T (blocks (bw, bh), keep transposed),
+gathered from the same dense parameter. The weight gradients are computed only for the kept blocks,
+each a (bh x bw) block of dY^T X reduced over all B*T rows, as inner products of the contiguous rows
+of dY^T and X^T (copied transposed first) in 4x4 tiles of accumulators; they are then scattered into
+a zero dense tensor. Parameters stay dense-shaped (``weight_ih_l0`` ...); each call gathers the kept
+blocks (about 20% of the weights at 80% sparsity, well under a millisecond at hidden 650), so
+optimizers, priors and masks work unchanged; values in pruned blocks are ignored and get exactly
+zero gradient. Nonlinearities: ``tanh`` is a clamped rational approximation (|error| < 4e-7,
+arithmetic only, so the gate loops vectorise; numba has no vector ``exp`` without SVML) and
+``sigmoid(x) = (1 + tanh(x / 2)) / 2``; both are stable for any input. Kernels are compiled with
+``error_model="numpy"``: with numba's default python error model a float division carries a
+zero-divisor check that stops vectorisation.
 
-Threads. The numba kernels use ``numba.set_num_threads`` (``prange`` over block rows for the batched
-products and the weight gradient; the per-step recurrent product runs on the calling thread unless
-``parallel_step=True``, which measured slower at batch 20 on 2 shared cores). torch's own threads
-(``torch.set_num_threads``) only matter for the dense executor and the small glue ops.
+Threads. The batched products (input projection, dx) and the weight gradient run ``prange`` loops
+(over block rows, batch-row groups for the dot layout, kept blocks for the gradient) on
+``numba.get_num_threads()`` threads (``numba.set_num_threads``); the per-step recurrent product and
+the gate math run on the calling thread (a parallel step costs a thread launch per step, and on a
+2-core machine shared with another job it was 10-40x slower). torch's threads
+(``torch.set_num_threads``) only matter for the dense executor and the small glue ops (transposes).
 :func:`choose_executor` times the candidates for a shape and thread count and caches the winner.
 
-Limits. CPU float32 only: other dtypes/devices raise ``ValueError`` (use ``nn.LSTM`` with masked
-weights there, e.g. ``executor="dense"`` on a float32 CPU tensor, or plain ``nn.LSTM`` on GPU).
-Single layer, unidirectional, batch_first, no dropout, no projections. Slow cases: blocks shorter than
-8 rows use the dot kernel (the transposed products of 32x1 blocks, about half the speed of the
-32x32 kernel); odd block sizes other than 16 / 32 rows run a generic loop whose accumulator lives in
-memory (roughly 1/3 of the 32x32 speed). The first call of each kernel compiles it (cached on disk
-with ``cache=True``; a fresh cache costs several seconds).
+Limits. CPU float32 only: other dtypes / devices raise ``ValueError`` with ``executor="numba"``;
+``executor="auto"`` falls back to the masked dense ``torch._VF.lstm`` there (on GPU that is cuDNN
+with the pruned weights zeroed, i.e. no speed-up from sparsity). Single layer, unidirectional,
+batch_first, biases, no dropout, no projections, first-order gradients only. Slow cases: odd block
+heights other than 16 / 32 run a generic loop with the accumulator in memory (roughly 1/3 of the
+32-row speed); the dot layout (transposed products of 32x1 blocks) about 1/2; the edge block row of
+a non-multiple R runs the generic loop. Each kernel is compiled on first use and cached on disk
+(``cache=True``): with an empty cache the first call costs about 30 s of compilation.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Optional
 
 import numba
@@ -105,146 +121,152 @@ def _sigmoid(x):
 # Y[:, :R] (=|+=) X[:, :C] @ W^T (+ bias) for one block row I. data[p] (axpy) = block^T (bw, bh).
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
-    # full block rows only (r0 + 32 <= R): every access to the accumulators has a constant index
+def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
+    """Block rows I0..I1-1 (full ones) of Y = X @ W^T: Y[:, I*32:(I+1)*32], or Y[:, :32] of a
+    scratch tile when ``scratch``. Every access to the accumulators has a constant index, so they
+    live in registers."""
     M = X.shape[0]
-    r0 = I * 32
-    p0 = rowptr[I]
-    p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (4, 32))
     acc1 = numba.carray(_stack_f32(128), (4, 32))
-    m0 = 0
-    while m0 + 4 <= M:
-        for a in range(4):
-            for j in range(32):
-                acc[a, j] = 0.0
-        if bw == 1:  # 32x1-like blocks: no k loop
-            for p in range(p0, p1):
-                c = cols[p]
-                x0 = X[m0, c]
-                x1 = X[m0 + 1, c]
-                x2 = X[m0 + 2, c]
-                x3 = X[m0 + 3, c]
+    for I in range(I0, I1):
+        r0 = I * 32
+        yc = 0 if scratch else r0
+        p0 = rowptr[I]
+        p1 = rowptr[I + 1]
+        m0 = 0
+        while m0 + 4 <= M:
+            for a in range(4):
                 for j in range(32):
-                    w = data[p, 0, j]
-                    acc[0, j] += x0 * w
-                    acc[1, j] += x1 * w
-                    acc[2, j] += x2 * w
-                    acc[3, j] += x3 * w
-        else:
-            for p in range(p0, p1):
-                c0 = cols[p] * bw
-                cn = min(bw, C - c0)
-                for k in range(cn):
-                    x0 = X[m0, c0 + k]
-                    x1 = X[m0 + 1, c0 + k]
-                    x2 = X[m0 + 2, c0 + k]
-                    x3 = X[m0 + 3, c0 + k]
+                    acc[a, j] = 0.0
+            if bw == 1:  # 32x1-like blocks: no k loop
+                for p in range(p0, p1):
+                    c = cols[p]
+                    x0 = X[m0, c]
+                    x1 = X[m0 + 1, c]
+                    x2 = X[m0 + 2, c]
+                    x3 = X[m0 + 3, c]
                     for j in range(32):
-                        w = data[p, k, j]
+                        w = data[p, 0, j]
                         acc[0, j] += x0 * w
                         acc[1, j] += x1 * w
                         acc[2, j] += x2 * w
                         acc[3, j] += x3 * w
-        if mode_init == 1:
+            else:
+                for p in range(p0, p1):
+                    c0 = cols[p] * bw
+                    cn = min(bw, C - c0)
+                    for k in range(cn):
+                        x0 = X[m0, c0 + k]
+                        x1 = X[m0 + 1, c0 + k]
+                        x2 = X[m0 + 2, c0 + k]
+                        x3 = X[m0 + 3, c0 + k]
+                        for j in range(32):
+                            w = data[p, k, j]
+                            acc[0, j] += x0 * w
+                            acc[1, j] += x1 * w
+                            acc[2, j] += x2 * w
+                            acc[3, j] += x3 * w
+            if mode_init == 1:
+                for a in range(4):
+                    for j in range(32):
+                        Y[m0 + a, yc + j] += acc[a, j]
+            elif mode_init == 2:
+                for a in range(4):
+                    for j in range(32):
+                        Y[m0 + a, yc + j] = acc[a, j] + bias[r0 + j]
+            else:
+                for a in range(4):
+                    for j in range(32):
+                        Y[m0 + a, yc + j] = acc[a, j]
+            m0 += 4
+        while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
             for a in range(4):
                 for j in range(32):
-                    Y[m0 + a, r0 + j] += acc[a, j]
-        elif mode_init == 2:
-            for a in range(4):
+                    acc1[a, j] = 0.0
+            if bw == 1:  # 4 blocks at a time into the 4 accumulators
+                p = p0
+                while p + 4 <= p1:
+                    x0 = X[m0, cols[p]]
+                    x1 = X[m0, cols[p + 1]]
+                    x2 = X[m0, cols[p + 2]]
+                    x3 = X[m0, cols[p + 3]]
+                    for j in range(32):
+                        acc1[0, j] += x0 * data[p, 0, j]
+                        acc1[1, j] += x1 * data[p + 1, 0, j]
+                        acc1[2, j] += x2 * data[p + 2, 0, j]
+                        acc1[3, j] += x3 * data[p + 3, 0, j]
+                    p += 4
+                while p < p1:
+                    x0 = X[m0, cols[p]]
+                    for j in range(32):
+                        acc1[0, j] += x0 * data[p, 0, j]
+                    p += 1
+                p0e = p1  # nothing left for the general loop
+            else:
+                p0e = p0
+            for p in range(p0e, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                k = 0
+                while k + 4 <= cn:
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0, c0 + k + 1]
+                    x2 = X[m0, c0 + k + 2]
+                    x3 = X[m0, c0 + k + 3]
+                    for j in range(32):
+                        acc1[0, j] += x0 * data[p, k, j]
+                        acc1[1, j] += x1 * data[p, k + 1, j]
+                        acc1[2, j] += x2 * data[p, k + 2, j]
+                        acc1[3, j] += x3 * data[p, k + 3, j]
+                    k += 4
+                while k < cn:
+                    x0 = X[m0, c0 + k]
+                    for j in range(32):
+                        acc1[0, j] += x0 * data[p, k, j]
+                    k += 1
+            if mode_init == 1:
                 for j in range(32):
-                    Y[m0 + a, r0 + j] = acc[a, j] + bias[r0 + j]
-        else:
-            for a in range(4):
+                    Y[m0, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+            elif mode_init == 2:
                 for j in range(32):
-                    Y[m0 + a, r0 + j] = acc[a, j]
-        m0 += 4
-    while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
-        for a in range(4):
-            for j in range(32):
-                acc1[a, j] = 0.0
-        for p in range(p0, p1):
-            c0 = cols[p] * bw
-            cn = min(bw, C - c0)
-            k = 0
-            while k + 4 <= cn:
-                x0 = X[m0, c0 + k]
-                x1 = X[m0, c0 + k + 1]
-                x2 = X[m0, c0 + k + 2]
-                x3 = X[m0, c0 + k + 3]
+                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
+            else:
                 for j in range(32):
-                    acc1[0, j] += x0 * data[p, k, j]
-                    acc1[1, j] += x1 * data[p, k + 1, j]
-                    acc1[2, j] += x2 * data[p, k + 2, j]
-                    acc1[3, j] += x3 * data[p, k + 3, j]
-                k += 4
-            while k < cn:
-                x0 = X[m0, c0 + k]
-                for j in range(32):
-                    acc1[0, j] += x0 * data[p, k, j]
-                k += 1
-        if mode_init == 1:
-            for j in range(32):
-                Y[m0, r0 + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
-        elif mode_init == 2:
-            for j in range(32):
-                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
-        else:
-            for j in range(32):
-                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
-        m0 += 1
+                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+            m0 += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
-    # full block rows only (r0 + 16 <= R): every access to the accumulators has a constant index
+def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
+    """Block rows I0..I1-1 (full ones) of Y = X @ W^T: Y[:, I*16:(I+1)*16], or Y[:, :16] of a
+    scratch tile when ``scratch``. Every access to the accumulators has a constant index, so they
+    live in registers."""
     M = X.shape[0]
-    r0 = I * 16
-    p0 = rowptr[I]
-    p1 = rowptr[I + 1]
     acc = numba.carray(_stack_f32(128), (8, 16))
     acc1 = numba.carray(_stack_f32(64), (4, 16))
-    m0 = 0
-    while m0 + 8 <= M:
-        for a in range(8):
-            for j in range(16):
-                acc[a, j] = 0.0
-        if bw == 1:  # 32x1-like blocks: no k loop
-            for p in range(p0, p1):
-                c = cols[p]
-                x0 = X[m0, c]
-                x1 = X[m0 + 1, c]
-                x2 = X[m0 + 2, c]
-                x3 = X[m0 + 3, c]
-                x4 = X[m0 + 4, c]
-                x5 = X[m0 + 5, c]
-                x6 = X[m0 + 6, c]
-                x7 = X[m0 + 7, c]
+    for I in range(I0, I1):
+        r0 = I * 16
+        yc = 0 if scratch else r0
+        p0 = rowptr[I]
+        p1 = rowptr[I + 1]
+        m0 = 0
+        while m0 + 8 <= M:
+            for a in range(8):
                 for j in range(16):
-                    w = data[p, 0, j]
-                    acc[0, j] += x0 * w
-                    acc[1, j] += x1 * w
-                    acc[2, j] += x2 * w
-                    acc[3, j] += x3 * w
-                    acc[4, j] += x4 * w
-                    acc[5, j] += x5 * w
-                    acc[6, j] += x6 * w
-                    acc[7, j] += x7 * w
-        else:
-            for p in range(p0, p1):
-                c0 = cols[p] * bw
-                cn = min(bw, C - c0)
-                for k in range(cn):
-                    x0 = X[m0, c0 + k]
-                    x1 = X[m0 + 1, c0 + k]
-                    x2 = X[m0 + 2, c0 + k]
-                    x3 = X[m0 + 3, c0 + k]
-                    x4 = X[m0 + 4, c0 + k]
-                    x5 = X[m0 + 5, c0 + k]
-                    x6 = X[m0 + 6, c0 + k]
-                    x7 = X[m0 + 7, c0 + k]
+                    acc[a, j] = 0.0
+            if bw == 1:  # 32x1-like blocks: no k loop
+                for p in range(p0, p1):
+                    c = cols[p]
+                    x0 = X[m0, c]
+                    x1 = X[m0 + 1, c]
+                    x2 = X[m0 + 2, c]
+                    x3 = X[m0 + 3, c]
+                    x4 = X[m0 + 4, c]
+                    x5 = X[m0 + 5, c]
+                    x6 = X[m0 + 6, c]
+                    x7 = X[m0 + 7, c]
                     for j in range(16):
-                        w = data[p, k, j]
+                        w = data[p, 0, j]
                         acc[0, j] += x0 * w
                         acc[1, j] += x1 * w
                         acc[2, j] += x2 * w
@@ -253,53 +275,97 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I):
                         acc[5, j] += x5 * w
                         acc[6, j] += x6 * w
                         acc[7, j] += x7 * w
-        if mode_init == 1:
-            for a in range(8):
+            else:
+                for p in range(p0, p1):
+                    c0 = cols[p] * bw
+                    cn = min(bw, C - c0)
+                    for k in range(cn):
+                        x0 = X[m0, c0 + k]
+                        x1 = X[m0 + 1, c0 + k]
+                        x2 = X[m0 + 2, c0 + k]
+                        x3 = X[m0 + 3, c0 + k]
+                        x4 = X[m0 + 4, c0 + k]
+                        x5 = X[m0 + 5, c0 + k]
+                        x6 = X[m0 + 6, c0 + k]
+                        x7 = X[m0 + 7, c0 + k]
+                        for j in range(16):
+                            w = data[p, k, j]
+                            acc[0, j] += x0 * w
+                            acc[1, j] += x1 * w
+                            acc[2, j] += x2 * w
+                            acc[3, j] += x3 * w
+                            acc[4, j] += x4 * w
+                            acc[5, j] += x5 * w
+                            acc[6, j] += x6 * w
+                            acc[7, j] += x7 * w
+            if mode_init == 1:
+                for a in range(8):
+                    for j in range(16):
+                        Y[m0 + a, yc + j] += acc[a, j]
+            elif mode_init == 2:
+                for a in range(8):
+                    for j in range(16):
+                        Y[m0 + a, yc + j] = acc[a, j] + bias[r0 + j]
+            else:
+                for a in range(8):
+                    for j in range(16):
+                        Y[m0 + a, yc + j] = acc[a, j]
+            m0 += 8
+        while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
+            for a in range(4):
                 for j in range(16):
-                    Y[m0 + a, r0 + j] += acc[a, j]
-        elif mode_init == 2:
-            for a in range(8):
+                    acc1[a, j] = 0.0
+            if bw == 1:  # 4 blocks at a time into the 4 accumulators
+                p = p0
+                while p + 4 <= p1:
+                    x0 = X[m0, cols[p]]
+                    x1 = X[m0, cols[p + 1]]
+                    x2 = X[m0, cols[p + 2]]
+                    x3 = X[m0, cols[p + 3]]
+                    for j in range(16):
+                        acc1[0, j] += x0 * data[p, 0, j]
+                        acc1[1, j] += x1 * data[p + 1, 0, j]
+                        acc1[2, j] += x2 * data[p + 2, 0, j]
+                        acc1[3, j] += x3 * data[p + 3, 0, j]
+                    p += 4
+                while p < p1:
+                    x0 = X[m0, cols[p]]
+                    for j in range(16):
+                        acc1[0, j] += x0 * data[p, 0, j]
+                    p += 1
+                p0e = p1  # nothing left for the general loop
+            else:
+                p0e = p0
+            for p in range(p0e, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                k = 0
+                while k + 4 <= cn:
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0, c0 + k + 1]
+                    x2 = X[m0, c0 + k + 2]
+                    x3 = X[m0, c0 + k + 3]
+                    for j in range(16):
+                        acc1[0, j] += x0 * data[p, k, j]
+                        acc1[1, j] += x1 * data[p, k + 1, j]
+                        acc1[2, j] += x2 * data[p, k + 2, j]
+                        acc1[3, j] += x3 * data[p, k + 3, j]
+                    k += 4
+                while k < cn:
+                    x0 = X[m0, c0 + k]
+                    for j in range(16):
+                        acc1[0, j] += x0 * data[p, k, j]
+                    k += 1
+            if mode_init == 1:
                 for j in range(16):
-                    Y[m0 + a, r0 + j] = acc[a, j] + bias[r0 + j]
-        else:
-            for a in range(8):
+                    Y[m0, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+            elif mode_init == 2:
                 for j in range(16):
-                    Y[m0 + a, r0 + j] = acc[a, j]
-        m0 += 8
-    while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
-        for a in range(4):
-            for j in range(16):
-                acc1[a, j] = 0.0
-        for p in range(p0, p1):
-            c0 = cols[p] * bw
-            cn = min(bw, C - c0)
-            k = 0
-            while k + 4 <= cn:
-                x0 = X[m0, c0 + k]
-                x1 = X[m0, c0 + k + 1]
-                x2 = X[m0, c0 + k + 2]
-                x3 = X[m0, c0 + k + 3]
+                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
+            else:
                 for j in range(16):
-                    acc1[0, j] += x0 * data[p, k, j]
-                    acc1[1, j] += x1 * data[p, k + 1, j]
-                    acc1[2, j] += x2 * data[p, k + 2, j]
-                    acc1[3, j] += x3 * data[p, k + 3, j]
-                k += 4
-            while k < cn:
-                x0 = X[m0, c0 + k]
-                for j in range(16):
-                    acc1[0, j] += x0 * data[p, k, j]
-                k += 1
-        if mode_init == 1:
-            for j in range(16):
-                Y[m0, r0 + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
-        elif mode_init == 2:
-            for j in range(16):
-                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
-        else:
-            for j in range(16):
-                Y[m0, r0 + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
-        m0 += 1
+                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+            m0 += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -347,12 +413,18 @@ def _dot_rows4(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, m0):
             for p in range(rowptr[I], rowptr[I + 1]):
                 c0 = cols[p] * bw
                 if bw == 32 and c0 + 32 <= C:
+                    # slices: indices known non-negative inside, so the loop vectorises
+                    x0 = X[m0, c0:c0 + 32]
+                    x1 = X[m0 + 1, c0:c0 + 32]
+                    x2 = X[m0 + 2, c0:c0 + 32]
+                    x3 = X[m0 + 3, c0:c0 + 32]
+                    ws = data[p, j]
                     for k in range(32):
-                        w = data[p, j, k]
-                        acc[0, k] += X[m0, c0 + k] * w
-                        acc[1, k] += X[m0 + 1, c0 + k] * w
-                        acc[2, k] += X[m0 + 2, c0 + k] * w
-                        acc[3, k] += X[m0 + 3, c0 + k] * w
+                        w = ws[k]
+                        acc[0, k] += x0[k] * w
+                        acc[1, k] += x1[k] * w
+                        acc[2, k] += x2[k] * w
+                        acc[3, k] += x3[k] * w
                 else:
                     cn = min(bw, C - c0)
                     for k in range(cn):
@@ -414,13 +486,46 @@ def _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
-    if bh == 32 and (I + 1) * 32 <= R:
-        _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I)
-    elif bh == 16 and (I + 1) * 16 <= R:
-        _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, bias, mode_init, I)
+def _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
+    """The register kernel for bh = 32 or 16 (one call site each, so that LLVM compiles them once)."""
+    if bh == 32:
+        _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1)
     else:
-        _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
+        _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1):
+    """Block rows I0..I1-1 of Y = X @ W^T. A block row cut by R (the edge) must come alone
+    (I1 = I0 + 1): the register kernel then runs on a zero-padded scratch tile and the valid part
+    is copied out. Each kernel has ONE call site: numba links and re-optimises callees per entry
+    point, and more call sites multiplied the compile time."""
+    if bh == 32 or bh == 16:
+        r0 = I0 * bh
+        edge = I1 * bh > R
+        M = X.shape[0]
+        rn = min(bh, R - r0)
+        if edge:
+            S = np.zeros((M, bh), np.float32)
+            for m in range(M):
+                for j in range(rn):
+                    if mode_init == 1:
+                        S[m, j] = Y[m, r0 + j]
+                    elif mode_init == 2:
+                        S[m, j] = bias[r0 + j]
+            dst = S
+            mode = 1
+        else:
+            dst = Y
+            mode = mode_init
+        _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, dst, edge, bias, mode, I0, I1)
+        if edge:
+            for m in range(M):
+                for j in range(rn):
+                    Y[m, r0 + j] = dst[m, j]
+    else:
+        for I in range(I0, I1):
+            _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -429,8 +534,13 @@ def _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
         for g in range((X.shape[0] + 3) // 4):
             _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
         return
-    for I in range(rowptr.shape[0] - 1):
-        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
+    nbr = rowptr.shape[0] - 1
+    nfull = R // bh
+    for seg in range(2):  # the full block rows in one call (accumulators set up once), then the edge row
+        I0 = 0 if seg == 0 else nfull
+        I1 = nfull if seg == 0 else nbr
+        if I1 > I0:
+            _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
@@ -440,7 +550,7 @@ def _mm_parallel(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
             _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
         return
     for I in prange(rowptr.shape[0] - 1):
-        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
+        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I, I + 1)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -558,10 +668,102 @@ def _nt_block(P, Q, po, qo, pn, qn, out):
             out[a, v] = s0
 
 
+@njit(fastmath=True, error_model="numpy", cache=True)
+def _nt_bw1_4(P, Q, pa, r0, rn, qc0, qc1, qc2, qc3, out):
+    """Column blocks (bw = 1) pa..pa+3 of one block row: out[pa + v, a, 0] = P[r0 + a] . Q[qc_v],
+    in 4x4 tiles (4 rows of P against the 4 columns' rows of Q)."""
+    M = P.shape[1]
+    q0 = Q[qc0]
+    q1 = Q[qc1]
+    q2 = Q[qc2]
+    q3 = Q[qc3]
+    af = rn - rn % 4
+    for a0 in range(0, af, 4):
+        p0 = P[r0 + a0]
+        p1 = P[r0 + a0 + 1]
+        p2 = P[r0 + a0 + 2]
+        p3 = P[r0 + a0 + 3]
+        s00 = s01 = s02 = s03 = np.float32(0.0)
+        s10 = s11 = s12 = s13 = np.float32(0.0)
+        s20 = s21 = s22 = s23 = np.float32(0.0)
+        s30 = s31 = s32 = s33 = np.float32(0.0)
+        for m in range(M):
+            x0 = p0[m]
+            x1 = p1[m]
+            x2 = p2[m]
+            x3 = p3[m]
+            y0 = q0[m]
+            y1 = q1[m]
+            y2 = q2[m]
+            y3 = q3[m]
+            s00 += x0 * y0
+            s01 += x0 * y1
+            s02 += x0 * y2
+            s03 += x0 * y3
+            s10 += x1 * y0
+            s11 += x1 * y1
+            s12 += x1 * y2
+            s13 += x1 * y3
+            s20 += x2 * y0
+            s21 += x2 * y1
+            s22 += x2 * y2
+            s23 += x2 * y3
+            s30 += x3 * y0
+            s31 += x3 * y1
+            s32 += x3 * y2
+            s33 += x3 * y3
+        out[pa, a0, 0] = s00
+        out[pa + 1, a0, 0] = s01
+        out[pa + 2, a0, 0] = s02
+        out[pa + 3, a0, 0] = s03
+        out[pa, a0 + 1, 0] = s10
+        out[pa + 1, a0 + 1, 0] = s11
+        out[pa + 2, a0 + 1, 0] = s12
+        out[pa + 3, a0 + 1, 0] = s13
+        out[pa, a0 + 2, 0] = s20
+        out[pa + 1, a0 + 2, 0] = s21
+        out[pa + 2, a0 + 2, 0] = s22
+        out[pa + 3, a0 + 2, 0] = s23
+        out[pa, a0 + 3, 0] = s30
+        out[pa + 1, a0 + 3, 0] = s31
+        out[pa + 2, a0 + 3, 0] = s32
+        out[pa + 3, a0 + 3, 0] = s33
+    for a in range(af, out.shape[1]):
+        for v in range(4):
+            out[pa + v, a, 0] = 0.0
+    for a in range(af, rn):
+        pr = P[r0 + a]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for m in range(M):
+            x = pr[m]
+            s0 += x * q0[m]
+            s1 += x * q1[m]
+            s2 += x * q2[m]
+            s3 += x * q3[m]
+        out[pa, a, 0] = s0
+        out[pa + 1, a, 0] = s1
+        out[pa + 2, a, 0] = s2
+        out[pa + 3, a, 0] = s3
+
+
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def _grad_blocks(dYT, XT, rows, cols, bh, bw, R, C, out):
+def _grad_blocks(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out):
     """Kept-block gradient of Y = X @ W^T from the TRANSPOSED operands dYT (R, M), XT (C, M):
-    out[p] (bh, bw) = dY[:, block rows]^T @ X[:, block cols]."""
+    out[p] (bh, bw) = dY[:, block rows]^T @ X[:, block cols]. One-column blocks (bw = 1) are taken
+    4 at a time within a block row, so that the tiles stay 4x4."""
+    if bw == 1:
+        for I in prange(rowptr.shape[0] - 1):
+            r0 = I * bh
+            rn = min(bh, R - r0)
+            p = rowptr[I]
+            p1 = rowptr[I + 1]
+            while p + 4 <= p1:
+                _nt_bw1_4(dYT, XT, p, r0, rn, cols[p], cols[p + 1], cols[p + 2], cols[p + 3], out)
+                p += 4
+            while p < p1:
+                _nt_block(dYT, XT, r0, cols[p], rn, 1, out[p])
+                p += 1
+        return
     for p in prange(rows.shape[0]):
         r0 = rows[p] * bh
         c0 = cols[p] * bw
@@ -637,14 +839,14 @@ def _cell_fwd(a, cp, c, h, tc):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _lstm_fwd(G, Hall, Call, TC, rowptr, cols, data, bh, bw, dot, parallel):
+def _lstm_fwd(G, Hall, Call, TC, rowptr, cols, data, bh, bw, dot):
     """G (T, B, 4n): input projections (bias included), overwritten by the gate activations.
     Hall / Call (T+1, B, n): [0] holds h0 / c0, [t+1] gets h_t / c_t. TC (T, B, n) gets tanh(c_t)."""
     T = G.shape[0]
     n = Hall.shape[2]
     empty = np.empty(0, np.float32)
     for t in range(T):
-        _mm(Hall[t], rowptr, cols, data, bh, bw, 4 * n, n, G[t], empty, 1, dot, parallel)
+        _mm_serial(Hall[t], rowptr, cols, data, bh, bw, 4 * n, n, G[t], empty, 1, dot)
         _cell_fwd(G[t], Call[t], Call[t + 1], Hall[t + 1], TC[t])
 
 
@@ -668,7 +870,7 @@ def _cell_bwd(dHt, a, tc, cp, dh, dc, dg):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot, parallel):
+def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot):
     """dH (T, B, n) output gradients; dh / dc (B, n) hold dh_T / dc_T on entry, dh0 / dc0 on exit.
     dG (T, B, 4n) gets the pre-activation gradients. (rowptr, cols, data) is the layout of W_hh^T."""
     T = dH.shape[0]
@@ -676,7 +878,10 @@ def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot, para
     empty = np.empty(0, np.float32)
     for t in range(T - 1, -1, -1):
         _cell_bwd(dH[t], A[t], TC[t], Call[t], dh, dc, dG[t])
-        _mm(dG[t], rowptr, cols, data, bh, bw, n, 4 * n, dh, empty, 0, dot, parallel)
+        _mm_serial(dG[t], rowptr, cols, data, bh, bw, n, 4 * n, dh, empty, 0, dot)
+
+
+_EMPTY = np.empty(0, np.float32)
 
 
 # --------------------------------------------------------------------------------------------- Python API
@@ -746,9 +951,6 @@ def gather_blocks(lay: BlockLayout, W) -> np.ndarray:
     return data
 
 
-_EMPTY = np.empty(0, np.float32)
-
-
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
@@ -782,7 +984,7 @@ def _dense_grad(lay: BlockLayout, dYT: np.ndarray, XT: np.ndarray) -> Tensor:
     out = np.zeros((lay.R, lay.C), np.float32)
     if lay.nnzb:
         blocks = np.empty((lay.nnzb, lay.bh, lay.bw), np.float32)
-        _grad_blocks(dYT, XT, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, blocks)
+        _grad_blocks(dYT, XT, lay.rowptr, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, blocks)
         _scatter(blocks, lay.rows, lay.cols, lay.bh, lay.bw, False, out)
     return torch.from_numpy(out)
 
@@ -790,13 +992,11 @@ def _dense_grad(lay: BlockLayout, dYT: np.ndarray, XT: np.ndarray) -> Tensor:
 class _Plan:
     """Layouts of W_ih, W_hh and their transposes for one keep pattern."""
 
-    def __init__(self, keep_ih: Tensor, keep_hh: Tensor, input_size: int, hidden: int, block,
-                 parallel_step: bool = False):
+    def __init__(self, keep_ih: Tensor, keep_hh: Tensor, input_size: int, hidden: int, block):
         self.ih = BlockLayout(keep_ih, (4 * hidden, input_size), block)
         self.hh = BlockLayout(keep_hh, (4 * hidden, hidden), block)
         self.ih_t = self.ih.transposed(keep_ih)
         self.hh_t = self.hh.transposed(keep_hh)
-        self.parallel_step = parallel_step
 
 
 def _check(*tensors):
@@ -831,8 +1031,7 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         Hall[0] = h0.detach().numpy()
         Call[0] = c0.detach().numpy()
         d_hh = gather_blocks(plan.hh, w_hh)
-        _lstm_fwd(G, Hall, Call, TC, plan.hh.rowptr, plan.hh.cols, d_hh, plan.hh.bh, plan.hh.bw,
-                  plan.hh.dot, par and plan.parallel_step)
+        _lstm_fwd(G, Hall, Call, TC, plan.hh.rowptr, plan.hh.cols, d_hh, plan.hh.bh, plan.hh.bw, plan.hh.dot)
         Ht = torch.from_numpy(Hall)
         out = Ht[1:].transpose(0, 1).contiguous()
         h_n = Ht[T].clone()
@@ -859,8 +1058,7 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         dG = np.empty((T, B, 4 * n), np.float32)
         lt = plan.hh_t
         d_hh_t = gather_blocks(lt, w_hh.detach().t())
-        _lstm_bwd(dH, A, Call, TC, dG, dh, dc, lt.rowptr, lt.cols, d_hh_t, lt.bh, lt.bw, lt.dot,
-                  par and plan.parallel_step)
+        _lstm_bwd(dH, A, Call, TC, dG, dh, dc, lt.rowptr, lt.cols, d_hh_t, lt.bh, lt.bw, lt.dot)
         dGm = dG.reshape(T * B, 4 * n)
         need = ctx.needs_input_grad
         dx = dw_ih = dw_hh = db = None
@@ -904,8 +1102,10 @@ def _bsr_inference(x, hx, w_ih, w_hh, b_ih, b_hh, block):
         P[:R, :C] = W
         return P.to_sparse_bsr((b, b)), P.shape
 
-    s_ih, (_, ci) = bsr(w_ih)
-    s_hh, (_, ch) = bsr(w_hh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "BSR support is in beta state"
+        s_ih, (_, ci) = bsr(w_ih)
+        s_hh, (_, ch) = bsr(w_hh)
     xp = x.new_zeros(B * T, ci)
     xp[:, :I] = x.reshape(B * T, I)
     G = (s_ih @ xp.t()).t()[:, :4 * n].reshape(B, T, 4 * n) + (b_ih + b_hh)
@@ -979,14 +1179,13 @@ class BlockSparseLSTM(nn.Module):
     and thread count, cached; CPU float32 only, elsewhere ``"dense"``)."""
 
     def __init__(self, input_size: int, hidden_size: int, block=(32, 32), keep_ih: Optional[Tensor] = None,
-                 keep_hh: Optional[Tensor] = None, executor: str = "auto", parallel_step: bool = False):
+                 keep_hh: Optional[Tensor] = None, executor: str = "auto"):
         super().__init__()
         if executor not in ("auto", "numba", "dense", "bsr"):
             raise ValueError(f"executor must be auto, numba, dense or bsr, got {executor!r}")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.block = _pair(block)
         self.executor = executor
-        self.parallel_step = parallel_step
         n, bh, bw = hidden_size, *self.block
         k = 1.0 / math.sqrt(hidden_size)
         self.weight_ih_l0 = nn.Parameter(torch.empty(4 * n, input_size).uniform_(-k, k))
@@ -1021,11 +1220,9 @@ class BlockSparseLSTM(nn.Module):
         return m.to(lstm.weight_ih_l0.device)
 
     def plan(self) -> _Plan:
-        key = (self.keep_ih.data_ptr(), self.keep_hh.data_ptr(), self.keep_ih._version, self.keep_hh._version,
-               self.parallel_step)
+        key = (self.keep_ih.data_ptr(), self.keep_hh.data_ptr(), self.keep_ih._version, self.keep_hh._version)
         if self._plan is None or key != self._plan_key:
-            self._plan = _Plan(self.keep_ih, self.keep_hh, self.input_size, self.hidden_size, self.block,
-                               self.parallel_step)
+            self._plan = _Plan(self.keep_ih, self.keep_hh, self.input_size, self.hidden_size, self.block)
             self._plan_key = key
         return self._plan
 

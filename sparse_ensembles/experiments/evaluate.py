@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from .. import checkpoint
 from .config import Config, ConfigError
-from .stages import Context, build_stages
+from .stages import Context, build_stages, build_task, resolve_device
 
 
 def _cached(out: Path, name: str) -> Optional[dict]:
@@ -34,7 +34,6 @@ def evaluate_run(out: Path, cfg: Config, task=None, log: Callable[[str], None] =
     ``only``: stage-name patterns (as ``run --only``); the rows of other stages are taken from
     their last evaluation (``metrics/``) instead of being recomputed, and left out if they have none."""
     import torch
-    from .pipeline import build_task, resolve_device
     from .plots import slug, write_plots  # matplotlib only when needed
 
     out = Path(out)

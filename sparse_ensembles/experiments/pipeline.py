@@ -37,32 +37,8 @@ from typing import Callable, Optional
 import torch
 
 from .. import checkpoint
-from ..data import DataError
-from ..tasks import task_class
-from .config import Config, ConfigError, changed_keys, from_dict, to_toml
-from .stages import Context, build_stages
-
-
-class RunDirError(RuntimeError):
-    """The output directory cannot be used as asked."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"experiment.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
-    return device
-
-
-def build_task(cfg: Config, device: torch.device):
-    try:
-        return task_class(cfg.kinds["task"]).from_config(cfg.task, device)
-    except ValueError as e:
-        if isinstance(e, DataError):
-            raise
-        raise ConfigError(str(e)) from None
+from .config import Config, ConfigError, changed_keys, to_toml
+from .stages import Context, RunDirError, build_stages, build_task, resolve_device, run_config  # noqa: F401 (re-exported)
 
 
 def check_model(ctx: Context, where: str = "model") -> None:
@@ -156,14 +132,3 @@ class Pipeline:
         from .evaluate import evaluate_run
         # with --only, the other stages' rows come from their last evaluation (metrics/)
         return evaluate_run(self.out, self.cfg, ctx.task, log=self.log, only=self.only)
-
-
-def run_config(run_dir: Path) -> Config:
-    """The config a run directory was last run with."""
-    import tomllib
-
-    for name in ("config.current.toml", "config.toml"):
-        f = Path(run_dir) / name
-        if f.exists():
-            return from_dict(tomllib.loads(f.read_text()))
-    raise RunDirError(f"{run_dir} holds no config.toml: not a run directory")

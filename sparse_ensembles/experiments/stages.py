@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import tomllib
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint, pruning
+from ..data import DataError
 from ..models import model_class
 from ..priors import BlockLasso, Gaussian, GroupLasso, Prior, Sum
-from ..samplers import SGHMC, SGLD, Cyclical
-from ..structure import norms
-from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from ..priors.spike_slab import SpikeSlabGL
+from ..samplers import SGHMC, SGLD, Cyclical
 from ..samplers.schedules import MultiStep, Polynomial, StepDecay
+from ..structure import norms
+from ..tasks import task_class
+from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from . import plots
-from .config import Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig
+from .config import (Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig,
+                     from_dict)
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -40,6 +44,37 @@ def derive_seed(seed: int, *keys) -> int:
     NumPy's ``SeedSequence`` (fixed offsets such as ``seed * 1000 + k`` collide for large counts)."""
     words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+class RunDirError(RuntimeError):
+    """The output directory cannot be used as asked."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"experiment.device = {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    return device
+
+
+def build_task(cfg: Config, device: torch.device):
+    try:
+        return task_class(cfg.kinds["task"]).from_config(cfg.task, device)
+    except ValueError as e:
+        if isinstance(e, DataError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def run_config(run_dir: Path) -> Config:
+    """The config a run directory was last run with."""
+    for name in ("config.current.toml", "config.toml"):
+        f = Path(run_dir) / name
+        if f.exists():
+            return from_dict(tomllib.loads(f.read_text()))
+    raise RunDirError(f"{run_dir} holds no config.toml: not a run directory")
 
 
 @dataclass
@@ -508,7 +543,6 @@ class Distill:
             self._teacher(out)
 
     def _teacher(self, out: Path) -> tuple[str, list[Path]]:
-        from ..distill import member_files
         if self.self_teacher:
             return "self", [out / "sgd" / "member_000.pt"]
         if not (self.teacher_run / "config.toml").exists() and not (self.teacher_run / "config.current.toml").exists():
@@ -618,3 +652,31 @@ def build_stages(cfg: Config) -> list:
         stages.append(student)
         stages += [PruneRetrain(cfg, student, s, variant="distill") for s in cfg.distill.sparsities]
     return stages
+
+
+def row_name(row) -> str:
+    """A run row's name as in ``results.json`` (``evaluate.py``): "SGLD+GSP+PR 90%", "SGD x1"."""
+    return row.method if "+PR" in row.method else f"{row.method} x{len(row.files)}"
+
+
+def run_rows(run_dir) -> dict[str, list[Path]]:
+    """``{row name: member files}`` of a run directory, in table order."""
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    rows: dict[str, list[Path]] = {}
+    for stage in build_stages(cfg):
+        for row in stage.rows(run_dir):
+            rows.setdefault(row_name(row), list(row.files))
+    return rows
+
+
+def member_files(run_dir, row: Optional[str] = None) -> tuple[str, list[Path]]:
+    """(name, files) of the row called ``row`` (default: the last row of the table)."""
+    rows = run_rows(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no finished rows (no member files yet)")
+    if row is None:
+        row = list(rows)[-1]
+    if row not in rows:
+        raise ValueError(f"row {row!r} not found in {run_dir}; available rows: {list(rows)}")
+    return row, rows[row]
