@@ -135,3 +135,11 @@ def test_mlp_block_grouping_tiles_every_weight_matrix_once_with_smaller_edge_blo
         torch.testing.assert_close(fam.sq_norms(params).sum(), w.detach().pow(2).sum())
     assert [f.grid for f in fams] == [(3, 2), (1, 2)]  # 20x30 in 8x16 blocks; 7x20 (block clipped to 7 rows)
     assert MLP.from_spec(model.spec()).block == [8, 16]
+
+
+def test_an_unknown_sgd_grouping_is_a_config_error_before_any_training(tmp_path, capsys):
+    need_data("ptb")
+    out = tmp_path / "bad"
+    assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress", "--set", "sgd.grouping=blocks"]) != 0
+    assert "sgd.grouping" in capsys.readouterr().err
+    assert not (out / "sgd").exists() or not list((out / "sgd").glob("member_*.pt"))

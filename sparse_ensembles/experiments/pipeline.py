@@ -55,6 +55,10 @@ def check_model(ctx: Context, where: str = "model") -> None:
     if grouping and grouping not in getattr(model, "groupings", ()):
         raise ConfigError(f"prior.grouping: {ctx.cfg.kinds['model']} has groupings {list(getattr(model, 'groupings', ()))}, "
                           f"not {grouping!r}")
+    sgd = ctx.cfg.sgd
+    if (sgd.lasso > 0 or sgd.prune != "none") and sgd.grouping and sgd.grouping not in getattr(model, "groupings", ()):
+        raise ConfigError(f"sgd.grouping: {ctx.cfg.kinds['model']} has groupings {list(getattr(model, 'groupings', ()))}, "
+                          f"not {sgd.grouping!r}")
     from .config import SSGLConfig
     from .stages import ssgl_names
     if isinstance(ctx.cfg.prior, SSGLConfig):
