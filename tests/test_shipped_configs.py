@@ -7,6 +7,7 @@ import pytest
 from sparse_ensembles.experiments import config as config_mod
 from sparse_ensembles.experiments.config import SSGLConfig
 from sparse_ensembles.experiments.stages import build_stages, ssgl_names
+from sparse_ensembles.samplers import from_summed_loss
 from sparse_ensembles.models import model_class
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
@@ -33,7 +34,11 @@ def test_resnet20_configs_cover_every_conv_but_the_stem_and_have_the_four_method
         cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
         table = {f"{m}_{s}" for m in ("sa_anneal", "sa", "em", "plain") for s in (30, 50, 70, 90)}
         assert table <= set(cfg.variants)
-        assert all(cfg.variant(n).prune.target == 0.9 for n in set(cfg.variants) - table)  # extra chains: 90% only
+        authors_plain = {f"ssgl_plain_{s}" for s in (30, 50, 70, 90)} & set(cfg.variants)
+        assert all(cfg.variant(n).prune.target == 0.9 for n in set(cfg.variants) - table - authors_plain)  # extra: 90%
+        for n in authors_plain:  # the authors' SGHMC row: the SSGL loss with frozen kappas
+            p = cfg.variant(n).prior
+            assert p.omega == 0.0 and (p.kappa0, p.kappa1) == (5e-4, 5e-4)
         v = cfg.variant("sa_anneal_90")
         model = model_class("resnet20").from_config(v.model, DIMS[cfg.task.dataset])
         covered = ssgl_names(v.prior, model)
@@ -41,6 +46,16 @@ def test_resnet20_configs_cover_every_conv_but_the_stem_and_have_the_four_method
         assert covered == convs[1:] and v.prune.target == 0.9 and (v.prior.v0, v.prior.v1) == (0.005, 1e-5)
         assert cfg.variant("plain_90").kinds["prior"] == "gaussian" and cfg.variant("em_30").prior.omega == 1.0
         assert all(cfg.variant(n).prune.names == ["blocks.*.conv*.weight"] for n in cfg.variants)  # same layers pruned
+
+
+def test_cifar10_resnet20_config_holds_the_authors_step_in_our_units():
+    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / "cifar10_resnet20_sa.toml")
+    s = from_summed_loss(2e-9, 50_000, batch_size=1000, inverse_temperature=1000, epochs=1000, lr_milestones=(700, 900))
+    c = cfg.variant("sa_anneal_90").sampler
+    assert c.lr == pytest.approx(s.lr) and c.num_data == s.num_data and c.temperature == pytest.approx(s.temperature)
+    assert c.schedule == "step" and c.milestone_unit == "fraction" and c.lr_milestones == [0.7, 0.9]
+    # 50,000 of the authors' steps = our epochs of 45,000 / 1000 = 45 steps
+    assert abs(c.epochs_per_chain * 45 - 50_000) < 45 and cfg.variant("sa_anneal_90").prior.sa_on == "sigma2"
 
 
 def test_cpu_resnet20_config_pruning_schedule_reaches_its_target_within_the_chain():
