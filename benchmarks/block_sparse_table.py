@@ -124,7 +124,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--train", action="store_true", help="run the missing rows first (resumable)")
-    ap.add_argument("--rows", default="grid,seed,sse", help="with --train: which rows (grid, seed, sse)")
+    ap.add_argument("--rows", default="grid,seed,sse",
+                    help="with --train: which rows (grid, seed = lasso + pre, lasso, pre, sse)")
     ap.add_argument("--lassos", default="1e-6,1e-5,1e-4", help="the gradual row's Lasso grid")
     ap.add_argument("--tag", default="", help="suffix of every run and results label (a protocol variant)")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -147,12 +148,13 @@ def main():
         if "grid" in wanted:
             for l in lassos:
                 train(label("gradual", l), "ptb_lstm_block_gradual", args.set + [f"sgd.lasso={l}"])
-        if "seed" in wanted:
+        seed_rows = [r for r in ("lasso", "pre") if r in wanted or "seed" in wanted]
+        if seed_rows:
             grid = grid_results()
             if len(grid) < len(lassos):
                 sys.exit(f"the seed rows need the whole Lasso grid first (have {sorted(grid)} of {lassos})")
             best = min(grid, key=lambda l: grid[l]["ppl_valid"])
-            for row in ("lasso", "pre"):
+            for row in seed_rows:
                 train(label(row, best), f"ptb_lstm_block_{row}", args.set + [f"sgd.lasso={best}"])
         if "sse" in wanted:
             train(label("sse"), "ptb_lstm_block_sse", args.set + args.sse_set)

@@ -254,19 +254,20 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
             for a in range(8):
                 for j in range(16):
                     acc[a, j] = 0.0
-            if bw == 1:  # 32x1-like blocks: no k loop
-                for p in range(p0, p1):
-                    c = cols[p]
-                    x0 = X[m0, c]
-                    x1 = X[m0 + 1, c]
-                    x2 = X[m0 + 2, c]
-                    x3 = X[m0 + 3, c]
-                    x4 = X[m0 + 4, c]
-                    x5 = X[m0 + 5, c]
-                    x6 = X[m0 + 6, c]
-                    x7 = X[m0 + 7, c]
+            for p in range(p0, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                for k in range(cn):
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0 + 1, c0 + k]
+                    x2 = X[m0 + 2, c0 + k]
+                    x3 = X[m0 + 3, c0 + k]
+                    x4 = X[m0 + 4, c0 + k]
+                    x5 = X[m0 + 5, c0 + k]
+                    x6 = X[m0 + 6, c0 + k]
+                    x7 = X[m0 + 7, c0 + k]
                     for j in range(16):
-                        w = data[p, 0, j]
+                        w = data[p, k, j]
                         acc[0, j] += x0 * w
                         acc[1, j] += x1 * w
                         acc[2, j] += x2 * w
@@ -275,29 +276,6 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
                         acc[5, j] += x5 * w
                         acc[6, j] += x6 * w
                         acc[7, j] += x7 * w
-            else:
-                for p in range(p0, p1):
-                    c0 = cols[p] * bw
-                    cn = min(bw, C - c0)
-                    for k in range(cn):
-                        x0 = X[m0, c0 + k]
-                        x1 = X[m0 + 1, c0 + k]
-                        x2 = X[m0 + 2, c0 + k]
-                        x3 = X[m0 + 3, c0 + k]
-                        x4 = X[m0 + 4, c0 + k]
-                        x5 = X[m0 + 5, c0 + k]
-                        x6 = X[m0 + 6, c0 + k]
-                        x7 = X[m0 + 7, c0 + k]
-                        for j in range(16):
-                            w = data[p, k, j]
-                            acc[0, j] += x0 * w
-                            acc[1, j] += x1 * w
-                            acc[2, j] += x2 * w
-                            acc[3, j] += x3 * w
-                            acc[4, j] += x4 * w
-                            acc[5, j] += x5 * w
-                            acc[6, j] += x6 * w
-                            acc[7, j] += x7 * w
             if mode_init == 1:
                 for a in range(8):
                     for j in range(16):
@@ -315,28 +293,7 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
             for a in range(4):
                 for j in range(16):
                     acc1[a, j] = 0.0
-            if bw == 1:  # 4 blocks at a time into the 4 accumulators
-                p = p0
-                while p + 4 <= p1:
-                    x0 = X[m0, cols[p]]
-                    x1 = X[m0, cols[p + 1]]
-                    x2 = X[m0, cols[p + 2]]
-                    x3 = X[m0, cols[p + 3]]
-                    for j in range(16):
-                        acc1[0, j] += x0 * data[p, 0, j]
-                        acc1[1, j] += x1 * data[p + 1, 0, j]
-                        acc1[2, j] += x2 * data[p + 2, 0, j]
-                        acc1[3, j] += x3 * data[p + 3, 0, j]
-                    p += 4
-                while p < p1:
-                    x0 = X[m0, cols[p]]
-                    for j in range(16):
-                        acc1[0, j] += x0 * data[p, 0, j]
-                    p += 1
-                p0e = p1  # nothing left for the general loop
-            else:
-                p0e = p0
-            for p in range(p0e, p1):
+            for p in range(p0, p1):
                 c0 = cols[p] * bw
                 cn = min(bw, C - c0)
                 k = 0
