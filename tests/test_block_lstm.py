@@ -180,3 +180,18 @@ def test_bad_dtype_or_device_raises_a_clear_error():
         m(torch.randn(2, 3, 16, device="meta"))
     with pytest.raises(ValueError, match="keep masks"):
         BlockSparseLSTM(16, 16, (16, 16), keep_ih=torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_bias_gradients_are_separate_tensors_so_in_place_clipping_touches_each_once():
+    m, ref = _pair(16, 16, (16, 16))
+    x, h0, c0 = _inputs(2, 3, 16, 16)
+    m(x, (h0, c0))[0].sum().backward()
+    ref(x, (h0, c0))[0].sum().backward()
+    assert m.bias_ih_l0.grad.data_ptr() != m.bias_hh_l0.grad.data_ptr()
+    with torch.no_grad():  # the dense reference has gradients on its zeroed blocks; the pruned layer has none
+        for name in ("weight_ih_l0", "weight_hh_l0"):
+            keep = expand_keep(getattr(m, "keep_" + name[7:9]), getattr(m, name).shape, m.block)
+            getattr(ref, name).grad.mul_(keep)
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 0.1)
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.1)
+    torch.testing.assert_close(m.bias_hh_l0.grad, ref.bias_hh_l0.grad, atol=1e-6, rtol=0)

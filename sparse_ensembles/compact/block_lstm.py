@@ -25,11 +25,12 @@ row the kept block columns (``rowptr``, ``cols``; ``rows`` the block row of each
 * ``"axpy"`` (block height >= 8, or not shorter than wide): ``data[p]`` is the block TRANSPOSED,
   (bw, bh), so the innermost loop runs over contiguous output features. For bh = 32 (16) the kernel
   keeps a 4 x 32 (8 x 16) accumulator tile in a stack array (an ``alloca`` that LLVM promotes to
-  vector registers, which needs every index into it to be a compile-time constant: hence the
-  unrolled code, the full block rows only, and the edge block row taken by a generic loop), reuses
-  each block row it loads for 4 (8) batch rows and walks all kept blocks of a block row before
-  storing. Batch rows left over (batch 1) use 4 accumulators over k to hide the FMA latency.
-  About 90 GFLOP/s on one core of the Zen 4 (AVX-512) machine it was tuned on, near its FMA peak.
+  vector registers; that needs every index into it to be a compile-time constant, hence the
+  unrolled code, and an edge block row cut by R runs the same kernel on a zero-padded scratch tile),
+  reuses each block row it loads for 4 (8) batch rows and walks all kept blocks of a block row
+  before storing. Batch rows left over (batch 1) use 4 accumulators over k to hide the FMA latency;
+  one-column blocks (32x1) skip the k loop. About 90 GFLOP/s on one core of the Zen 4 (AVX-512)
+  machine it was tuned on, near its FMA peak. Other block heights run a generic loop.
 * ``"dot"`` (short wide blocks, e.g. the 1x32 blocks of W^T when W has 32x1 blocks): ``data[p]``
   is the block as is, (bh, bw); 4 batch rows at a time, 32-wide blocks accumulate elementwise in a
   register tile summed once per output. The batch-row groups are the outer loop (their rows of X
@@ -59,23 +60,31 @@ the gate math run on the calling thread (a parallel step costs a thread launch p
 Limits. CPU float32 only: other dtypes / devices raise ``ValueError`` with ``executor="numba"``;
 ``executor="auto"`` falls back to the masked dense ``torch._VF.lstm`` there (on GPU that is cuDNN
 with the pruned weights zeroed, i.e. no speed-up from sparsity). Single layer, unidirectional,
-batch_first, biases, no dropout, no projections, first-order gradients only. Slow cases: odd block
+batch_first, biases, no dropout, no projections, first-order gradients only. Slow cases: block
 heights other than 16 / 32 run a generic loop with the accumulator in memory (roughly 1/3 of the
-32-row speed); the dot layout (transposed products of 32x1 blocks) about 1/2; the edge block row of
-a non-multiple R runs the generic loop. Each kernel is compiled on first use and cached on disk
-(``cache=True``): with an empty cache the first call costs about 30 s of compilation.
+32-row speed); the dot layout (the transposed products of 32x1 blocks, i.e. the backward) about
+1/3 to 1/2, so 32x1 training gains least (about 1.8x at 80% against about 2.5x for 32x32).
+Compilation: each kernel is compiled on first use and cached on disk (``cache=True``); with an empty
+cache that costs 30-40 s (numba re-optimises the callees inside every entry point: the register
+kernels therefore have exactly one call site each, which cut the compile time by half).
+
+Measured (benchmarks/block_sparse.py, hidden = input = 650, batch 20, T = 35, 80% random block
+sparsity, 32x32 blocks, each side at its best of 1 / 2 threads, a 2-core machine shared with
+another job): layer inference about 2.3-3.3x ``nn.LSTM``, a training step about 2.5-2.8x, the
+recurrent product at batch 1 about 3-6x ``torch.mm``.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor, nn
@@ -485,38 +494,27 @@ def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1):
             _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
 
 
-@njit(fastmath=True, error_model="numpy", cache=True)
-def _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
-    if dot:  # batch rows outside: their X rows stay in cache while the blocks stream by
-        for g in range((X.shape[0] + 3) // 4):
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, J0, J1):
+    """Part J0..J1-1 of Y (=|+=) X @ W^T (+ bias): block rows, or groups of 4 batch rows for the
+    dot layout (their rows of X stay in cache while the blocks stream by). No GIL: threads split
+    the parts (see :func:`_mm`)."""
+    if dot:
+        for g in range(J0, J1):
             _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
         return
-    nbr = rowptr.shape[0] - 1
     nfull = R // bh
     for seg in range(2):  # the full block rows in one call (accumulators set up once), then the edge row
-        I0 = 0 if seg == 0 else nfull
-        I1 = nfull if seg == 0 else nbr
+        I0 = J0 if seg == 0 else max(J0, nfull)
+        I1 = min(J1, nfull) if seg == 0 else J1
         if I1 > I0:
             _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1)
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def _mm_parallel(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
-    if dot:
-        for g in prange((X.shape[0] + 3) // 4):
-            _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
-        return
-    for I in prange(rowptr.shape[0] - 1):
-        _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I, I + 1)
-
-
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
-    """Y = X @ W^T (mode_init 0), Y += X @ W^T (1), Y = bias + X @ W^T (2); W in block layout."""
-    if parallel:
-        _mm_parallel(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot)
-    else:
-        _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot)
+def _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot):
+    n = (X.shape[0] + 3) // 4 if dot else rowptr.shape[0] - 1
+    _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, 0, n)
 
 
 # --------------------------------------------------------------------------------------------- gradients
@@ -703,28 +701,24 @@ def _nt_bw1_4(P, Q, pa, r0, rn, qc0, qc1, qc2, qc3, out):
         out[pa + 3, a, 0] = s3
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def _grad_blocks(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out):
+@njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def _grad_blocks(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out, J0, J1):
     """Kept-block gradient of Y = X @ W^T from the TRANSPOSED operands dYT (R, M), XT (C, M):
-    out[p] (bh, bw) = dY[:, block rows]^T @ X[:, block cols]. One-column blocks (bw = 1) are taken
-    4 at a time within a block row, so that the tiles stay 4x4."""
-    if bw == 1:
-        for I in prange(rowptr.shape[0] - 1):
-            r0 = I * bh
-            rn = min(bh, R - r0)
-            p = rowptr[I]
-            p1 = rowptr[I + 1]
+    out[p] (bh, bw) = dY[:, block rows]^T @ X[:, block cols], for block rows J0..J1-1. One-column
+    blocks (bw = 1) are taken 4 at a time within a block row, so that the tiles stay 4x4."""
+    for I in range(J0, J1):
+        r0 = I * bh
+        rn = min(bh, R - r0)
+        p = rowptr[I]
+        p1 = rowptr[I + 1]
+        if bw == 1:
             while p + 4 <= p1:
                 _nt_bw1_4(dYT, XT, p, r0, rn, cols[p], cols[p + 1], cols[p + 2], cols[p + 3], out)
                 p += 4
-            while p < p1:
-                _nt_block(dYT, XT, r0, cols[p], rn, 1, out[p])
-                p += 1
-        return
-    for p in prange(rows.shape[0]):
-        r0 = rows[p] * bh
-        c0 = cols[p] * bw
-        _nt_block(dYT, XT, r0, c0, min(bh, R - r0), min(bw, C - c0), out[p])
+        while p < p1:
+            c0 = cols[p] * bw
+            _nt_block(dYT, XT, r0, c0, rn, min(bw, C - c0), out[p])
+            p += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -841,6 +835,52 @@ def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot):
 _EMPTY = np.empty(0, np.float32)
 
 
+_POOL: Optional[ThreadPoolExecutor] = None
+
+
+def _threads() -> int:
+    return numba.get_num_threads()
+
+
+def _splits(rowptr: np.ndarray, k: int, n: Optional[int] = None):
+    """k contiguous ranges of block rows with about equal kept blocks (or of n equal parts)."""
+    if n is not None:
+        edges = [round(i * n / k) for i in range(k + 1)]
+    else:
+        nb = rowptr.shape[0] - 1
+        edges = [0] + [int(np.searchsorted(rowptr, rowptr[-1] * i / k)) for i in range(1, k)] + [nb]
+        edges = [min(max(e, 0), nb) for e in edges]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _threaded(fn, ranges) -> None:
+    """fn(J0, J1) over the ranges, the first on this thread and the others on a pool (the kernels
+    release the GIL). Python threads instead of ``prange``: no parfor to compile (10 s less)."""
+    global _POOL
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            fn(a, b)
+        return
+    if _POOL is None or _POOL._max_workers < len(ranges) - 1:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, len(ranges) - 1))
+    futures = [_POOL.submit(fn, a, b) for a, b in ranges[1:]]
+    fn(*ranges[0])
+    for f in futures:
+        f.result()
+
+
+def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
+    """Y = X @ W^T (mode_init 0), Y += X @ W^T (1), Y = bias + X @ W^T (2); W in block layout.
+    ``parallel``: split over ``numba.get_num_threads()`` threads (block rows, or batch-row groups
+    for the dot layout)."""
+    k = _threads() if parallel else 1
+    if dot:
+        ranges = _splits(rowptr, k, (X.shape[0] + 3) // 4)
+    else:
+        ranges = _splits(rowptr, k) if k > 1 else [(0, rowptr.shape[0] - 1)]
+    _threaded(lambda J0, J1: _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, J0, J1), ranges)
+
+
 # --------------------------------------------------------------------------------------------- Python API
 def _pair(block) -> tuple[int, int]:
     if isinstance(block, int):
@@ -941,7 +981,8 @@ def _dense_grad(lay: BlockLayout, dYT: np.ndarray, XT: np.ndarray) -> Tensor:
     out = np.zeros((lay.R, lay.C), np.float32)
     if lay.nnzb:
         blocks = np.empty((lay.nnzb, lay.bh, lay.bw), np.float32)
-        _grad_blocks(dYT, XT, lay.rowptr, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, blocks)
+        _threaded(lambda J0, J1: _grad_blocks(dYT, XT, lay.rowptr, lay.rows, lay.cols, lay.bh, lay.bw, lay.R,
+                                              lay.C, blocks, J0, J1), _splits(lay.rowptr, _threads()))
         _scatter(blocks, lay.rows, lay.cols, lay.bh, lay.bw, False, out)
     return torch.from_numpy(out)
 
@@ -1035,7 +1076,9 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
             db = torch.from_numpy(dGm.sum(0, dtype=np.float64).astype(np.float32))
         dh0 = torch.from_numpy(dh) if need[1] else None
         dc0 = torch.from_numpy(dc) if need[2] else None
-        return (dx, dh0, dc0, dw_ih, dw_hh, db if need[5] else None, db if need[6] else None, None)
+        db_ih = db if need[5] else None
+        db_hh = (db.clone() if need[5] else db) if need[6] else None  # two tensors: .grad must not alias
+        return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None)
 
 
 # --------------------------------------------------------------------------------------------- executors
