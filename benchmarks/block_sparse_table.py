@@ -189,14 +189,16 @@ def main():
             row["ppl_train"] = train_ppl(model, task)
         if cfg.sgd.prune == "gradual":
             row["seed_training_cost"] = gradual_cost(cfg)
-        row["speed"] = timing(model, args.repeats, args.threads)
+        # the dense row is the baseline itself (its blocks are all kept: "auto" runs it dense)
+        row["speed"] = timing(model, args.repeats, args.threads) if row["block_sparsity"] > 0 else None
         rows.append(row)
         norms = run / "sgd" / "group_norms_000.json"
         if norms.exists():
             histories[method] = json.loads(norms.read_text())
+        speed = (f", layers x{row['speed']['layers_inference']['speedup']:.2f} inference / "
+                 f"x{row['speed']['layers_train_step']['speedup']:.2f} train step" if row["speed"] else "")
         print(f"{method}: valid {row['ppl_valid']:.2f} test {row['ppl_test']:.2f} PPL, "
-              f"{100 * row['block_sparsity']:.1f}% blocks, layers x{row['speed']['layers_inference']['speedup']:.2f} "
-              f"inference / x{row['speed']['layers_train_step']['speedup']:.2f} train step")
+              f"{100 * row['block_sparsity']:.1f}% blocks{speed}")
 
     own_sgd = any(r["method"].startswith("SGD x") for r in sse_rows)
     sgd = [] if own_sgd else [r for r in load_rows("ptb_lstm_sse_small") or [] if r["method"].startswith("SGD x")]

@@ -73,3 +73,12 @@ def test_compact_inference_sparsity_takes_a_percent_or_a_fraction_and_rejects_wo
     assert _percent("0.9") == "90"
     with pytest.raises(argparse.ArgumentTypeError, match="percent"):
         _percent("high")
+
+
+def test_block_sparse_quick_writes_the_layer_and_product_speedups_at_80_percent(tmp_path):
+    out = run_quick("block_sparse.py", tmp_path)
+    r = json.loads((tmp_path / "block_sparse_quick.json").read_text())
+    for key in ("layer_inference_speedup_80", "layer_train_speedup_80", "matmul_speedup_80_batch1"):
+        assert r[key] > 0, key
+    assert all(row["sparsity"] == 80 and row["block"] == [32, 32] for row in r["rows"])
+    assert out.strip()
