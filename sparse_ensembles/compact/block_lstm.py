@@ -49,12 +49,14 @@ arithmetic only, so the gate loops vectorise; numba has no vector ``exp`` withou
 ``error_model="numpy"``: with numba's default python error model a float division carries a
 zero-divisor check that stops vectorisation.
 
-Threads. The batched products (input projection, dx) and the weight gradient run ``prange`` loops
-(over block rows, batch-row groups for the dot layout, kept blocks for the gradient) on
-``numba.get_num_threads()`` threads (``numba.set_num_threads``); the per-step recurrent product and
-the gate math run on the calling thread (a parallel step costs a thread launch per step, and on a
-2-core machine shared with another job it was 10-40x slower). torch's threads
-(``torch.set_num_threads``) only matter for the dense executor and the small glue ops (transposes).
+Threads. The batched products (input projection, dx) and the weight gradient are split into
+contiguous ranges of block rows (balanced by kept blocks; batch-row groups for the dot layout) run
+on ``numba.get_num_threads()`` Python threads (``numba.set_num_threads``); the kernels are
+``nogil``, so the threads run in parallel, and there is no ``prange`` parfor to compile. The
+per-step recurrent product and the gate math run on the calling thread (a thread hand-off per step
+costs more than it saves at batch 20; on a 2-core machine shared with another job a parallel step
+was 10-40x slower). torch's threads (``torch.set_num_threads``) only matter for the dense executor
+and the small glue ops (transposes).
 :func:`choose_executor` times the candidates for a shape and thread count and caches the winner.
 
 Limits. CPU float32 only: other dtypes / devices raise ``ValueError`` with ``executor="numba"``;
