@@ -145,7 +145,7 @@ def block_norm_heatmaps(histories: dict[str, list[dict]], path: Path, epochs: in
         for ax, h, grid in zip(axes[r], picks, grids):
             im = ax.imshow(np.ma.masked_equal(grid, 0.0), cmap=cmap, vmin=0, vmax=top, aspect="auto",
                            interpolation="nearest")
-            ax.set_title(f"{name}: epoch {h['epoch']}, {100 * h.get('group_sparsity', 0):.0f}% zero", fontsize=8)
+            ax.set_title(f"{name}\nepoch {h['epoch']}, {100 * h.get('group_sparsity', 0):.0f}% blocks zero", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(im, ax=list(axes[r]), fraction=0.02, pad=0.01, label="block L2 norm")
