@@ -4,6 +4,13 @@
     python benchmarks/sa_tables.py resnet20   # configs/fmnist_resnet20_sa.toml -> results/resnet20_sa.json
     python benchmarks/sa_tables.py cnn resnet20 --evaluate-only   # the run directories as they are
     python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 500-image subset, 1 epoch per chain (2 min on a loaded 2-core machine)
+    python benchmarks/sa_tables.py resnet20 --lr-grid 1e-4,5e-4,2.5e-3   # choose each method's step on valid
+
+``--lr-grid`` runs the variants named by ``--grid-variants`` (default: the 90% ones) once per step size
+into ``runs/<name>_lr<lr>`` (the dense SGD network does not depend on the step: it is trained once and
+copied) and writes ``results/<name>_lr_grid.json``: valid (and, for the record, test) accuracy of
+each variant at each step, and per method the step of highest valid accuracy. Test is never used to
+choose; the config's ``[variants]`` are then set to the chosen steps by hand, citing the file.
 
 Each config runs (or resumes) into ``runs/<name>``. ``cnn_sa.json`` has, per dataset, the rows and
 SGHMC against SGHMC-SA beside the paper's accuracy. ``resnet20_sa.json`` has the rows, a table
@@ -15,7 +22,9 @@ best torch thread count; medians of interleaved rounds. Networks of the same sha
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -168,6 +177,43 @@ def resnet_entry(cfg, out: Path, rows: list[dict], wall: float, threads, rounds)
             "wall_seconds_this_invocation": wall, "rows": rows}
 
 
+def lr_grid(name: str, lrs: list[float], patterns: list[str], quick: bool) -> Path:
+    """Each variant matching ``patterns`` at each step size; per method the step of best valid accuracy."""
+    base = config_mod.load(ROOT / "configs" / f"{name}.toml")
+    chosen_variants = [v for v in base.variants if any(fnmatch.fnmatch(v, p) for p in patterns)]
+    if not chosen_variants:
+        raise SystemExit(f"--grid-variants {patterns} match no variant of {name}: {list(base.variants)}")
+    grid, dense, first, t0 = {}, None, None, time.perf_counter()
+    for lr in lrs:
+        out = ROOT / "runs" / f"{name}{'_quick' if quick else ''}_lr{lr:g}"
+        if first is not None and not (out / "sgd").exists():  # the dense network: trained once, copied
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(first / "sgd", out / "sgd", ignore=shutil.ignore_patterns(".lock"))
+        overrides = (QUICK["resnet20"] if quick else []) + [f"variants.{v}.sampler.lr={lr}" for v in chosen_variants]
+        cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
+        only = ["sgd"] + [s.name for s in build_stages(cfg) if getattr(s, "variant", "") in chosen_variants]
+        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides, only=only).run()
+        first = first or out
+        for r in rows:
+            if r["method"].startswith("SGD"):
+                dense = {"accuracy_valid": accuracy(r, "valid"), "accuracy_test": accuracy(r)}
+                continue
+            variant = re.search(r"\(([A-Za-z0-9_]+)\)", r["method"])
+            if variant and variant.group(1) in chosen_variants:
+                grid.setdefault(variant.group(1), {})[f"{lr:g}"] = {
+                    "accuracy_valid": accuracy(r, "valid"), "accuracy_test": accuracy(r), "sparsity": r["sparsity"]}
+        print(f"lr {lr:g}: " + ", ".join(f"{v} valid {grid[v][f'{lr:g}']['accuracy_valid']:.2f}%"
+                                          for v in chosen_variants if f"{lr:g}" in grid.get(v, {})), flush=True)
+    choice = {v: max(per, key=lambda k: per[k]["accuracy_valid"]) for v, per in grid.items()}
+    path = write(f"{name}_lr_grid" + ("_quick" if quick else ""), {
+        "config": f"configs/{name}.toml", "lrs": lrs, "variants": chosen_variants, "quick": quick,
+        "chosen_on": "valid accuracy (test shown for the record, never used to choose)",
+        "dense": dense, "grid": grid, "chosen_lr": choice, "wall_seconds": time.perf_counter() - t0})
+    for v, lr in choice.items():
+        print(f"{name} {v}: step {lr} (valid {grid[v][lr]['accuracy_valid']:.2f}%) -> {path.name}")
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("which", nargs="+", choices=sorted(CONFIGS))
@@ -175,7 +221,15 @@ def main():
     ap.add_argument("--evaluate-only", action="store_true", help="evaluate the run directories as they are")
     ap.add_argument("--threads", default="1,2", help="thread counts tried for the latency, best of each kept")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--lr-grid", default="", help="comma-separated sampler step sizes: choose each method's on valid")
+    ap.add_argument("--grid-variants", default="*_90", help="comma-separated patterns of the variants in the grid")
     args = ap.parse_args()
+    if args.lr_grid:
+        lrs = [float(x) for x in args.lr_grid.split(",")]
+        for which in args.which:
+            for name in CONFIGS[which]:
+                lr_grid(name, lrs, args.grid_variants.split(","), args.quick)
+        return
     threads = [int(t) for t in args.threads.split(",")]
     for which in args.which:
         overrides = QUICK[which] if args.quick else []

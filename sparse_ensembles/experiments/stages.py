@@ -320,6 +320,7 @@ class Chain:
         kind, tag = cfg.kinds["sampler"], cfg.prior.tag if sparse else ""
         self.cfg, self.sparse = cfg, sparse
         self.name = kind + (f"_{tag}" if tag else "") + (f"_{variant}" if variant else "")
+        self.variant = variant
         self.label = kind.upper() + (f"+{tag.upper()}" if tag else "") + (f"({variant})" if variant else "")
         self.c = cfg.sampler
         # pruning during sampling (prune.kind = "schedule") makes the samples sparse themselves
@@ -423,6 +424,7 @@ class PruneRetrain:
     def __init__(self, cfg: Config, source, sparsity: float, variant: str = ""):
         self.cfg, self.source, self.sparsity = cfg, source, sparsity
         self.name = f"pruned_{pct(sparsity)}" + (f"_{variant}" if variant else "")
+        self.variant = variant
         self.p, self.c = cfg.prune, cfg.retrain
 
     def ready(self, out: Path) -> bool:
