@@ -8,6 +8,8 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -15,6 +17,30 @@ import torch
 from torch import nn
 
 from .models import from_spec
+
+
+RERUN = ("delete it and run the same command again with --resume: the stage that wrote it redoes only "
+         "that file, and finished work elsewhere is kept")
+
+
+class RunFileError(RuntimeError):
+    """A file of a run (a member, a training checkpoint, a run directory, a results file) that cannot
+    be read. Carries the path, the cause in words and the fix; the CLI prints it as one line."""
+
+    def __init__(self, path, cause: str, fix: str = RERUN):
+        self.path, self.cause, self.fix = Path(path), cause, fix
+        super().__init__(f"{self.path}: {cause}; {fix}")
+
+
+def _why(e: BaseException) -> str:
+    """torch's and pickle's failures, in words."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return ("it holds pickled objects or code that a weights-only load refuses (nothing in it was run); "
+                "it was not written by sparse_ensembles, or it was replaced")
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "PytorchStreamReader" in text or "zip archive" in text:
+        return "it is truncated or corrupt (not a complete torch archive), e.g. a copy or a disk that failed"
+    return f"it cannot be read ({type(e).__name__}: {text.splitlines()[0] if text else 'no detail'})"
 
 
 def _atomic(path, write) -> None:
@@ -40,8 +66,31 @@ def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1))
 
 
-def load(path, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+def load(path, device="cpu", fix: str = RERUN) -> dict:
+    """A dict saved by :func:`atomic_save`, read without running pickled code. Any failure is a
+    :class:`RunFileError` naming the file, the cause and ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(path, "the file is missing" if not path.exists() else "it is not a file", fix)
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise RunFileError(path, _why(e), fix) from None
+    if not isinstance(blob, dict):
+        raise RunFileError(path, f"it holds a {type(blob).__name__}, not the dict sparse_ensembles writes", fix)
+    return blob
+
+
+def read_json(path, fix: str = RERUN, default=None):
+    """The JSON in ``path`` (``default`` if the file does not exist); an unreadable or broken file is a
+    :class:`RunFileError`."""
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunFileError(path, f"it is not valid JSON ({e})", fix) from None
 
 
 def cpu_state(model: nn.Module) -> dict:
@@ -56,7 +105,14 @@ def save_member(path, model: nn.Module, spec: dict | None = None, **meta) -> Non
 def load_member(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model in eval mode on ``device``, meta) from a file written by :func:`save_member`."""
     blob = load(path)
-    model = from_spec(blob["spec"], blob["state_dict"]).to(device)
+    missing = [k for k in ("spec", "state_dict") if k not in blob]
+    if missing:
+        raise RunFileError(path, f"it is not a member file (no {' or '.join(missing)})")
+    try:
+        model = from_spec(blob["spec"], blob["state_dict"])
+    except Exception as e:  # an unknown kind, a spec that does not fit its tensors, ...
+        raise RunFileError(path, f"its spec and tensors do not build a model ({type(e).__name__}: {e})") from None
+    model = model.to(device)
     model.eval()
     return model, blob.get("meta", {})
 

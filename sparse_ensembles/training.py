@@ -133,7 +133,8 @@ def run_epochs(ckpt: Path, epochs: int, state: Mapping[str, Any], epoch_fn: Call
     """
     start, elapsed = 0, 0.0
     if ckpt.exists():
-        blob = checkpoint.load(ckpt)
+        blob = checkpoint.load(ckpt, fix="delete it and run again with --resume: this member restarts from its "
+                               "first epoch, finished members are kept")
         for key, obj in state.items():
             obj.load_state_dict(blob["state"][key])
         start, elapsed = blob["epoch"], blob["elapsed"]

@@ -51,3 +51,20 @@ def test_member_saved_on_cuda_is_stored_as_cpu_tensors_and_loads_on_cpu(tmp_path
     again, _ = checkpoint.load_member(tmp_path / "m.pt", "cpu")
     x = torch.rand(4, 6)
     torch.testing.assert_close(again(x), model(x.cuda()).cpu())
+
+
+def test_loading_a_missing_or_foreign_file_is_a_run_file_error_with_path_cause_and_fix(tmp_path):
+    from sparse_ensembles.checkpoint import RunFileError, load, load_member, read_json
+    with pytest.raises(RunFileError, match="the file is missing; delete it and run") as e:
+        load_member(tmp_path / "member_000.pt")
+    assert e.value.path == tmp_path / "member_000.pt"
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(RunFileError, match="holds a list, not the dict"):
+        load(tmp_path / "list.pt")
+    torch.save({"spec": {"kind": "no_such_kind"}, "state_dict": {}}, tmp_path / "alien.pt")
+    with pytest.raises(RunFileError, match="do not build a model"):
+        load_member(tmp_path / "alien.pt")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RunFileError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    assert read_json(tmp_path / "absent.json", default=[]) == []

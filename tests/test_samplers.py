@@ -323,7 +323,7 @@ def test_cuda_step_equals_cpu_step_at_temperature_zero_and_cuda_chain_resumes_bi
     w0, grad = torch.randn(300, 7, generator=g), torch.randn(300, 7, generator=g)  # CPU and CUDA both fuse a + alpha * b (FMA)
     moved = []
     for device in ("cpu", "cuda"):
-        w = nn.Parameter(w0.to(device))
+        w = nn.Parameter(w0.clone().to(device))  # clone: on CPU .to() would alias w0 and the step move it
         opt = SGLD([("w", w)], 0.1, num_data=50, temperature=0.0, prior=Gaussian(2.0))
         w.grad = grad.to(device)
         opt.step()

@@ -10,7 +10,8 @@ from ..training import DivergenceError
 from . import config as config_mod
 from .config import ConfigError
 from .evaluate import evaluate_run
-from .pipeline import Pipeline, RunDirError, run_config
+from ..checkpoint import RunFileError
+from .pipeline import Pipeline, run_config
 
 
 def main(argv=None) -> int:
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         elif args.command == "download":
             fetch = download_cifar10 if args.name == "cifar10" else (lambda dest: download(args.name, dest))
             print(f"saved to {fetch(args.dest)}")
-    except (ConfigError, DataError, DivergenceError, RunDirError, FloatingPointError) as e:
+    except (ConfigError, DataError, DivergenceError, RunFileError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -84,7 +84,7 @@ class Pipeline:
     def _prepare_dir(self, resume: bool, overrides: list[str]) -> None:
         original = self.out / "config.toml"
         if self.out.exists() and any(self.out.iterdir()) and not resume:
-            raise RunDirError(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
+            raise RunDirError(self.out, "it already holds a run", "pass --resume to continue it, or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         if not original.exists():
             checkpoint.atomic_write_text(original, to_toml(self.cfg))
@@ -95,7 +95,7 @@ class Pipeline:
                 self.log(f"note: --resume with a changed config ({', '.join(changed)}); finished work is kept, "
                          "remaining work uses the new values (recorded in resumes.json)")
             log_file = self.out / "resumes.json"
-            history = json.loads(log_file.read_text()) if log_file.exists() else []
+            history = checkpoint.read_json(log_file, default=[])
             history.append({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": overrides, "changed": changed})
             checkpoint.atomic_write_json(log_file, history)
         checkpoint.atomic_write_text(self.out / "config.current.toml", to_toml(self.cfg))

@@ -46,7 +46,7 @@ def derive_seed(seed: int, *keys) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-class RunDirError(RuntimeError):
+class RunDirError(checkpoint.RunFileError):
     """The output directory cannot be used as asked."""
 
 
@@ -73,8 +73,13 @@ def run_config(run_dir: Path) -> Config:
     for name in ("config.current.toml", "config.toml"):
         f = Path(run_dir) / name
         if f.exists():
-            return from_dict(tomllib.loads(f.read_text()))
-    raise RunDirError(f"{run_dir} holds no config.toml: not a run directory")
+            try:
+                return from_dict(tomllib.loads(f.read_text()))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+                raise RunDirError(f, f"the run's config cannot be read ({e})",
+                                  "restore it from the config file the run was started with (same --set values)") from None
+    raise RunDirError(run_dir, "it holds no config.toml, so it is not a run directory",
+                      "pass the folder that `sparse-ensembles run` wrote (runs/<experiment name> by default)")
 
 
 @dataclass
@@ -117,8 +122,7 @@ class Context:
 
 
 def _done(folder: Path) -> Optional[dict]:
-    f = folder / "done.json"
-    return json.loads(f.read_text()) if f.exists() else None
+    return checkpoint.read_json(folder / "done.json")
 
 
 def member_claim(folder: Path, k: int):
@@ -168,7 +172,7 @@ def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, l
                 return
             grid = norms(traced, params).detach().cpu()
             shape = getattr(traced, "grid", (traced.size,))
-            history = json.loads(norms_file.read_text()) if norms_file.exists() else []
+            history = checkpoint.read_json(norms_file, default=[])
             history = [h for h in history if h["epoch"] < done] + [
                 {"epoch": done, "family": traced.name, "shape": list(shape), "norms": grid.tolist(),
                  "group_sparsity": pruning.group_sparsity(params, groups)}]
@@ -356,7 +360,7 @@ class Chain:
         c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
         marker = folder / f"chain_{chain}.done"
         if marker.exists():
-            return json.loads(marker.read_text())["train_seconds"]
+            return checkpoint.read_json(marker)["train_seconds"]
         model = ctx.new_model(derive_seed(seed, self.name, chain, "init"))
         if c.init_from == "sgd":
             start = ctx.out / "sgd" / "member_000.pt"
@@ -391,7 +395,7 @@ class Chain:
                 params = sampler.named_parameters()
                 zeros = sum(int((params[n] == 0).sum()) for n in ssgl.names)
                 rec = {"epoch": done, **ssgl.trace(), "sparsity": zeros / max(ssgl.covered, 1)}
-                trace = json.loads(trace_file.read_text()) if trace_file.exists() else []
+                trace = checkpoint.read_json(trace_file, default=[])
                 checkpoint.atomic_write_json(trace_file, [t for t in trace if t["epoch"] < done] + [rec])
                 ctx.log(f"{label} epoch {done}: " + ", ".join(f"{k_} {v:.4g}" for k_, v in rec.items() if k_ != "epoch"))
 
@@ -555,7 +559,7 @@ class Distill:
         except ValueError as e:
             raise ConfigError(f"distill.teacher: {e}") from None
         table = self.teacher_run / "results.json"
-        finished = {r["method"]: r["members"] for r in json.loads(table.read_text())} if table.exists() else {}
+        finished = {r["method"]: r["members"] for r in checkpoint.read_json(table, default=[])}
         if finished.get(name) != len(files):
             raise ConfigError(f"distill.teacher: row {name!r} of {self.teacher_run} is not finished ({len(files)} member "
                               f"files, results.json lists {finished.get(name, 'no such row')}); finish the teacher run "
@@ -575,7 +579,7 @@ class Distill:
         cache_file, info_file = folder / "teacher_cache.pt", folder / "teacher.json"
         wanted = {"teacher": d.teacher, "row": row, "members": len(files), "mass": d.mass, "max_k": d.max_k}
         if cache_file.exists():
-            info = json.loads(info_file.read_text()) if info_file.exists() else {}
+            info = checkpoint.read_json(info_file, default={})
             stale = {k: (info.get(k), v) for k, v in wanted.items() if info.get(k) != v}
             if stale:
                 raise ConfigError(f"{cache_file} was made for another teacher or truncation ({stale}: cached, "
@@ -622,7 +626,7 @@ class Distill:
 
     def row_label(self, out: Path) -> str:
         info = out / self.name / "teacher.json"
-        row = json.loads(info.read_text())["row"] if info.exists() else "?"
+        row = checkpoint.read_json(info, default={}).get("row", "?")
         how = f"lam {self.d.lam:g}" + (f", tau {self.d.tau:g}" if self.d.tau != 1.0 else "")
         return f"KD({row}, {how})" if row != "self" else f"self-distilled ({how})"
 
