@@ -16,7 +16,6 @@ Conventions (see ``docs/distillation.md``):
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import torch

@@ -1,15 +1,7 @@
-"""Physical compaction: turn zeros into smaller dense layers, so sparsity becomes speed and memory.
-
-For an MLP (``nn.Sequential`` of ``Linear`` layers with elementwise activations between them, an
-optional leading ``Flatten``, ``Dropout`` anywhere), :func:`compact_mlp` removes
-
-* input features whose outgoing column is all zero (dead pixels),
-* hidden neurons that nothing used reads (their outgoing column is zero towards kept neurons),
-* hidden neurons that read no live input: their output is the constant ``act(bias)``, which is
-  folded exactly into the next layer's bias.
-
-The result computes the same function as the masked model (up to float rounding). It is stored as
-widths + plain tensors and rebuilt without pickled modules (``torch.load(weights_only=True)``).
+"""Ensemble executors for compacted MLP members: :class:`FusedMLPEnsemble` (the members' layers
+stacked into batched matmuls) and :class:`SparseMLPEnsemble` (CSR products). The shrinking itself,
+:func:`compact_mlp`, belongs to the model kind (:mod:`sparse_ensembles.models.mlp`) and is
+re-exported here.
 """
 from __future__ import annotations
 
@@ -20,70 +12,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..models.mlp import ACTIVATIONS, CompactMLP
+from ..models.mlp import ACTIVATIONS, CompactMLP, compact_mlp
 
-_NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
-
-
-def _mlp_layers(model: nn.Sequential) -> tuple[list[nn.Linear], list[str]]:
-    """Linears and the activation name after each hidden layer; rejects anything else."""
-    linears, acts = [], []
-    for i, m in enumerate(model):
-        if isinstance(m, nn.Linear):
-            if len(linears) > len(acts):
-                acts.append("identity")
-            linears.append(m)
-        elif isinstance(m, (nn.Flatten, nn.Dropout)):
-            if isinstance(m, nn.Flatten) and linears:
-                raise ValueError("compact_mlp: nn.Flatten is only supported before the first Linear")
-        elif type(m) in _NAME_OF:
-            if len(linears) != len(acts) + 1:
-                raise ValueError(f"compact_mlp: two activations in a row at position {i}")
-            acts.append(_NAME_OF[type(m)])
-        else:
-            raise ValueError(
-                f"compact_mlp supports Linear, Flatten, Dropout and {sorted(ACTIVATIONS)}; "
-                f"found {type(m).__name__} at position {i}"
-            )
-    if not linears:
-        raise ValueError("compact_mlp: the model has no nn.Linear")
-    acts = acts[: len(linears) - 1]
-    while len(acts) < len(linears) - 1:
-        acts.append("identity")
-    return linears, acts
-
-
-@torch.no_grad()
-def compact_mlp(model: nn.Sequential) -> CompactMLP:
-    """Shrink a (masked) MLP physically; see the module docstring for what is removed."""
-    linears, acts = _mlp_layers(model)
-    act_fns = [ACTIVATIONS[a]() for a in acts]
-    W = [l.weight.detach().clone() for l in linears]
-    b = [l.bias.detach().clone() if l.bias is not None else torch.zeros(l.out_features) for l in linears]
-    L = len(W)
-    # forward pass: which neurons vary with the input (the rest are constants act(bias))
-    variable = [W[0].ne(0).any(dim=0)]  # live input features
-    for i in range(L - 1):
-        variable.append(W[i][:, variable[i]].ne(0).any(dim=1))
-    # fold constant hidden neurons into the next bias
-    for i in range(1, L):
-        const = ~variable[i]
-        if const.any():
-            c = act_fns[i - 1](b[i - 1][const])
-            b[i] += W[i][:, const] @ c
-            W[i][:, const] = 0
-    # backward pass: which neurons are read by a used neuron of the next layer
-    used = [None] * L + [torch.ones(W[-1].shape[0], dtype=torch.bool)]
-    for i in range(L - 1, -1, -1):
-        used[i] = W[i][used[i + 1]].ne(0).any(dim=0)
-    keep = [variable[i] & used[i] for i in range(L)] + [used[L]]
-    widths = [int(k.sum()) for k in keep]
-    out = CompactMLP(linears[0].in_features, keep[0].nonzero().flatten(), widths, acts)
-    for i, layer in enumerate(out.layers):
-        layer.weight.copy_(W[i][keep[i + 1]][:, keep[i]])
-        layer.bias.copy_(b[i][keep[i + 1]])
-    return out
-
+__all__ = ["CompactMLP", "FusedMLPEnsemble", "SparseMLPEnsemble", "compact_mlp"]
 
 def _shared_layout(members: Sequence[CompactMLP], who: str) -> tuple[list[str], Tensor]:
     """Check that compacted members can run as one network; their activations and the union

@@ -28,11 +28,9 @@ several processes train one stage's members side by side.
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

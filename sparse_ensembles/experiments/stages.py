@@ -453,7 +453,7 @@ class PruneRetrain:
                                  masks=masks)
 
     def run(self, ctx: Context) -> None:
-        c, p, seed, ctx = self.c, self.p, ctx.cfg.experiment.seed, ctx.with_cfg(self.cfg)
+        ctx = ctx.with_cfg(self.cfg)
         folder = ctx.out / self.name
         samples = self._samples(ctx.out)
         batches, loss_fn = self.source.objective(ctx)

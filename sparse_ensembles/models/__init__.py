@@ -2,6 +2,7 @@
 from .registry import MODELS, from_spec, model_class, register
 from .mlp import MLP, CompactMLP, mlp
 from .lstm_lm import LSTMLM
-from .cnn import CNN, ResNet20
+from .cnn import CNN
+from .resnet20 import ResNet20
 
 __all__ = ["MODELS", "from_spec", "model_class", "register", "MLP", "CompactMLP", "mlp", "LSTMLM", "CNN", "ResNet20"]
