@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import pickle
@@ -98,8 +99,21 @@ def cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def member_digest(spec: dict, state: dict, meta: dict) -> str:
+    """SHA-256 over a member's spec, meta and every tensor's name, dtype, shape and bytes: a member
+    file carries it, so a byte that changed after writing is found on loading instead of giving
+    silently different weights (torch's archive does not check its own contents)."""
+    h = hashlib.sha256(json.dumps([spec, meta], sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_member(path, model: nn.Module, spec: dict | None = None, **meta) -> None:
-    atomic_save({"spec": spec or model.spec(), "state_dict": cpu_state(model), "meta": meta}, path)
+    spec, state = spec or model.spec(), cpu_state(model)
+    atomic_save({"spec": spec, "state_dict": state, "meta": meta, "digest": member_digest(spec, state, meta)}, path)
 
 
 def load_member(path, device="cpu") -> tuple[nn.Module, dict]:
@@ -108,6 +122,14 @@ def load_member(path, device="cpu") -> tuple[nn.Module, dict]:
     missing = [k for k in ("spec", "state_dict") if k not in blob]
     if missing:
         raise RunFileError(path, f"it is not a member file (no {' or '.join(missing)})")
+    if "digest" in blob:  # members written before the digest existed load unchecked
+        try:
+            same = blob["digest"] == member_digest(blob["spec"], blob["state_dict"], blob.get("meta", {}))
+        except Exception:  # a damaged file can hold anything where the tensors should be
+            same = False
+        if not same:
+            raise RunFileError(path, "its contents do not match the digest written with it: the file was changed "
+                               "or damaged after it was saved")
     try:
         model = from_spec(blob["spec"], blob["state_dict"])
     except Exception as e:  # an unknown kind, a spec that does not fit its tensors, ...

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import hashlib
 import zlib
 from pathlib import Path
@@ -33,7 +34,7 @@ def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
         raise DataError(f"{source}: IDX header truncated")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_DTYPES[data[2]])
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow on a corrupt header
     if len(data) != expected:
         raise DataError(f"{source}: IDX header says shape {shape} ({expected} bytes) but the file has "
                         f"{len(data)} bytes; the file is truncated or corrupt — fetch it again")

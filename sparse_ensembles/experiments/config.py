@@ -23,6 +23,7 @@ The SGD baselines and the plain (Gaussian-prior) chain run once, from the base c
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import typing
@@ -91,20 +92,25 @@ class SGDConfig:
 
     def validate(self, need) -> None:
         need(self.members >= 0, "sgd.members", "must be >= 0")
-        need(self.lasso >= 0 and self.lasso_budget >= 0, "sgd.lasso", "lasso and lasso_budget must be >= 0 (0 = off)")
+        need(self.lasso >= 0, "sgd.lasso", "must be >= 0 (0 = off)")
+        need(self.lasso_budget >= 0, "sgd.lasso_budget", "must be >= 0 (0 = off)")
         need(self.prune in ("none", "gradual", "pre"), "sgd.prune", "use 'none', 'gradual' or 'pre'")
         need(0 <= self.sparsity < 1, "sgd.sparsity", "the fraction of groups removed, in [0, 1)")
         need(self.prune == "none" or self.sparsity > 0, "sgd.sparsity", f"sgd.prune = {self.prune!r} needs a sparsity > 0")
         need(self.prune_schedule in ("linear", "cubic"), "sgd.prune_schedule", "use 'linear' or 'cubic'")
-        need(self.prune_start >= 0 and self.prune_ramp >= 1, "sgd.prune_ramp", "need prune_start >= 0 and prune_ramp >= 1")
+        need(self.prune_start >= 0, "sgd.prune_start", "must be >= 0")
+        need(self.prune_ramp >= 1, "sgd.prune_ramp", "must be >= 1")
         need(self.prune != "gradual" or self.prune_start + self.prune_ramp <= self.epochs, "sgd.prune_ramp",
              f"gradual pruning reaches its target after epoch prune_start + prune_ramp = "
              f"{self.prune_start + self.prune_ramp}, beyond sgd.epochs = {self.epochs}")
-        need(self.epochs >= 1 and self.decay_every >= 1, "sgd.epochs", "epochs and decay_every must be >= 1")
-        need(self.lr > 0 and self.lr_decay > 0, "sgd.lr", "lr and lr_decay must be > 0")
+        need(self.epochs >= 1, "sgd.epochs", "must be >= 1")
+        need(self.decay_every >= 1, "sgd.decay_every", "must be >= 1")
+        need(self.lr > 0, "sgd.lr", "must be > 0")
+        need(self.lr_decay > 0, "sgd.lr_decay", "must be > 0")
         need(self.decay_start >= 0, "sgd.decay_start", "must be >= 0 (0 = decay_every)")
         need(0 <= self.momentum < 1, "sgd.momentum", "must be in [0, 1)")
-        need(self.weight_decay >= 0 and self.max_grad_norm >= 0, "sgd.weight_decay", "must be >= 0")
+        need(self.weight_decay >= 0, "sgd.weight_decay", "must be >= 0")
+        need(self.max_grad_norm >= 0, "sgd.max_grad_norm", "must be >= 0 (0 = no clipping)")
 
     def pruned_fraction(self, epoch: int) -> float:
         """Fraction of each family's groups pruned during 0-based ``epoch``."""
@@ -159,8 +165,9 @@ class ChainConfig:
         need(self.lr > 0, "sampler.lr", "must be > 0")
         need(self.schedule in ("constant", "cyclical", "step"), "sampler.schedule", "use 'constant', 'cyclical' or 'step'")
         need(self.temperature >= 0, "sampler.temperature", "must be >= 0")
-        need(self.burn_in >= 0 and self.thin >= 1 and self.samples >= 0, "sampler.samples",
-             "need burn_in >= 0, thin >= 1, samples >= 0")
+        need(self.burn_in >= 0, "sampler.burn_in", "must be >= 0")
+        need(self.thin >= 1, "sampler.thin", "must be >= 1")
+        need(self.samples >= 0, "sampler.samples", "must be >= 0")
         need(self.noise in ("gaussian", "rademacher"), "sampler.noise", "use 'gaussian' or 'rademacher'")
         need(1 <= self.chains, "sampler.chains", "must be >= 1")
         need(self.samples % self.chains == 0, "sampler.samples",
@@ -260,7 +267,9 @@ class RetrainConfig:
     max_grad_norm: float = 0.0
 
     def validate(self, need) -> None:
-        need(self.epochs >= 0 and self.lr > 0 and self.lr_decay > 0, "retrain", "need epochs >= 0, lr > 0, lr_decay > 0")
+        need(self.epochs >= 0, "retrain.epochs", "must be >= 0")
+        need(self.lr > 0, "retrain.lr", "must be > 0")
+        need(self.lr_decay > 0, "retrain.lr_decay", "must be > 0")
         # the target mask is set at the start of epoch ramp_epochs, so at least one epoch must follow
         need(self.ramp_epochs == 0 or 0 < self.ramp_epochs < self.epochs, "retrain.ramp_epochs",
              f"must be 0 (one-shot pruning) or below retrain.epochs = {self.epochs}, so that the "
@@ -301,11 +310,13 @@ class SSGLConfig:
         need(self.sa_on in ("sigma", "sigma2"), "prior.sa_on", "use 'sigma' or 'sigma2'")
         for key in ("v0", "v1", "a", "b", "nu", "lam", "sigma0", "precision", "omega_c", "omega_A", "omega_alpha"):
             need(getattr(self, key) > 0, f"prior.{key}", "must be > 0")
-        need(0 < self.delta0 < 1 and 0 < self.rho0 < 1, "prior.delta0", "delta0 and rho0 must be in (0, 1)")
+        need(0 < self.delta0 < 1, "prior.delta0", "must be in (0, 1)")
+        need(0 < self.rho0 < 1, "prior.rho0", "must be in (0, 1)")
         need(self.omega <= 1, "prior.omega", "use a weight in [0, 1], or < 0 for the schedule omega_c / (omega_A + k)^omega_alpha")
-        need(self.omega >= 0 or self.omega_c / self.omega_A ** self.omega_alpha <= 1, "prior.omega_c",
-             f"the schedule's first weight omega_c / omega_A^omega_alpha = "
-             f"{self.omega_c / self.omega_A ** self.omega_alpha:.3g} must be <= 1")
+        need(self.omega >= 0 or math.log(self.omega_c) <= self.omega_alpha * math.log(self.omega_A),  # omega_0 <= 1
+             "prior.omega_c",
+             f"the schedule's first weight omega_c / omega_A^omega_alpha = exp("
+             f"{math.log(self.omega_c) - self.omega_alpha * math.log(self.omega_A):.3g}) must be <= 1")
 
 
 @dataclass
@@ -324,7 +335,8 @@ class ScheduleConfig:
 
     def validate(self, need) -> None:
         need(0 <= self.target < 1, "prune.target", "the fraction removed, in [0, 1)")
-        need(0 < self.decay < 1 and self.every > 0, "prune.decay", "need 0 < decay < 1 and every > 0")
+        need(0 < self.decay < 1, "prune.decay", "must be in (0, 1)")
+        need(self.every > 0, "prune.every", "must be > 0")
         need(self.scope in ("global", "layer"), "prune.scope", "use 'global' or 'layer'")
 
 
@@ -356,7 +368,8 @@ class DistillConfig:
         need(self.loss == "hinton" or self.tau == 1.0, "distill.tau", 'only the "hinton" loss has a temperature; set distill.loss = "hinton"')
         need(0 <= self.lam <= 1, "distill.lam", "must be in [0, 1] (0 = labels only, 1 = teacher only)")
         need(0 < self.mass <= 1, "distill.mass", "the teacher probability mass kept per row, in (0, 1]")
-        need(self.max_k >= 0 and self.students >= 1, "distill.max_k", "need max_k >= 0 (0 = no limit), students >= 1")
+        need(self.max_k >= 0, "distill.max_k", "must be >= 0 (0 = no limit)")
+        need(self.students >= 1, "distill.students", "must be >= 1")
         need(all(0 <= s < 1 for s in self.sparsities), "distill.sparsities", "each is the fraction removed, in [0, 1)")
 
 
@@ -430,7 +443,9 @@ def _check_type(key: str, value: Any, tp) -> Any:
             raise ConfigError(f"{key} must be a list of {inner.__name__}, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool):
         raise ConfigError(f"{key} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
     if not isinstance(value, tp):
@@ -468,7 +483,7 @@ def from_dict(raw: dict) -> Config:
             table, default = kinds[section]
             values = dict(values)
             kind = values.pop("kind", default)
-            if kind not in table:
+            if not isinstance(kind, str) or kind not in table:
                 raise ConfigError(f"{section}.kind: unknown kind {kind!r}; known: {sorted(table)}")
             cfg.kinds[section] = kind
             setattr(cfg, section, _build(section, table[kind], values))

@@ -34,9 +34,11 @@ class Classification:
 
         def validate(self, need) -> None:
             need(self.dataset in image_datasets(), "task.dataset", f"unknown dataset {self.dataset!r}; known: {image_datasets()}")
-            need(self.batch_size >= 1 and self.eval_batch_size >= 1, "task.batch_size", "batch sizes must be >= 1")
+            need(self.batch_size >= 1, "task.batch_size", "must be >= 1")
+            need(self.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
             need(0 <= self.valid_size < 60000, "task.valid_size", "must be in [0, 60000) (0 = no validation split)")
-            need(self.train_subset >= 0 and self.test_subset >= 0, "task.train_subset", "subsets must be >= 0 (0 = all)")
+            need(self.train_subset >= 0, "task.train_subset", "must be >= 0 (0 = all)")
+            need(self.test_subset >= 0, "task.test_subset", "must be >= 0 (0 = all)")
             need(self.ood in ("", *image_datasets()) and self.ood != self.dataset, "task.ood",
                  f"use another image dataset of the same shape ({image_datasets()}) or \"\"")
 

@@ -39,10 +39,11 @@ class LanguageModel:
         def validate(self, need) -> None:
             need(self.dataset in CORPORA, "task.dataset", f"unknown corpus {self.dataset!r}; known: {sorted(CORPORA)}")
             need(self.unknown in UNKNOWN_MODES, "task.unknown", f"use one of {UNKNOWN_MODES}")
-            need(self.batch_size >= 1 and self.eval_batch_size >= 1, "task.batch_size", "batch sizes must be >= 1")
+            need(self.batch_size >= 1, "task.batch_size", "must be >= 1")
+            need(self.eval_batch_size >= 1, "task.eval_batch_size", "must be >= 1")
             need(self.bptt >= 1, "task.bptt", "must be >= 1")
-            need(min(self.train_tokens, self.valid_tokens, self.test_tokens) >= 0, "task.train_tokens",
-                 "token subsets must be >= 0 (0 = all)")
+            for key in ("train_tokens", "valid_tokens", "test_tokens"):
+                need(getattr(self, key) >= 0, f"task.{key}", "must be >= 0 (0 = all)")
 
     columns = ("ppl", "nll")
 
