@@ -6,7 +6,8 @@
     python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 500-image subset, 1 epoch per chain (2 min on a loaded 2-core machine)
     python benchmarks/sa_tables.py resnet20 --lr-grid 1e-4,5e-4,2.5e-3   # choose each method's step on valid
 
-``--lr-grid`` runs the variants named by ``--grid-variants`` (default: the 90% ones) once per step size
+``--lr-grid`` runs the variants named by ``--grid-variants`` (default: the 90% ones; ``'*'`` all) and
+the plain chain (where the config has one) once per step size
 into ``runs/<name>_lr<lr>`` (the dense SGD network does not depend on the step: it is trained once and
 copied) and writes ``results/<name>_lr_grid.json``: valid (and, for the record, test) accuracy of
 each variant at each step, and per method the step of highest valid accuracy. Test is never used to
@@ -38,7 +39,7 @@ from sparse_ensembles import checkpoint  # noqa: E402
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
 from sparse_ensembles.experiments.evaluate import evaluate_run  # noqa: E402
 from sparse_ensembles.experiments.pipeline import Pipeline, run_config  # noqa: E402
-from sparse_ensembles.experiments.stages import build_stages  # noqa: E402
+from sparse_ensembles.experiments.stages import Chain, build_stages  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"mnist": 99.60, "fashion-mnist": 93.01}  # Deng et al. 2019, no augmentation, test accuracy %
@@ -177,8 +178,9 @@ def resnet_entry(cfg, out: Path, rows: list[dict], wall: float, threads, rounds)
             "wall_seconds_this_invocation": wall, "rows": rows}
 
 
-def lr_grid(name: str, lrs: list[float], patterns: list[str], quick: bool) -> Path:
-    """Each variant matching ``patterns`` at each step size; per method the step of best valid accuracy."""
+def lr_grid(name: str, lrs: list[float], patterns: list[str], quick: bool, which: str) -> Path:
+    """Each variant matching ``patterns`` (and the plain chain, if the config has one) at each step
+    size; per method the step of best valid accuracy."""
     base = config_mod.load(ROOT / "configs" / f"{name}.toml")
     chosen_variants = [v for v in base.variants if any(fnmatch.fnmatch(v, p) for p in patterns)]
     if not chosen_variants:
@@ -189,9 +191,11 @@ def lr_grid(name: str, lrs: list[float], patterns: list[str], quick: bool) -> Pa
         if first is not None and not (out / "sgd").exists():  # the dense network: trained once, copied
             out.mkdir(parents=True, exist_ok=True)
             shutil.copytree(first / "sgd", out / "sgd", ignore=shutil.ignore_patterns(".lock"))
-        overrides = (QUICK["resnet20"] if quick else []) + [f"variants.{v}.sampler.lr={lr}" for v in chosen_variants]
+        overrides = ((QUICK[which] if quick else []) + [f"sampler.lr={lr}"]
+                     + [f"variants.{v}.sampler.lr={lr}" for v in chosen_variants])
         cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
-        only = ["sgd"] + [s.name for s in build_stages(cfg) if getattr(s, "variant", "") in chosen_variants]
+        only = ["sgd"] + [s.name for s in build_stages(cfg) if isinstance(s, Chain)
+                          and (s.variant in chosen_variants or (not s.variant and not s.sparse))]  # + the plain chain
         rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides, only=only).run()
         first = first or out
         for r in rows:
@@ -199,11 +203,12 @@ def lr_grid(name: str, lrs: list[float], patterns: list[str], quick: bool) -> Pa
                 dense = {"accuracy_valid": accuracy(r, "valid"), "accuracy_test": accuracy(r)}
                 continue
             variant = re.search(r"\(([A-Za-z0-9_]+)\)", r["method"])
-            if variant and variant.group(1) in chosen_variants:
-                grid.setdefault(variant.group(1), {})[f"{lr:g}"] = {
+            key = variant.group(1) if variant else r["method"].rsplit(" x", 1)[0]  # a variant, or the plain chain
+            if key in chosen_variants or not variant:
+                grid.setdefault(key, {})[f"{lr:g}"] = {
                     "accuracy_valid": accuracy(r, "valid"), "accuracy_test": accuracy(r), "sparsity": r["sparsity"]}
         print(f"lr {lr:g}: " + ", ".join(f"{v} valid {grid[v][f'{lr:g}']['accuracy_valid']:.2f}%"
-                                          for v in chosen_variants if f"{lr:g}" in grid.get(v, {})), flush=True)
+                                          for v in grid if f"{lr:g}" in grid[v]), flush=True)
     choice = {v: max(per, key=lambda k: per[k]["accuracy_valid"]) for v, per in grid.items()}
     path = write(f"{name}_lr_grid" + ("_quick" if quick else ""), {
         "config": f"configs/{name}.toml", "lrs": lrs, "variants": chosen_variants, "quick": quick,
@@ -228,7 +233,7 @@ def main():
         lrs = [float(x) for x in args.lr_grid.split(",")]
         for which in args.which:
             for name in CONFIGS[which]:
-                lr_grid(name, lrs, args.grid_variants.split(","), args.quick)
+                lr_grid(name, lrs, args.grid_variants.split(","), args.quick, which)
         return
     threads = [int(t) for t in args.threads.split(",")]
     for which in args.which:
