@@ -50,7 +50,10 @@ def main(argv=None) -> int:
             cfg = config_mod.load(args.config, args.set)
             out = Path(args.out or Path("runs") / cfg.experiment.name)
             print(f"run directory: {out}")
-            Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set, only=args.only).run()
+            pipeline = Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=args.set,
+                                only=args.only)
+            pipeline.run()
+            pipeline.ranks.close()  # under torchrun: leave the job together
         elif args.command == "distill":
             overrides = args.set + [f"distill.teacher={_toml_str(args.teacher)}"]
             if args.lam is not None:

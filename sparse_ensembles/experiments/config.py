@@ -50,9 +50,11 @@ class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, "cuda" is each rank's LOCAL_RANK)
+    barrier_timeout: float = 21600.0  # seconds ranks of a torchrun job wait for each other (the longest unit)
 
     def validate(self, need) -> None:
+        need(self.barrier_timeout > 0, "experiment.barrier_timeout", "must be > 0 seconds")
         d = self.device
         ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
         need(ok, "experiment.device", f"use 'auto', 'cpu', 'cuda' or 'cuda:N', not {d!r}")

@@ -24,6 +24,10 @@ its folder while it runs (released by the kernel when the holder exits or dies),
 skip it, and a stage waits (is skipped) until its inputs are complete. Stages of independent
 members (SGD baselines, pruned members: ``claims_members = True``) lock each member instead, so
 several processes train one stage's members side by side.
+
+Under ``torchrun`` (``torchrun --standalone --nproc_per_node=P -m sparse_ensembles run CONFIG``)
+the ranks share the work by a static assignment instead, wave by wave, and rank 0 evaluates
+(:mod:`.ranks`).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ import torch
 
 from .. import checkpoint
 from .config import Config, ConfigError, changed_keys, to_toml
+from .ranks import Ranks, run_waves
 from .stages import Context, RunDirError, build_stages, build_task, resolve_device, run_config  # noqa: F401 (re-exported)
 
 
@@ -72,10 +77,16 @@ def check_model(ctx: Context, where: str = "model") -> None:
 class Pipeline:
     def __init__(self, cfg: Config, out: Path, *, resume: bool = False, log: Callable[[str], None] = print,
                  progress: bool = True, overrides: list[str] = (), only: list[str] = ()):
-        self.cfg, self.out, self.log, self.progress = cfg, Path(out), log, progress
+        self.cfg, self.out, self.progress = cfg, Path(out), progress
         self.only = list(only)
+        self.ranks = Ranks.from_env(cfg.experiment.barrier_timeout)  # one process unless under torchrun
+        self.log = log if self.ranks.size == 1 else (lambda text: log(f"[rank {self.ranks.rank}] {text}"))
         self.device = resolve_device(cfg.experiment.device)
-        self._prepare_dir(resume, list(overrides))
+        if self.device.type == "cuda" and self.ranks.size > 1 and cfg.experiment.device == "cuda":
+            self.device = torch.device("cuda", self.ranks.local_rank)
+        if self.ranks.main:  # the run-level files are rank 0's
+            self._prepare_dir(resume, list(overrides))
+        self.ranks.barrier()
         if cfg.experiment.threads:
             torch.set_num_threads(cfg.experiment.threads)
 
@@ -117,6 +128,12 @@ class Pipeline:
         for stage in stages:
             if hasattr(stage, "check"):
                 stage.check(self.out)
+        if self.ranks.size > 1:
+            run_waves(stages, ctx, self.ranks, self.log)
+            if not self.ranks.main:
+                return []
+            from .evaluate import evaluate_run
+            return evaluate_run(self.out, self.cfg, ctx.task, log=self.log, only=self.only)
         for stage in stages:
             if stage.done(self.out):
                 continue

@@ -220,10 +220,18 @@ class SGDBaselines:
     def ready(self, out: Path) -> bool:
         return True
 
+    def units(self, out: Path) -> list[int]:
+        return [k for k in range(self.c.members) if not (out / self.name / f"member_{k:03d}.pt").exists()]
+
+    def run_unit(self, ctx: Context, k: int) -> None:
+        train_sgd_member(ctx, self.c, self.name, k, f"SGD member {k + 1}/{self.c.members}",
+                         ctx.task.train_batches, ctx.task.loss)
+
+    def finish(self, ctx: Context) -> None:
+        pass
+
     def run(self, ctx: Context) -> None:
-        for k in range(self.c.members):
-            train_sgd_member(ctx, self.c, self.name, k, f"SGD member {k + 1}/{self.c.members}",
-                             ctx.task.train_batches, ctx.task.loss)
+        run_stage(self, ctx)
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("member_*.pt"))
@@ -346,15 +354,28 @@ class Chain:
     def done(self, out: Path) -> bool:
         return _done(out / self.name) is not None
 
-    def run(self, ctx: Context) -> None:
-        c, folder, ctx = self.c, ctx.out / self.name, ctx.with_cfg(self.cfg)
-        if self.done(ctx.out):
+    def units(self, out: Path) -> list[int]:
+        if self.done(out):
+            return []
+        return [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
+
+    def run_unit(self, ctx: Context, chain: int) -> None:
+        per_chain = self.c.samples // self.c.chains
+        self._one_chain(ctx.with_cfg(self.cfg), chain, chain * per_chain, per_chain)
+
+    def finish(self, ctx: Context) -> None:
+        """``done.json`` once every chain has finished (each left its ``chain_<c>.done``)."""
+        c, folder = self.c, ctx.out / self.name
+        markers = [folder / f"chain_{chain}.done" for chain in range(c.chains)]
+        if self.done(ctx.out) or not all(m.exists() for m in markers):
             return
-        per_chain = c.samples // c.chains
-        seconds = sum(self._one_chain(ctx, chain, chain * per_chain, per_chain) for chain in range(c.chains))
+        seconds = sum(checkpoint.read_json(m)["train_seconds"] for m in markers)
         checkpoint.atomic_write_json(folder / "done.json", {"train_seconds": seconds, "chains": c.chains,
                                                             "epochs_per_chain": c.epochs_per_chain})
         ctx.log(f"{self.name}: {c.samples} samples from {c.chains} chain(s) in {seconds:.1f} s")
+
+    def run(self, ctx: Context) -> None:
+        run_stage(self, ctx)
 
     def _one_chain(self, ctx: Context, chain: int, first: int, samples: int) -> float:
         c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
@@ -452,18 +473,24 @@ class PruneRetrain:
                                  scope=self.p.scope, group_threshold=self.p.group_threshold, widths=widths,
                                  masks=masks)
 
-    def run(self, ctx: Context) -> None:
+    def units(self, out: Path) -> list[int]:
+        return [k for k in range(len(self._samples(out))) if not (out / self.name / f"member_{k:03d}.pt").exists()]
+
+    def run_unit(self, ctx: Context, k: int) -> None:
         ctx = ctx.with_cfg(self.cfg)
-        folder = ctx.out / self.name
-        samples = self._samples(ctx.out)
+        folder, samples = ctx.out / self.name, self._samples(ctx.out)
         batches, loss_fn = self.source.objective(ctx)
-        for k, sample in enumerate(samples):
-            path = folder / f"member_{k:03d}.pt"
-            with member_claim(folder, k) as holder:
-                if holder is None and not path.exists():
-                    self._retrain(ctx, k, sample, len(samples), batches, loss_fn)
+        with member_claim(folder, k) as holder:
+            if holder is None and not (folder / f"member_{k:03d}.pt").exists():
+                self._retrain(ctx, k, samples[k], len(samples), batches, loss_fn)
+
+    def finish(self, ctx: Context) -> None:
+        folder, samples = ctx.out / self.name, self._samples(ctx.out)
         ctx.log(f"pruned to {pct(self.sparsity)}%: {sum(1 for _ in folder.glob('member_*.pt'))} of "
                 f"{len(samples)} members retrained")
+
+    def run(self, ctx: Context) -> None:
+        run_stage(self, ctx)
 
     def _retrain(self, ctx: Context, k: int, sample: Path, count: int, batches, loss_fn) -> None:
         """Member ``k``: prune ``sample``, retrain it under its masks, shrink it, save it."""
@@ -572,6 +599,15 @@ class Distill:
     def done(self, out: Path) -> bool:
         return all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(self.d.students))
 
+    def units(self, out: Path) -> list[int]:
+        return [] if self.done(out) else [0]  # one unit: the students share the teacher cache it builds
+
+    def run_unit(self, ctx: Context, k: int) -> None:
+        self.run(ctx)
+
+    def finish(self, ctx: Context) -> None:
+        pass
+
     def run(self, ctx: Context) -> None:
         from .. import distill
         c, d, folder = self.c, self.d, ctx.out / self.name
@@ -636,6 +672,18 @@ class Distill:
         label = self.row_label(out)
         # "+PR" in a teacher's name would drop the member count from the label; keep it explicit
         return [Row(label + f" x{len(files)}" if "+PR" in label else label, files, 0.0, each)] if files else []
+
+
+def run_stage(stage, ctx: Context) -> None:
+    """A stage in one process: each of its pending units (members, chains), then its finish.
+
+    Every stage has ``units(out)`` (the indices of work still to do, each independent of the
+    others and seeded by the stage name and index alone), ``run_unit(ctx, k)`` and ``finish(ctx)``
+    (what needs every unit done: ``done.json``, a log line); ``experiments.ranks`` deals the units
+    of several stages over the ranks of a ``torchrun`` job instead."""
+    for k in stage.units(ctx.out):
+        stage.run_unit(ctx, k)
+    stage.finish(ctx)
 
 
 def build_stages(cfg: Config) -> list:

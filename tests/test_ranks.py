@@ -1,0 +1,133 @@
+"""torchrun: the ranks of a job share a run's units by a static deal, and the result does not
+depend on how many ranks there are (2-process gloo runs on CPU; two launches in all)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import need_data
+from sparse_ensembles.experiments.ranks import Ranks, run_waves
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.toml")
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+class FakeStage:
+    """Units 0..n-1, written as files; ready once ``needs`` is done. Records (rank, unit) per run."""
+
+    def __init__(self, name, n, needs=None):
+        self.name, self.n, self.needs, self.ran, self.finished_by = name, n, needs, [], []
+
+    def units(self, out):
+        return [k for k in range(self.n) if not (out / f"{self.name}_{k}").exists()]
+
+    def run_unit(self, ctx, k):
+        self.ran.append((ctx.rank, k))
+        (ctx.out / f"{self.name}_{k}").touch()
+
+    def finish(self, ctx):
+        self.finished_by.append(ctx.rank)
+
+    def ready(self, out):
+        return self.needs is None or self.needs.done(out)
+
+    def done(self, out):
+        return not self.units(out)
+
+
+class ThreadRanks(Ranks):
+    """Ranks of one process, as threads meeting at a threading.Barrier."""
+
+    def __init__(self, rank, size, meeting):
+        super().__init__(rank, size)
+        self.meeting = meeting
+
+    def barrier(self):
+        self.meeting.wait(timeout=30)
+
+
+def test_units_of_a_wave_are_dealt_round_robin_and_later_waves_wait_for_their_inputs(tmp_path):
+    """Rank r of 2 runs the units at even / odd positions of each wave's list; rank 0 alone finishes."""
+    import threading
+    from types import SimpleNamespace
+    a, b = FakeStage("sgd", 3), FakeStage("chain", 2)
+    c = FakeStage("pruned", 2, needs=b)
+    meeting, errors = threading.Barrier(2), []
+
+    def rank(r):
+        try:
+            run_waves([a, b, c], SimpleNamespace(out=tmp_path, rank=r), ThreadRanks(r, 2, meeting), log=lambda _: None)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    # wave 1 lists sgd[0], sgd[1], sgd[2], chain[0], chain[1]; wave 2 (after the chain) pruned[0], pruned[1]
+    assert sorted(a.ran) == [(0, 0), (0, 2), (1, 1)] and sorted(b.ran) == [(0, 1), (1, 0)]
+    assert sorted(c.ran) == [(0, 0), (1, 1)]
+    assert a.finished_by == b.finished_by == c.finished_by == [0]
+
+
+def _run(args, env_extra, cwd):
+    env = {**os.environ, **env_extra}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _same_runs(one: Path, two: Path):
+    strip = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+    assert strip(json.loads((one / "results.json").read_text())) == strip(json.loads((two / "results.json").read_text()))
+    files = sorted(p.relative_to(one) for p in one.rglob("*.pt") if "member" in p.name or "sample" in p.name)
+    assert len(files) == 11  # 2 SGD members, 3 + 3 samples, 3 pruned members
+    for f in files:
+        x, y = torch.load(one / f, weights_only=True), torch.load(two / f, weights_only=True)
+        assert x["state_dict"].keys() == y["state_dict"].keys()
+        for k in x["state_dict"]:
+            assert torch.equal(x["state_dict"][k], y["state_dict"][k]), (f, k)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    need_data("mnist")
+    out = tmp_path_factory.mktemp("ranks") / "one"
+    # torchrun gives each rank one thread; the same here, so that float sums are in the same order
+    _run([sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(out), "--no-progress"],
+         {"OMP_NUM_THREADS": "1"}, ROOT)
+    return out
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_a_two_rank_torchrun_run_equals_the_one_process_run_bit_for_bit(one_process_run, tmp_path):
+    out = tmp_path / "two"
+    log = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "sparse_ensembles", "run", TINY,
+                "--out", str(out), "--no-progress"], {}, ROOT)
+    assert "[rank 1] wave of 3 stage(s), 4 unit(s) over 2 ranks; mine: sgd[1], sgld_gsp[0]" in log
+    _same_runs(one_process_run, out)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_a_run_started_in_one_process_and_interrupted_resumes_under_two_ranks_to_the_same_result(
+        one_process_run, tmp_path):
+    out = tmp_path / "mixed"
+    shutil.copytree(one_process_run, out)
+    # as if the one-process run had been killed after its SGD members and the first chain's samples
+    for folder in ("sgld_gsp", "pruned_90"):
+        shutil.rmtree(out / folder)
+    (out / "sgld" / "done.json").unlink()
+    for f in ("results.json",):
+        (out / f).unlink()
+    log = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "sparse_ensembles", "run", TINY,
+                "--out", str(out), "--no-progress", "--resume"], {}, ROOT)
+    assert "mine: sgld_gsp[0]" in log and "sgd[" not in log.split("wave of")[1].split("\n")[0]
+    _same_runs(one_process_run, out)
