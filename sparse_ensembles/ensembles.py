@@ -15,6 +15,9 @@ from torch import Tensor, nn
 
 def mean_of_probs(logprobs: Tensor) -> Tensor:
     """(M, B, C) member log-probabilities -> (B, C) log of their mean probability."""
+    if not logprobs.shape[0]:
+        raise ValueError("mean_of_probs: an ensemble of 0 members has no prediction; pass at least one member's "
+                         "log-probabilities")
     return torch.logsumexp(logprobs, dim=0) - math.log(logprobs.shape[0])
 
 

@@ -1,4 +1,11 @@
-"""What users compare: error, NLL, ECE, Brier, nonzero parameters and FLOPs."""
+"""What users compare: error, NLL, ECE, Brier, nonzero parameters and FLOPs.
+
+Every metric checks its input first (:func:`check_predictions`): ``(N, C)`` log-probabilities of
+any float dtype against ``N`` integer labels in ``[0, C)``, ``N > 0``. A log-probability of
+``-inf`` is a probability of 0 and is scored as such; NaN or ``+inf`` is refused with a
+:class:`MetricInputError` naming the metric, unless the caller passes ``drop_nonfinite=True``,
+which scores only the rows without them.
+"""
 from __future__ import annotations
 
 from typing import Iterable
@@ -7,21 +14,91 @@ import torch
 from torch import Tensor, nn
 
 
-def error(logprobs: Tensor, y: Tensor) -> float:
+class MetricInputError(ValueError):
+    """Input a metric cannot score; the message names the metric, what is wrong and the fix."""
+
+    def __init__(self, metric: str, problem: str, fix: str):
+        self.metric, self.problem, self.fix = metric, problem, fix
+        super().__init__(f"{metric}: {problem}; {fix}")
+
+
+def _as_float(metric: str, x: Tensor, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise MetricInputError(metric, f"{what} must be a torch.Tensor, got {type(x).__name__}",
+                               "pass torch.as_tensor(...)")
+    if not x.is_floating_point():
+        raise MetricInputError(metric, f"{what} must be floating point, got {x.dtype}", "pass x.float()")
+    # half precision is scored in float32 (its sums lose whole examples); float32 / float64 as given
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _bad_rows(values: Tensor, allow_neg_inf: bool) -> Tensor:
+    """Per row (or element, for 1-D input): holds NaN, +inf, or -inf unless ``allow_neg_inf``."""
+    bad = values.isnan() | (values == float("inf"))
+    if not allow_neg_inf:
+        bad = bad | (values == float("-inf"))
+    return bad.flatten(1).any(1) if bad.dim() > 1 else bad
+
+
+def _drop(metric: str, bad: Tensor, drop_nonfinite: bool, what: str, tensors: tuple[Tensor, ...]):
+    if not bool(bad.any()):
+        return tensors
+    n_bad = int(bad.sum())
+    if not drop_nonfinite:
+        raise MetricInputError(metric, f"{n_bad} of {len(bad)} {what} hold NaN or inf",
+                               "fix what produced them, or pass drop_nonfinite=True to score the rest")
+    if n_bad == len(bad):
+        raise MetricInputError(metric, f"all {len(bad)} {what} hold NaN or inf", "nothing is left to score")
+    keep = ~bad
+    return tuple(t[keep] for t in tensors)
+
+
+def check_predictions(metric: str, logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
+    """Validated ``(logprobs, y)`` for ``metric``: ``(N, C)`` float log-probabilities (half precision
+    promoted to float32) and ``N`` integer labels in ``[0, C)``, ``N > 0``; rows holding NaN or
+    ``+inf`` refused (or dropped with ``drop_nonfinite``). Raises :class:`MetricInputError`."""
+    logprobs = _as_float(metric, logprobs, "log-probabilities")
+    if not isinstance(y, Tensor):
+        raise MetricInputError(metric, f"labels must be a torch.Tensor, got {type(y).__name__}", "pass torch.as_tensor(y)")
+    if logprobs.dim() != 2:
+        raise MetricInputError(metric, f"log-probabilities must be (N, C), got shape {tuple(logprobs.shape)}",
+                               "flatten tokens first: logprobs.reshape(-1, C), y.reshape(-1)")
+    if y.dim() != 1 or len(y) != len(logprobs):
+        raise MetricInputError(metric, f"{len(logprobs)} predictions but labels of shape {tuple(y.shape)}",
+                               "pass one integer label per prediction row")
+    if not len(y):
+        raise MetricInputError(metric, "no examples (N = 0)", "score at least one example")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise MetricInputError(metric, f"labels must be integers, got {y.dtype}", "pass y.long()")
+    y = y.to(device=logprobs.device, dtype=torch.long)
+    if bool((y < 0).any()) or bool((y >= logprobs.shape[1]).any()):
+        raise MetricInputError(metric, f"labels must lie in [0, {logprobs.shape[1]}), got [{int(y.min())}, {int(y.max())}]",
+                               "check that the labels match the model's classes")
+    bad = _bad_rows(logprobs, allow_neg_inf=True)
+    return _drop(metric, bad, drop_nonfinite, "prediction rows", (logprobs, y))
+
+
+def error(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> float:
     """Top-1 test error as a fraction."""
+    logprobs, y = check_predictions("error", logprobs, y, drop_nonfinite)
     return float((logprobs.argmax(-1) != y).float().mean())
 
 
-def nll(logprobs: Tensor, y: Tensor) -> float:
-    """Mean negative log-likelihood (nats)."""
+def nll(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> float:
+    """Mean negative log-likelihood (nats); ``inf`` when a true class has probability 0."""
+    logprobs, y = check_predictions("nll", logprobs, y, drop_nonfinite)
     return float(-logprobs.gather(1, y[:, None]).mean())
 
 
-def ece(logprobs: Tensor, y: Tensor, bins: int = 15) -> float:
+def ece(logprobs: Tensor, y: Tensor, bins: int = 15, drop_nonfinite: bool = False) -> float:
     """Expected calibration error (Guo et al. 2017): top-1 confidence, ``bins`` equal-width bins
-    on [0, 1], L1 gap weighted by the fraction of examples in each bin."""
+    on [0, 1], bin ``b`` holding ``(b/bins, (b+1)/bins]``, L1 gap weighted by the fraction of
+    examples in each bin."""
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise MetricInputError("ece", f"bins must be a positive integer, got {bins!r}", "pass e.g. bins=15")
+    logprobs, y = check_predictions("ece", logprobs, y, drop_nonfinite)
     conf, pred = logprobs.exp().max(-1)
-    correct = (pred == y).float()
+    correct = (pred == y).to(conf.dtype)
     # bin b holds confidences in (b/bins, (b+1)/bins]; confidence 0 cannot occur for a max prob
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     zeros = torch.zeros(bins, dtype=conf.dtype, device=conf.device)  # bins on the data's device
@@ -30,14 +107,16 @@ def ece(logprobs: Tensor, y: Tensor, bins: int = 15) -> float:
     return float((sum_conf - sum_acc).abs().sum() / len(y))
 
 
-def brier(logprobs: Tensor, y: Tensor) -> float:
+def brier(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> float:
     """Brier score: sum over classes of (p - onehot)^2, averaged over examples (range [0, 2])."""
+    logprobs, y = check_predictions("brier", logprobs, y, drop_nonfinite)
     p = logprobs.exp()
     onehot = torch.nn.functional.one_hot(y, p.shape[-1]).to(p.dtype)
     return float((p - onehot).pow(2).sum(-1).mean())
 
 
-def classification_metrics(logprobs: Tensor, y: Tensor) -> dict:
+def classification_metrics(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> dict:
+    logprobs, y = check_predictions("classification_metrics", logprobs, y, drop_nonfinite)
     return {"error": error(logprobs, y), "nll": nll(logprobs, y), "ece": ece(logprobs, y), "brier": brier(logprobs, y)}
 
 

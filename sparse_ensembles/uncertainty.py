@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .metrics import MetricInputError, _bad_rows, _drop
+
 __all__ = [
     "entropy", "ensemble_mean_logp", "predictive_entropy", "expected_entropy", "mutual_information",
     "UncertaintyStream", "ood_metrics", "auroc", "aupr", "fpr_at_tpr", "risk_coverage", "aurc",
@@ -37,6 +39,9 @@ def entropy(logp: Tensor) -> Tensor:
 def ensemble_mean_logp(logp: Tensor) -> Tensor:
     """Log of the members' mean probability: ``(M, N, C) -> (N, C)``,
     ``logsumexp_m log p_m - log M``."""
+    if logp.dim() != 3 or not logp.shape[0]:
+        raise MetricInputError("ensemble_mean_logp", f"need (M, N, C) member log-probabilities with M >= 1, got shape "
+                               f"{tuple(logp.shape)}", "stack at least one member's (N, C) log-probabilities")
     return torch.logsumexp(logp, 0) - math.log(logp.shape[0])
 
 
@@ -113,22 +118,35 @@ class UncertaintyStream:
 
 
 # -- 2. OOD detection -----------------------------------------------------------------------------
-def _labelled(score_in: Tensor, score_out: Tensor) -> tuple[Tensor, Tensor]:
-    score_in, score_out = score_in.detach().flatten(), score_out.detach().flatten()
+def _scores(metric: str, x: Tensor, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise MetricInputError(metric, f"{what} must be a torch.Tensor, got {type(x).__name__}", "pass torch.as_tensor(...)")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise MetricInputError(metric, f"{what} must be real numbers, got {x.dtype}", "pass x.double()")
+    return x.detach().flatten()
+
+
+def _labelled(metric: str, score_in: Tensor, score_out: Tensor, drop_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
+    score_in, score_out = _scores(metric, score_in, "in-distribution scores"), _scores(metric, score_out, "OOD scores")
     if not len(score_in) or not len(score_out):
-        raise ValueError("OOD metrics need at least one in-distribution and one OOD score")
-    scores = torch.cat([score_in, score_out.to(score_in.device)]).double()
-    is_out = torch.cat([torch.zeros_like(score_in, dtype=torch.bool), torch.ones_like(score_out, dtype=torch.bool,
-                                                                                      device=score_in.device)])
+        raise MetricInputError(metric, f"got {len(score_in)} in-distribution and {len(score_out)} OOD scores",
+                               "OOD metrics need at least one of each")
+    score_in = score_in.double()
+    score_out = score_out.to(device=score_in.device, dtype=torch.float64)
+    # a NaN score cannot be ranked: refuse it (or drop it) rather than let it fall anywhere
+    (score_in,) = _drop(metric, ~score_in.isfinite(), drop_nonfinite, "in-distribution scores", (score_in,))
+    (score_out,) = _drop(metric, ~score_out.isfinite(), drop_nonfinite, "OOD scores", (score_out,))
+    scores = torch.cat([score_in, score_out])
+    is_out = torch.cat([torch.zeros_like(score_in, dtype=torch.bool), torch.ones_like(score_out, dtype=torch.bool)])
     return scores, is_out
 
 
-def auroc(score_in: Tensor, score_out: Tensor) -> float:
+def auroc(score_in: Tensor, score_out: Tensor, drop_nonfinite: bool = False) -> float:
     """Area under the ROC curve with OOD as the positive class and higher score = more likely
     OOD: ``P(s_out > s_in) + P(s_out = s_in) / 2`` over all (in, out) pairs, computed exactly
     by the Mann-Whitney rank-sum statistic with average ranks for ties (identical scores give
     0.5)."""
-    scores, is_out = _labelled(score_in, score_out)
+    scores, is_out = _labelled("auroc", score_in, score_out, drop_nonfinite)
     _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)  # ascending
     last = counts.cumsum(0).double()  # 1-based rank of each tie group's last member
     avg_rank = (last - (counts.double() - 1) / 2)[inverse]
@@ -137,13 +155,14 @@ def auroc(score_in: Tensor, score_out: Tensor) -> float:
     return float(u / (n_out * n_in))
 
 
-def aupr(score_in: Tensor, score_out: Tensor) -> float:
+def aupr(score_in: Tensor, score_out: Tensor, drop_nonfinite: bool = False) -> float:
     """Area under the precision-recall curve with OOD as the positive class, as average
     precision (sklearn's ``average_precision_score``): ``AP = sum_k (R_k - R_{k-1}) P_k`` over the
     distinct score thresholds ``t_k`` in decreasing order, where a sample is flagged OOD when its
     score is ``>= t_k`` (a tie group enters all at once), ``P_k``/``R_k`` are the precision and
-    recall of that rule and ``R_0 = 0``. Step-wise, no interpolation."""
-    scores, is_out = _labelled(score_in, score_out)
+    recall of that rule and ``R_0 = 0``. Step-wise, no interpolation. This is AUPR-out (OOD
+    positive); for AUPR-in pass the negated scores swapped."""
+    scores, is_out = _labelled("aupr", score_in, score_out, drop_nonfinite)
     _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
     pos = torch.zeros(len(counts), dtype=torch.float64, device=scores.device).index_add(0, inverse, is_out.double())
     tp = pos.flip(0).cumsum(0)  # thresholds in decreasing order
@@ -152,42 +171,57 @@ def aupr(score_in: Tensor, score_out: Tensor) -> float:
     return float((recall_gain * tp / flagged).sum())
 
 
-def fpr_at_tpr(score_in: Tensor, score_out: Tensor, tpr: float = 0.95) -> float:
+def fpr_at_tpr(score_in: Tensor, score_out: Tensor, tpr: float = 0.95, drop_nonfinite: bool = False) -> float:
     """False-positive rate at ``tpr`` true-positive rate, OOD positive, flagged when
     ``score >= t``. The threshold is the largest ``t`` that flags at least ``tpr`` of the OOD
     samples: the ``k``-th largest OOD score with ``k = ceil(tpr * n_out)``. Returns the fraction
     of in-distribution samples with ``score >= t`` (ties at ``t`` count as flagged)."""
-    score_in, score_out = score_in.detach().flatten(), score_out.detach().flatten()
-    if not len(score_in) or not len(score_out):
-        raise ValueError("OOD metrics need at least one in-distribution and one OOD score")
     if not 0 < tpr <= 1:
-        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+        raise MetricInputError("fpr_at_tpr", f"tpr must be in (0, 1], got {tpr}", "pass e.g. tpr=0.95")
+    scores, is_out = _labelled("fpr_at_tpr", score_in, score_out, drop_nonfinite)
+    score_in, score_out = scores[~is_out], scores[is_out]
     k = max(1, math.ceil(round(tpr * len(score_out), 9)))  # round: 0.95 * 20 is 19, not 19.000...04
     t = score_out.sort(descending=True).values[k - 1]
-    return float((score_in >= t.to(score_in.device)).double().mean())
+    return float((score_in >= t).double().mean())
 
 
-def ood_metrics(score_in: Tensor, score_out: Tensor) -> dict[str, float]:
+def ood_metrics(score_in: Tensor, score_out: Tensor, drop_nonfinite: bool = False) -> dict[str, float]:
     """``{"auroc", "aupr", "fpr95"}`` for separating OOD (positive) from in-distribution samples
     by a score that is higher for OOD (e.g. the predictive entropy or the mutual information;
     pass ``-max_prob`` for a confidence). See :func:`auroc`, :func:`aupr`, :func:`fpr_at_tpr`."""
-    return {"auroc": auroc(score_in, score_out), "aupr": aupr(score_in, score_out),
-            "fpr95": fpr_at_tpr(score_in, score_out, 0.95)}
+    kw = {"drop_nonfinite": drop_nonfinite}
+    return {"auroc": auroc(score_in, score_out, **kw), "aupr": aupr(score_in, score_out, **kw),
+            "fpr95": fpr_at_tpr(score_in, score_out, 0.95, **kw)}
 
 
 # -- 3. selective prediction ----------------------------------------------------------------------
-def _accepted(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
-    """Per distinct confidence, in decreasing order: examples accepted so far (``>=`` it), errors among them."""
-    confidence, correct = confidence.detach().flatten(), correct.detach().flatten()
+def _confidence_and_correct(metric: str, confidence: Tensor, correct: Tensor,
+                            drop_nonfinite: bool) -> tuple[Tensor, Tensor]:
+    confidence = _scores(metric, confidence, "confidences")
+    if not isinstance(correct, Tensor):
+        raise MetricInputError(metric, f"correctness flags must be a torch.Tensor, got {type(correct).__name__}",
+                               "pass torch.as_tensor(correct)")
+    correct = correct.detach().flatten().to(confidence.device)
     if len(confidence) != len(correct) or not len(confidence):
-        raise ValueError(f"need as many confidences as correctness flags (> 0), got {len(confidence)} and {len(correct)}")
+        raise MetricInputError(metric, f"got {len(confidence)} confidences and {len(correct)} correctness flags",
+                               "pass one flag per confidence, at least one of each")
+    if correct.dtype != torch.bool and not bool(((correct == 0) | (correct == 1)).all()):
+        raise MetricInputError(metric, "correctness flags must be bool or 0/1", "pass (pred == y)")
+    confidence = confidence if confidence.is_floating_point() else confidence.double()
+    return _drop(metric, _bad_rows(confidence, allow_neg_inf=False), drop_nonfinite, "confidences",
+                 (confidence, correct))
+
+
+def _accepted(metric: str, confidence: Tensor, correct: Tensor, drop_nonfinite: bool) -> tuple[Tensor, Tensor]:
+    """Per distinct confidence, in decreasing order: examples accepted so far (``>=`` it), errors among them."""
+    confidence, correct = _confidence_and_correct(metric, confidence, correct, drop_nonfinite)
     _, inverse, counts = torch.unique(confidence, return_inverse=True, return_counts=True)
-    wrong = (correct.to(confidence.device) == 0).double()
+    wrong = (correct == 0).double()
     errors = torch.zeros(len(counts), dtype=torch.float64, device=confidence.device).index_add(0, inverse, wrong)
     return counts.flip(0).cumsum(0), errors.flip(0).cumsum(0)
 
 
-def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+def risk_coverage(confidence: Tensor, correct: Tensor, drop_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
     """Risk-coverage curve of predicting only on the most confident examples.
 
     Examples are accepted in decreasing order of ``confidence``; a group of equal confidences is
@@ -196,36 +230,41 @@ def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
     value, and ``risk`` the error rate (fraction not ``correct``; ``correct`` is bool or 0/1)
     among those ``k``. Without ties the points are ``k = 1..N``. Returns ``(coverages, risks)``,
     float64 on the data's device, coverage increasing to 1."""
-    k, errors = _accepted(confidence, correct)
+    k, errors = _accepted("risk_coverage", confidence, correct, drop_nonfinite)
     return k.double() / int(k[-1]), errors / k
 
 
-def aurc(confidence: Tensor, correct: Tensor) -> float:
+def aurc(confidence: Tensor, correct: Tensor, drop_nonfinite: bool = False) -> float:
     """Area under the risk-coverage curve (Geifman et al. 2018): the mean over ``k = 1..N`` of
     the error rate of the ``k`` most confident examples. Ties follow :func:`risk_coverage`: every
     ``k`` inside a tie group takes the risk of the whole group, i.e. ``AURC = sum_j (c_j - c_{j-1})
     r_j`` over the curve's points. Lower is better."""
-    cov, risk = risk_coverage(confidence, correct)
+    k, errors = _accepted("aurc", confidence, correct, drop_nonfinite)
+    cov, risk = k.double() / int(k[-1]), errors / k
     return float((torch.diff(cov, prepend=cov.new_zeros(1)) * risk).sum())
 
 
-def error_at_coverage(confidence: Tensor, correct: Tensor, coverage: float = 0.8) -> float:
+def error_at_coverage(confidence: Tensor, correct: Tensor, coverage: float = 0.8,
+                      drop_nonfinite: bool = False) -> float:
     """Error rate of the most confident ``coverage`` fraction: the risk at the first point of
     :func:`risk_coverage` whose coverage is ``>= coverage`` (``k = ceil(coverage * N)`` examples
     without ties; a tie group straddling that rank is included whole)."""
     if not 0 < coverage <= 1:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
-    k, errors = _accepted(confidence, correct)
+        raise MetricInputError("error_at_coverage", f"coverage must be in (0, 1], got {coverage}", "pass e.g. coverage=0.8")
+    k, errors = _accepted("error_at_coverage", confidence, correct, drop_nonfinite)
     need = math.ceil(round(coverage * int(k[-1]), 9))  # round: 0.8 * 5 is 4, not 4.000...01
     i = int((k < need).sum())  # the first point accepting >= need examples
     return float(errors[i] / k[i])
 
 
 # -- 4./5. calibration ----------------------------------------------------------------------------
-def _reliability(conf: Tensor, correct: Tensor, bins: int) -> dict:
-    correct = correct.to(device=conf.device, dtype=conf.dtype)
-    if len(conf) != len(correct) or not len(conf):
-        raise ValueError(f"need as many confidences as correctness flags (> 0), got {len(conf)} and {len(correct)}")
+def _reliability(conf: Tensor, correct: Tensor, bins: int, metric: str = "reliability") -> dict:
+    if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+        raise MetricInputError(metric, f"bins must be a positive integer, got {bins!r}", "pass e.g. bins=15")
+    conf, correct = _confidence_and_correct(metric, conf, correct, drop_nonfinite=False)
+    if conf.dtype not in (torch.float32, torch.float64):
+        conf = conf.float()
+    correct = correct.to(conf.dtype)
     # bin b holds confidences in (b/bins, (b+1)/bins], as in metrics.ece
     idx = (conf * bins).ceil().long().clamp(1, bins) - 1
     zeros = torch.zeros(bins, dtype=conf.dtype, device=conf.device)
