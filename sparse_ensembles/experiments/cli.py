@@ -11,6 +11,7 @@ from . import config as config_mod
 from .config import ConfigError
 from .evaluate import evaluate_run
 from ..checkpoint import RunFileError
+from ..metrics import MetricInputError
 from .pipeline import Pipeline, run_config
 
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
         elif args.command == "download":
             fetch = download_cifar10 if args.name == "cifar10" else (lambda dest: download(args.name, dest))
             print(f"saved to {fetch(args.dest)}")
-    except (ConfigError, DataError, DivergenceError, RunFileError, FloatingPointError) as e:
+    except (ConfigError, DataError, DivergenceError, RunFileError, MetricInputError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
