@@ -1,0 +1,510 @@
+"""One call from a user's own model and DataLoaders to a sparse ensemble chosen on validation data
+(issue 25)::
+
+    ens = SparseEnsemble(model, budget={"params": 1.0}).fit(train_loader, valid_loader)
+    ens(x)              # log of the mean of the members' probabilities
+    ens.report()        # every candidate's valid metrics and cost; the chosen one marked
+    ens.save("ens"); SparseEnsemble.load("ens")
+
+``fit`` runs the SSE recipe (Zhang & Ou 2018) on the model as given:
+
+1. the model trained densely by SGD: the reference of the budget, and itself a candidate;
+2. per point of the grid ``lams x temperatures`` one SGLD chain started from that network, with the
+   group sparse prior ``lam * sum_g sqrt(dim_g) ||theta_g||`` on the model's neuron groups, one
+   sample every ``thin`` epochs after ``burn_in``;
+3. every sample pruned at every sparsity (magnitude, after the groups the prior switched off),
+   retrained with its mask fixed, and shrunk physically (:func:`~sparse_ensembles.compact.compact_mlp`);
+4. every candidate ``(lam, T, sparsity, m)`` -- the ensemble of the first ``m`` members -- scored on
+   the validation loader; the one with the lowest valid NLL (or error) whose cost is within the
+   ``budget`` (relative to the dense model) is chosen.
+
+One chain serves every sparsity and member count, and a member retrained once serves every ``m``.
+With more than one grid point, successive halving decides which chains get the full search: every
+chain's first two members at the middle sparsity are scored first, and only the better half goes on.
+Nothing here reads a test split: ``fit`` is given train and valid only.
+
+Everything is written to ``workdir`` as it finishes (per-epoch checkpoints, samples, members), so an
+interrupted ``fit`` called again with the same arguments resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from . import checkpoint, metrics, pruning
+from .models.mlp import _mlp_layers, compact_mlp
+from .models.registry import from_spec
+from .priors import Gaussian, GroupLasso, Sum
+from .samplers import SGLD
+from .structure import sequential_groups
+from .training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
+
+__all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability"]
+
+
+class CollapseWarning(UserWarning):
+    """The chain's samples are (nearly) one network: the ensemble adds little over a point estimate."""
+
+
+@dataclass
+class Recipe:
+    """The settings ``fit`` runs with; the defaults are the shipped demo's (``configs/fmnist_demo.toml``,
+    an MLP on Fashion-MNIST). Grids: ``lams``, ``temperatures``, ``sparsities``, ``members``."""
+    sgd_epochs: int = 20
+    sgd_lr: float = 0.5
+    sgd_lr_halving: int = 5          # the SGD step is halved every this many epochs
+    chain_lr: float = 0.1
+    lams: Sequence[float] = (3.0,)   # group-Lasso strength
+    temperatures: Sequence[float] = (0.01,)
+    precision: float = 1.0           # a weak Gaussian prior on every parameter beside the group Lasso
+    burn_in: int = 10                # chain epochs before the first sample
+    thin: int = 3                    # chain epochs between samples
+    sparsities: Sequence[float] = (0.8, 0.88, 0.94)
+    members: Sequence[int] = (2, 4, 8)
+    retrain_epochs: int = 15
+    retrain_lr: float = 0.2
+    retrain_lr_decay: float = 1.15   # the retraining step is divided by this every epoch
+    select: str = "nll"              # what the validation split minimises: "nll" or "error"
+    seed: int = 0
+
+    def check(self) -> None:
+        def need(ok, key, why):
+            if not ok:
+                raise ValueError(f"Recipe.{key}: {why}")
+        for key in ("sgd_epochs", "burn_in", "retrain_epochs"):
+            need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an int >= 0")
+        need(isinstance(self.thin, int) and self.thin >= 1, "thin", "must be an int >= 1")
+        for key in ("sgd_lr", "chain_lr", "retrain_lr", "precision", "retrain_lr_decay"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, f"must be a finite number > 0, got {v!r}")
+        need(len(self.lams) > 0 and all(v > 0 and math.isfinite(v) for v in self.lams), "lams", "positive numbers")
+        need(len(self.temperatures) > 0 and all(v >= 0 and math.isfinite(v) for v in self.temperatures),
+             "temperatures", "numbers >= 0")
+        need(len(self.sparsities) > 0 and all(0 <= s < 1 for s in self.sparsities), "sparsities",
+             "fractions removed, in [0, 1)")
+        need(len(self.members) > 0 and all(isinstance(m, int) and m >= 1 for m in self.members), "members",
+             "positive ints")
+        need(self.select in ("nll", "error"), "select", "use 'nll' or 'error'")
+
+    @property
+    def samples(self) -> int:
+        return max(self.members)
+
+
+def prunability(model: nn.Module) -> dict:
+    """What ``fit`` can do with ``model``: ``{"compacts": bool, "groups": [...], "reason": str}``.
+    An ``nn.Sequential`` of ``Linear``, activations, ``Flatten`` (first) and ``Dropout`` gets neuron
+    groups (a neuron's outgoing weights) and shrinks physically; anything else falls back to
+    unstructured magnitude masks under a Gaussian prior, kept at full size."""
+    if isinstance(model, nn.Sequential):
+        try:
+            _mlp_layers(model)
+            groups = sequential_groups(model)
+            return {"compacts": True, "groups": [f"{g.name}: {g.size} groups" for g in groups],
+                    "reason": "an MLP: neuron groups, shrunk to smaller dense layers"}
+        except ValueError as e:
+            reason = str(e)
+    else:
+        reason = f"{type(model).__name__} is not an nn.Sequential"
+    return {"compacts": False, "groups": [],
+            "reason": f"not compacted ({reason}): unstructured magnitude masks, members kept at full size"}
+
+
+def _xy(batch) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) of a batch given as a tuple / list or a dict."""
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in ("x", "input", "inputs", "image", "images") if k in batch), None)
+        y = next((batch[k] for k in ("y", "label", "labels", "target", "targets") if k in batch), None)
+        if x is None or y is None:
+            raise ValueError(f"a dict batch needs an input key (x / input / inputs / image / images) and a target key "
+                             f"(y / label / labels / target / targets); got keys {sorted(batch)}")
+        return x, y
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"a batch must be (inputs, targets) or a dict; got {type(batch).__name__}")
+
+
+def _batches(loader: Iterable, device) -> Iterable[tuple[Tensor, Tensor]]:
+    for batch in loader:
+        x, y = _xy(batch)
+        yield x.to(device), y.to(device)
+
+
+def _num_data(loader) -> int:
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return sum(len(_xy(b)[1]) for b in loader)
+
+
+@torch.no_grad()
+def _logprobs(model: nn.Module, loader, device) -> tuple[Tensor, Tensor]:
+    was = model.training
+    model.eval()
+    out, ys = [], []
+    for x, y in _batches(loader, device):
+        out.append(torch.log_softmax(model(x), -1).float())
+        ys.append(y)
+    model.train(was)
+    return torch.cat(out), torch.cat(ys)
+
+
+def _ensemble(logps: Sequence[Tensor]) -> Tensor:
+    return torch.logsumexp(torch.stack(list(logps)), 0) - math.log(len(logps))
+
+
+def _params(model: nn.Module) -> int:
+    return metrics.nonzero_params(model)
+
+
+def _flops(model: nn.Module) -> int:
+    return metrics.cost([model])["flops"]
+
+
+def _tag(lam: float, temperature: float) -> str:
+    return f"lam{lam:g}_T{temperature:g}"
+
+
+def _pct(s: float) -> str:
+    return f"{100 * s:g}"
+
+
+class SparseEnsemble(nn.Module):
+    """A sparse ensemble of a user's model, built and chosen by :meth:`fit`; see the module docstring.
+
+    Args:
+        model: the network (left untouched; ``fit`` trains copies). Its forward returns logits.
+        task: ``"classification"`` (cross-entropy; members averaged as probabilities).
+        budget: the chosen ensemble's cost relative to one dense model: ``{"params": 1.0}`` (nonzero
+            parameters), ``{"flops": 2.0}`` (sub-matrix FLOPs), or both; ``None``: no limit.
+        recipe: a :class:`Recipe` (or a dict of its fields).
+        workdir: where work is saved and resumed (default: a new temporary folder).
+        device: where training runs (default: the model's device).
+        progress: show progress bars and messages.
+    """
+
+    def __init__(self, model: nn.Module, task: str = "classification", budget: Optional[dict] = None,
+                 recipe: Recipe | dict | None = None, workdir=None, device=None, progress: bool = True):
+        super().__init__()
+        if task != "classification":
+            raise ValueError(f"task {task!r} is not supported by SparseEnsemble yet; use 'classification'")
+        budget = {"params": 1.0} if budget is None else dict(budget)
+        unknown = set(budget) - {"params", "flops"}
+        if unknown or not all(isinstance(v, (int, float)) and v > 0 for v in budget.values()):
+            raise ValueError(f"budget must map 'params' and/or 'flops' to a positive ratio to one dense model; got {budget!r}")
+        self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else (recipe or Recipe())
+        self.recipe.check()
+        self.task, self.budget = task, budget
+        self.__dict__["template"] = model  # not a submodule: its weights are not the ensemble's
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sparse_ensemble_"))
+        self.progress = progress
+        self.structure = prunability(model)
+        self.members = nn.ModuleList()
+        self.candidates: list[dict] = []
+        self.chosen: Optional[dict] = None
+        self.diagnostics: dict = {}
+
+    # -- the recipe --------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.progress:
+            print(msg, flush=True)
+
+    def _bar(self, total: int, label: str):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=label, leave=False)
+
+    def _train(self, model, opt, loader, epochs: int, ckpt: Path, label: str, *, sched=None, after_epoch=None,
+               extra_state=None) -> float:
+        gen = torch.Generator().manual_seed(self.recipe.seed)
+        torch.manual_seed(self.recipe.seed)
+
+        def epoch(e):
+            loss = train_epoch(model, opt, _batches(loader, self.device), where=f"{label} epoch {e + 1}")
+            if sched is not None:
+                sched.step()
+            return loss
+
+        state = {"model": model, "opt": opt, "gen": GeneratorState(gen), **(extra_state or {})}
+        if sched is not None:
+            state["sched"] = sched
+        return run_epochs(ckpt, epochs, state, epoch, after_epoch=after_epoch, bar=self._bar(epochs, label),
+                          log=self._log if self.progress else (lambda s: None), label=label)
+
+    def _dense(self, train_loader) -> nn.Module:
+        r, path = self.recipe, self.workdir / "dense.pt"
+        model = copy.deepcopy(self.template).to(self.device)
+        if path.exists():
+            model.load_state_dict(checkpoint.load(path, fix="delete it to train the dense model again")["state"])
+            return model
+        opt = torch.optim.SGD(model.parameters(), lr=r.sgd_lr)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=r.sgd_lr_halving, gamma=0.5)
+        seconds = self._train(model, opt, train_loader, r.sgd_epochs, self.workdir / "dense.ckpt", "dense SGD", sched=sched)
+        checkpoint.atomic_save({"state": checkpoint.cpu_state(model), "train_seconds": seconds}, path)
+        (self.workdir / "dense.ckpt").unlink(missing_ok=True)
+        return model
+
+    def _prior(self, model: nn.Module, lam: float):
+        if self.structure["compacts"]:
+            return Sum(GroupLasso(sequential_groups(model), lam), Gaussian(self.recipe.precision))
+        return Gaussian(self.recipe.precision)
+
+    def _chain(self, dense: nn.Module, lam: float, temperature: float, train_loader) -> list[Path]:
+        """The chain's samples (state dicts), one every ``thin`` epochs after ``burn_in``."""
+        r = self.recipe
+        folder = self.workdir / f"chain_{_tag(lam, temperature)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = [folder / f"sample_{k:03d}.pt" for k in range(r.samples)]
+        if all(p.exists() for p in paths):
+            return paths
+        model = copy.deepcopy(dense)
+        gen = torch.Generator(device=self.device).manual_seed(r.seed + 1)
+        sampler = SGLD(model.named_parameters(), lr=r.chain_lr, num_data=_num_data(train_loader),
+                       temperature=temperature, prior=self._prior(model, lam), generator=gen)
+        epochs = r.burn_in + r.thin * r.samples
+
+        def after(done: int):
+            k, rest = divmod(done - r.burn_in, r.thin)
+            if done > r.burn_in and rest == 0 and k >= 1:
+                checkpoint.atomic_save({"state": checkpoint.cpu_state(model)}, paths[k - 1])
+
+        self._train(model, sampler, train_loader, epochs, folder / "chain.ckpt",
+                    f"SGLD chain lam {lam:g} T {temperature:g}", after_epoch=after, extra_state={})
+        (folder / "chain.ckpt").unlink(missing_ok=True)
+        return paths
+
+    def _member(self, dense: nn.Module, sample: Path, sparsity: float, k: int, train_loader) -> nn.Module:
+        """Sample ``k`` pruned to ``sparsity``, retrained with its mask fixed, shrunk (cached on disk)."""
+        r = self.recipe
+        path = sample.parent / f"pruned_{_pct(sparsity)}" / f"member_{k:03d}.pt"
+        if path.exists():
+            if self.structure["compacts"]:
+                return checkpoint.load_member(path, self.device)[0]
+            model = copy.deepcopy(dense)
+            model.load_state_dict(checkpoint.load(path)["state"])
+            return model.eval()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(dense)
+        model.load_state_dict(checkpoint.load(sample, fix="delete the chain folder to sample it again")["state"])
+        params = dict(model.named_parameters())
+        prunable = [n for n, p in params.items() if p.dim() >= 2]
+        groups = sequential_groups(model) if self.structure["compacts"] else []
+        masks = pruning.sse_masks(params, groups, groups, prunable, sparsity)
+        pruning.apply_masks(model, masks)
+        hooks = pruning.keep_pruned_at_zero(model, masks)
+        opt = Constrained(torch.optim.SGD(model.parameters(), lr=r.retrain_lr), params, masks=Holder(masks))
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt.optimizer, gamma=1 / r.retrain_lr_decay)
+        self._train(model, opt, train_loader, r.retrain_epochs, path.with_suffix(".ckpt"),
+                    f"retrain {_pct(sparsity)}% member {k + 1}", sched=sched)
+        for h in hooks:
+            h.remove()
+        model.eval()
+        if self.structure["compacts"]:
+            small = compact_mlp(model).to(self.device).eval()
+            checkpoint.save_member(path, small)
+            model = small
+        else:
+            checkpoint.atomic_save({"state": checkpoint.cpu_state(model)}, path)
+        path.with_suffix(".ckpt").unlink(missing_ok=True)
+        return model
+
+    def _diversity(self, samples: list[Path], dense: nn.Module, valid_loader) -> dict:
+        """How different the chain's samples are: mean pairwise disagreement of their valid
+        predictions, and the mean distance between consecutive samples relative to their norm."""
+        preds, flats = [], []
+        for p in samples:
+            model = copy.deepcopy(dense)
+            model.load_state_dict(checkpoint.load(p)["state"])
+            preds.append(_logprobs(model, valid_loader, self.device)[0].argmax(-1))
+            flats.append(torch.cat([q.detach().flatten() for q in model.parameters()]))
+        pairs = [(i, j) for i in range(len(preds)) for j in range(i + 1, len(preds))]
+        disagree = statistics.fmean(float((preds[i] != preds[j]).float().mean()) for i, j in pairs) if pairs else 0.0
+        dist = [float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(flats, flats[1:])]
+        return {"disagreement": disagree, "relative_distance": statistics.fmean(dist) if dist else 0.0}
+
+    def _candidates_of(self, tag: str, lam: float, temperature: float, logps: dict, members: dict,
+                       dense_cost: dict, sparsities, counts, y: Tensor) -> list[dict]:
+        rows = []
+        for s in sparsities:
+            for m in counts:
+                if len(logps[s]) < m:
+                    continue
+                ens = _ensemble(logps[s][:m])
+                cost = {"params": sum(_params(x) for x in members[s][:m]),
+                        "flops": sum(_flops(x) for x in members[s][:m])}
+                rows.append({"name": f"SGLD+GSP+PR {_pct(s)}% x{m}", "chain": tag, "lam": lam, "temperature": temperature,
+                             "sparsity": s, "members": m, "valid_error": metrics.error(ens, y),
+                             "valid_nll": metrics.nll(ens, y),
+                             "params_ratio": cost["params"] / dense_cost["params"],
+                             "flops_ratio": cost["flops"] / dense_cost["flops"]})
+        return rows
+
+    def fit(self, train_loader, valid_loader) -> "SparseEnsemble":
+        """Run the recipe, score every candidate on ``valid_loader`` and keep the chosen one."""
+        r = self.recipe
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        settings = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
+                    "budget": self.budget, "task": self.task}
+        prior_settings = checkpoint.read_json(self.workdir / "settings.json", default=None)
+        if prior_settings is not None and prior_settings != json.loads(json.dumps(settings)):
+            raise ValueError(f"{self.workdir} holds a fit with other settings ({prior_settings}); pass another "
+                             "workdir, or the same recipe and budget to resume it")
+        checkpoint.atomic_write_json(self.workdir / "settings.json", settings)
+        self._log(f"sparse ensemble: {self.structure['reason']}; working in {self.workdir}")
+        t0 = time.perf_counter()
+        dense = self._dense(train_loader)
+        dense_logp, y = _logprobs(dense, valid_loader, self.device)
+        dense_cost = {"params": _params(dense), "flops": _flops(dense)}
+        rows = [{"name": "SGD x1 (dense)", "chain": None, "lam": None, "temperature": None, "sparsity": 0.0,
+                 "members": 1, "valid_error": metrics.error(dense_logp, y), "valid_nll": metrics.nll(dense_logp, y),
+                 "params_ratio": 1.0, "flops_ratio": 1.0}]
+        found = {"dense": [dense]}
+        grid = [(lam, t) for lam in r.lams for t in r.temperatures]
+        mid = sorted(r.sparsities)[len(r.sparsities) // 2]
+        key = "valid_nll" if r.select == "nll" else "valid_error"
+        survivors = grid
+        if len(grid) > 1:  # successive halving: two members at the middle sparsity decide who goes on
+            scores = []
+            for lam, t in grid:
+                samples = self._chain(dense, lam, t, train_loader)
+                probe = [self._member(dense, samples[k], mid, k, train_loader) for k in range(min(2, r.samples))]
+                ens = _ensemble([_logprobs(m, valid_loader, self.device)[0] for m in probe])
+                scores.append(metrics.nll(ens, y) if r.select == "nll" else metrics.error(ens, y))
+                self._log(f"halving: lam {lam:g} T {t:g}: valid {r.select} {scores[-1]:.4f} with {len(probe)} members")
+            order = sorted(range(len(grid)), key=lambda i: scores[i])
+            survivors = [grid[i] for i in order[:max(1, len(grid) // 2)]]
+            self.diagnostics["halving"] = [{"lam": lam, "temperature": t, f"valid_{r.select}": s}
+                                           for (lam, t), s in zip(grid, scores)]
+        for lam, t in survivors:
+            tag = _tag(lam, t)
+            samples = self._chain(dense, lam, t, train_loader)
+            div = self._diversity(samples, dense, valid_loader)
+            self.diagnostics[tag] = div
+            if div["disagreement"] < 0.05 * rows[0]["valid_error"] or div["relative_distance"] < 1e-3:
+                warnings.warn(CollapseWarning(
+                    f"chain {tag}: its {len(samples)} samples are nearly one network (pairwise disagreement "
+                    f"{100 * div['disagreement']:.2f}% of valid predictions, consecutive samples "
+                    f"{100 * div['relative_distance']:.3f}% apart): the ensemble adds little over a point estimate; "
+                    "raise the temperature or the chain's step (Recipe.temperatures, Recipe.chain_lr)"))
+            logps, members = {}, {}
+            for s in r.sparsities:
+                members[s] = [self._member(dense, samples[k], s, k, train_loader) for k in range(r.samples)]
+                logps[s] = [_logprobs(m, valid_loader, self.device)[0] for m in members[s]]
+                found.update({(tag, s, m): members[s][:m] for m in r.members})
+            rows += self._candidates_of(tag, lam, t, logps, members, dense_cost, r.sparsities, r.members, y)
+        for row in rows:
+            row["within_budget"] = all(row[f"{k}_ratio"] <= v + 1e-12 for k, v in self.budget.items())
+        eligible = [row for row in rows if row["within_budget"]]
+        best = min(eligible, key=lambda row: (row[key], row["params_ratio"]))
+        for row in rows:
+            row["chosen"] = row is best
+        self.candidates, self.chosen = rows, best
+        chosen_members = found["dense"] if best["chain"] is None else found[(best["chain"], best["sparsity"], best["members"])]
+        self.members = nn.ModuleList(m.eval() for m in chosen_members)
+        self.diagnostics["fit_seconds"] = time.perf_counter() - t0
+        checkpoint.atomic_write_json(self.workdir / "fit.json", {"candidates": rows, "diagnostics": self.diagnostics,
+                                                                  **settings})
+        self._log(self.report(print_table=False))
+        return self
+
+    # -- using the result ----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """log of the mean of the chosen members' probabilities."""
+        if not len(self.members):
+            raise RuntimeError("this SparseEnsemble has no members yet: call fit(train_loader, valid_loader) or load()")
+        return _ensemble([torch.log_softmax(m(x), -1) for m in self.members])
+
+    @torch.no_grad()
+    def measure_latency(self, x: Tensor, repeats: int = 21) -> dict:
+        """Median milliseconds of one forward pass on ``x``, the ensemble's and the dense template's
+        (same device and thread count, interleaved)."""
+        self.eval()
+        dense = copy.deepcopy(self.template).eval()
+        times = {"ensemble": [], "dense": []}
+        for _ in range(repeats):
+            for name, f in (("ensemble", self), ("dense", dense)):
+                t0 = time.perf_counter()
+                f(x)
+                times[name].append(1000 * (time.perf_counter() - t0))
+        out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+        out["ratio"] = out["ensemble_ms"] / out["dense_ms"]
+        return out
+
+    def report(self, print_table: bool = True) -> str:
+        """Every candidate's valid error and NLL, parameter and FLOPs ratios to one dense model,
+        whether it fits the budget; the chosen one marked ``<-``."""
+        if not self.candidates:
+            raise RuntimeError("nothing to report: call fit() first")
+        lines = [f"{'candidate':<26} {'chain':<16} {'valid err %':>11} {'valid NLL':>9} {'params':>7} {'FLOPs':>7}  budget",
+                 "-" * 88]
+        for row in self.candidates:
+            lines.append(f"{row['name']:<26} {row['chain'] or '-':<16} {100 * row['valid_error']:>11.2f} "
+                         f"{row['valid_nll']:>9.4f} {row['params_ratio']:>6.2f}x {row['flops_ratio']:>6.2f}x  "
+                         f"{'yes' if row['within_budget'] else 'no ':<3}{'  <- chosen' if row['chosen'] else ''}")
+        for tag, d in self.diagnostics.items():
+            if isinstance(d, dict) and "disagreement" in d:
+                lines.append(f"chain {tag}: samples disagree on {100 * d['disagreement']:.2f}% of valid predictions, "
+                             f"consecutive samples {100 * d['relative_distance']:.2f}% apart")
+        text = "\n".join(lines)
+        if print_table:
+            print(text)
+        return text
+
+    def save(self, path) -> Path:
+        """The chosen members as a JSON spec plus a tensors-only file (no pickled code):
+        ``spec.json`` and ``tensors.pt`` in the folder ``path``."""
+        if not len(self.members):
+            raise RuntimeError("nothing to save: call fit() first")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        specs, tensors = [], {}
+        for i, m in enumerate(self.members):
+            spec = m.spec() if hasattr(m, "spec") else None  # None: the user's template, reloaded via load(model=)
+            specs.append(spec)
+            tensors.update({f"{i}.{k}": v for k, v in checkpoint.cpu_state(m).items()})
+        checkpoint.atomic_write_json(path / "spec.json", {"format": "sparse_ensemble/1", "task": self.task,
+                                                          "members": specs, "chosen": self.chosen,
+                                                          "budget": self.budget})
+        checkpoint.atomic_save(tensors, path / "tensors.pt")
+        return path
+
+    @classmethod
+    def load(cls, path, model: Optional[nn.Module] = None, device="cpu") -> "SparseEnsemble":
+        """An ensemble saved by :meth:`save`; ``model`` (the architecture) is needed only when its
+        members are not compacted kinds (a user model kept at full size)."""
+        path = Path(path)
+        spec = checkpoint.read_json(path / "spec.json", fix="save the ensemble again")
+        if not isinstance(spec, dict) or spec.get("format") != "sparse_ensemble/1":
+            raise checkpoint.RunFileError(path / "spec.json", "it is not a saved SparseEnsemble", "save the ensemble again")
+        tensors = checkpoint.load(path / "tensors.pt", fix="save the ensemble again")
+        members = []
+        for i, s in enumerate(spec["members"]):
+            state = {k[len(f"{i}."):]: v for k, v in tensors.items() if k.startswith(f"{i}.")}
+            if s is None:
+                if model is None:
+                    raise ValueError(f"{path}: member {i} is the user's own architecture; pass it: "
+                                     "SparseEnsemble.load(path, model=YourModel(...))")
+                m = copy.deepcopy(model)
+                m.load_state_dict(state)
+            else:
+                m = from_spec(s, state)
+            members.append(m.to(device).eval())
+        template = model if model is not None else members[0]
+        ens = cls(template, task=spec["task"], budget=spec["budget"], workdir=path, device=device, progress=False)
+        ens.members = nn.ModuleList(members)
+        ens.chosen = spec["chosen"]
+        return ens.eval()

@@ -1,0 +1,150 @@
+"""The one-call API (issue 25): SparseEnsemble(model, budget).fit(train, valid) on a user's own model."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from sparse_ensembles.fit import CollapseWarning, Recipe, SparseEnsemble, prunability
+from sparse_ensembles.models.mlp import CompactMLP
+
+SMALL = dict(sgd_epochs=3, sgd_lr=0.1, burn_in=2, thin=1, members=(2, 3), sparsities=(0.5, 0.8),
+             retrain_epochs=2, retrain_lr=0.05)
+
+
+def _data(seed=0, n=600):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 20, generator=g)
+    y = (x @ torch.randn(20, 3, generator=g) + 0.5 * torch.randn(n, 3, generator=g)).argmax(1)
+    train = DataLoader(TensorDataset(x[:400], y[:400]), batch_size=50, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    valid = DataLoader(TensorDataset(x[400:], y[400:]), batch_size=100)
+    return x, y, train, valid
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_fit_chooses_the_lowest_valid_nll_within_the_budget_and_returns_compacted_members(tmp_path):
+    x, y, train, valid = _data()
+    ens = SparseEnsemble(_net(), budget={"params": 1.0}, recipe=Recipe(**SMALL), workdir=tmp_path, progress=False)
+    ens.fit(train, valid)
+    rows = ens.candidates
+    assert len(rows) == 1 + 2 * 2  # the dense network, 2 sparsities x 2 member counts
+    eligible = [r for r in rows if r["params_ratio"] <= 1.0]
+    assert [r["within_budget"] for r in rows] == [r["params_ratio"] <= 1.0 for r in rows]
+    assert ens.chosen["valid_nll"] == min(r["valid_nll"] for r in eligible)
+    assert sum(r["chosen"] for r in rows) == 1
+    if ens.chosen["chain"] is not None:
+        assert len(ens.members) == ens.chosen["members"]
+        assert all(isinstance(m, CompactMLP) for m in ens.members)
+    out = ens(x[:7])
+    assert out.shape == (7, 3) and torch.allclose(out.exp().sum(-1), torch.ones(7), atol=1e-5)
+    assert "<- chosen" in ens.report(print_table=False)
+    assert (tmp_path / "fit.json").exists()
+
+
+def test_fit_resumes_from_its_workdir_without_retraining_and_refuses_other_settings(tmp_path):
+    _, _, train, valid = _data()
+    first = SparseEnsemble(_net(), recipe=Recipe(**SMALL), workdir=tmp_path, progress=False).fit(train, valid)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("member_*.pt")}
+    again = SparseEnsemble(_net(), recipe=Recipe(**SMALL), workdir=tmp_path, progress=False).fit(train, valid)
+    assert [r["valid_nll"] for r in again.candidates] == [r["valid_nll"] for r in first.candidates]
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("member_*.pt")} == stamps  # nothing retrained
+    with pytest.raises(ValueError, match="holds a fit with other settings"):
+        SparseEnsemble(_net(), recipe=Recipe(**{**SMALL, "retrain_epochs": 3}), workdir=tmp_path,
+                       progress=False).fit(train, valid)
+
+
+def test_save_and_load_round_trip_gives_the_same_outputs_from_tensors_only(tmp_path):
+    x, _, train, valid = _data()
+    ens = SparseEnsemble(_net(), budget={"params": 2.0}, recipe=Recipe(**SMALL), workdir=tmp_path / "w",
+                         progress=False).fit(train, valid)
+    ens.save(tmp_path / "saved")
+    torch.load(tmp_path / "saved" / "tensors.pt", weights_only=True)  # no pickled code in the file
+    back = SparseEnsemble.load(tmp_path / "saved")
+    assert torch.equal(back(x[:50]), ens(x[:50]))
+    assert back.chosen == ens.chosen
+
+
+class _OwnNet(nn.Module):
+    """Not an nn.Sequential: fit falls back to unstructured masks at full size."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(20, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _DictData(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"inputs": self.x[i], "labels": self.y[i]}
+
+
+def test_an_unsupported_model_falls_back_to_masks_at_full_size_and_dict_batches_work(tmp_path):
+    x, y, _, _ = _data()
+    train = DataLoader(_DictData(x[:400], y[:400]), batch_size=50, shuffle=True)
+    valid = DataLoader(_DictData(x[400:], y[400:]), batch_size=100)
+    torch.manual_seed(0)
+    net = _OwnNet()
+    report = prunability(net)
+    assert not report["compacts"] and "not an nn.Sequential" in report["reason"]
+    ens = SparseEnsemble(net, budget={"params": 2.0}, recipe=Recipe(**{**SMALL, "sparsities": (0.8,), "members": (2,)}),
+                         workdir=tmp_path / "w", progress=False).fit(train, valid)
+    pruned = [r for r in ens.candidates if r["chain"]]
+    assert pruned and all(0.3 < r["params_ratio"] < 0.6 for r in pruned)  # 2 members at 80%: masks, not removal
+    ens.save(tmp_path / "saved")
+    with pytest.raises(ValueError, match="pass it: SparseEnsemble.load"):
+        SparseEnsemble.load(tmp_path / "saved")
+    if ens.chosen["chain"] is not None:
+        back = SparseEnsemble.load(tmp_path / "saved", model=_OwnNet())
+        assert torch.equal(back(x[:9]), ens(x[:9]))
+
+
+def test_prunability_names_the_layer_that_cannot_be_compacted():
+    report = prunability(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
+    assert not report["compacts"] and "Conv2d at position 0" in report["reason"]
+    assert prunability(_net())["compacts"]
+
+
+def test_collapse_warning_fires_for_a_chain_at_temperature_zero_with_a_tiny_step_and_not_for_a_healthy_one(tmp_path):
+    _, _, train, valid = _data()
+    frozen = Recipe(**{**SMALL, "temperatures": (0.0,), "chain_lr": 1e-6, "sparsities": (0.5,), "members": (3,)})
+    with pytest.warns(CollapseWarning, match="nearly one network"):
+        SparseEnsemble(_net(), recipe=frozen, workdir=tmp_path / "a", progress=False).fit(train, valid)
+    healthy = Recipe(**{**SMALL, "temperatures": (1.0,), "chain_lr": 0.1, "sparsities": (0.5,), "members": (3,)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CollapseWarning)
+        ens = SparseEnsemble(_net(), recipe=healthy, workdir=tmp_path / "b", progress=False).fit(train, valid)
+    d = ens.diagnostics["lam3_T1"]
+    assert d["disagreement"] > 0.01 and d["relative_distance"] > 1e-3
+
+
+def test_successive_halving_gives_the_full_search_to_the_better_half_of_the_grid(tmp_path):
+    _, _, train, valid = _data()
+    rec = Recipe(**{**SMALL, "lams": (0.1, 30.0), "sparsities": (0.5,), "members": (2,)})
+    ens = SparseEnsemble(_net(), recipe=rec, workdir=tmp_path, progress=False).fit(train, valid)
+    halving = ens.diagnostics["halving"]
+    assert len(halving) == 2
+    winner = min(halving, key=lambda h: h["valid_nll"])
+    assert {r["chain"] for r in ens.candidates if r["chain"]} == {f"lam{winner['lam']:g}_T0.01"}
+
+
+def test_bad_recipe_and_budget_are_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="Recipe.sparsities"):
+        SparseEnsemble(_net(), recipe={"sparsities": (1.2,)})
+    with pytest.raises(ValueError, match="budget must map"):
+        SparseEnsemble(_net(), budget={"latency": 1.0})
+    with pytest.raises(ValueError, match="task 'segmentation'"):
+        SparseEnsemble(_net(), task="segmentation")
