@@ -37,3 +37,18 @@ def test_readme_block_snippet_runs_a_pruned_lstm_on_the_block_sparse_layer_and_k
     with torch.no_grad():  # the block-sparse layer computes what nn.LSTM computes with those weights
         lstm.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("keep")})
         torch.testing.assert_close(layer(x)[0], lstm(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_readme_fit_snippet_runs_and_reloads_the_chosen_ensemble(tmp_path, monkeypatch, capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"<!-- snippet:fit -->\s*```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 15
+    monkeypatch.chdir(tmp_path)  # the snippet writes runs/ where it runs
+    torch.manual_seed(0)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    ens, logp, x = scope["ens"], scope["logp"], scope["x"]
+    assert "<- chosen" in capsys.readouterr().out
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(5))
+    torch.testing.assert_close(ens(x[:5]), logp)  # the reloaded ensemble computes what was saved
+    assert ens.chosen["params_ratio"] <= 1.0
