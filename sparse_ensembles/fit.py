@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import checkpoint, metrics, pruning
-from .models.mlp import _mlp_layers, compact_mlp
+from .models.mlp import CompactMLP, _mlp_layers, compact_mlp
 from .models.registry import from_spec
 from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
@@ -481,6 +481,75 @@ class SparseEnsemble(nn.Module):
                                                           "budget": self.budget})
         checkpoint.atomic_save(tensors, path / "tensors.pt")
         return path
+
+    def graph_module(self) -> nn.Module:
+        """The chosen members as one module for export: compacted MLP members fused into batched
+        matmuls (:class:`~sparse_ensembles.compact.FusedMLPEnsemble`, no loop over members), others
+        stacked (the loop is unrolled into the one graph when traced)."""
+        if not len(self.members):
+            raise RuntimeError("nothing to export: call fit() or load() first")
+        from .compact.mlp import FusedMLPEnsemble
+        from .ensembles import Ensemble
+        if all(isinstance(m, CompactMLP) for m in self.members):
+            return FusedMLPEnsemble(list(self.members)).eval()
+        return Ensemble(list(self.members)).eval()
+
+    @torch.no_grad()
+    def export(self, path, example_inputs: Tensor, repeats: int = 21, atol: float = 1e-5) -> dict:
+        """Export the ensemble as one graph with a dynamic batch dimension: ``*.onnx`` (torch's
+        dynamo ONNX exporter; checked with onnxruntime) or ``*.pt2`` (``torch.export``). The file
+        is reloaded and run on ``example_inputs``; the largest absolute difference from the eager
+        ensemble must be within ``atol``. Returns ``{"path", "max_abs_diff", "eager_ms",
+        "exported_ms"}`` (medians of ``repeats`` interleaved calls on ``example_inputs``)."""
+        path = Path(path)
+        graph = self.graph_module().cpu()
+        x = example_inputs.detach().cpu()
+        if len(x) < 2:
+            raise ValueError("export needs example_inputs with a batch of at least 2 rows (the batch dimension is "
+                             "exported as dynamic)")
+        eager = self.cpu().eval()
+        want = eager(x)
+        batch = torch.export.Dim("batch", min=1)
+        if path.suffix == ".pt2":
+            program = torch.export.export(graph, (x,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+            run = torch.export.load(str(path)).module()
+            got_fn = lambda: run(x)  # noqa: E731
+        elif path.suffix == ".onnx":
+            try:
+                import onnxruntime
+            except ImportError:
+                raise RuntimeError("ONNX export is checked with onnxruntime: pip install the pinned onnxruntime, onnx "
+                                   "and onnxscript (requirements.txt)") from None
+            import logging
+            quiet = logging.getLogger("torch.onnx")  # it lists the torchvision ops it skips
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.onnx.export(graph, (x,), str(path), input_names=["x"], output_names=["logp"],
+                                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+            finally:
+                quiet.setLevel(level)
+            sess = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = {"x": x.numpy()}
+            got_fn = lambda: torch.from_numpy(sess.run(None, feed)[0])  # noqa: E731
+        else:
+            raise ValueError(f"export writes *.onnx or *.pt2, not {path.name!r}")
+        diff = float((got_fn() - want).abs().max())
+        if not diff <= atol:
+            raise RuntimeError(f"the exported graph differs from the eager ensemble by {diff:g} (> {atol:g}) on "
+                               f"example_inputs; {path} was written but should not be used")
+        times = {"eager": [], "exported": []}
+        eager(x), got_fn()  # warm-up
+        for _ in range(repeats):
+            for name, f in (("eager", lambda: eager(x)), ("exported", got_fn)):
+                t0 = time.perf_counter()
+                f()
+                times[name].append(1000 * (time.perf_counter() - t0))
+        return {"path": str(path), "max_abs_diff": diff, "eager_ms": statistics.median(times["eager"]),
+                "exported_ms": statistics.median(times["exported"])}
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None, device="cpu") -> "SparseEnsemble":

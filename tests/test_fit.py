@@ -148,3 +148,23 @@ def test_bad_recipe_and_budget_are_refused_naming_the_setting():
         SparseEnsemble(_net(), budget={"latency": 1.0})
     with pytest.raises(ValueError, match="task 'segmentation'"):
         SparseEnsemble(_net(), task="segmentation")
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+def test_export_writes_one_graph_with_a_dynamic_batch_equal_to_eager(tmp_path, suffix):
+    x, _, train, valid = _data()
+    ens = SparseEnsemble(_net(), budget={"params": 2.0}, recipe=Recipe(**{**SMALL, "sparsities": (0.5,), "members": (3,)}),
+                         workdir=tmp_path / "w", progress=False).fit(train, valid)
+    assert ens.chosen["members"] == 3  # 3 members at 50% fit 2x and beat the dense network on valid here
+    out = ens.export(tmp_path / f"ens{suffix}", x[:64], repeats=3)
+    assert out["max_abs_diff"] <= 1e-5 and out["exported_ms"] > 0
+    other = x[100:117]  # another batch size: the batch dimension was exported as dynamic
+    if suffix == ".pt2":
+        got = torch.export.load(str(tmp_path / "ens.pt2")).module()(other)
+    else:
+        import onnxruntime
+        sess = onnxruntime.InferenceSession(str(tmp_path / "ens.onnx"), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {"x": other.numpy()})[0])
+    torch.testing.assert_close(got, ens(other), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="writes \\*.onnx or \\*.pt2"):
+        ens.export(tmp_path / "ens.bin", x[:8])
