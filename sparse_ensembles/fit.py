@@ -35,9 +35,9 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -149,20 +149,94 @@ def _num_data(loader) -> int:
         return sum(len(_xy(b)[1]) for b in loader)
 
 
+class Classification:
+    """Cross-entropy on logits; a member predicts log-probabilities, the ensemble the log of the
+    mean of its members' probabilities. Scores: top-1 ``error`` and ``nll``."""
+    name, error_name = "classification", "error"
+    metric_names = ("error", "nll")
+
+    def loss(self, model, batch, state=None):
+        x, y = batch
+        return F.cross_entropy(model(x), y), None
+
+    def predict(self, out: Tensor) -> Tensor:
+        return torch.log_softmax(out, -1)
+
+    def combine(self, preds: Sequence[Tensor]) -> Tensor:
+        return torch.logsumexp(torch.stack(list(preds)), 0) - math.log(len(preds))
+
+    def output(self, combined: Tensor) -> Tensor:
+        return combined
+
+    def scores(self, combined: Tensor, y: Tensor) -> dict:
+        return {"error": metrics.error(combined, y), "nll": metrics.nll(combined, y)}
+
+    def disagreement(self, a: Tensor, b: Tensor) -> float:
+        """The fraction of examples whose top-1 class differs (comparable to ``error``)."""
+        return float((a.argmax(-1) != b.argmax(-1)).float().mean())
+
+
+class Regression:
+    """Gaussian likelihood. A model with 2 outputs predicts the mean and ``log var`` (learned,
+    per-example noise); a model with 1 output predicts the mean under a fixed ``noise_std``. The
+    loss is the mean Gaussian NLL ``0.5 (log 2 pi var + (y - mu)^2 / var)``; the ensemble is the
+    equal mixture of its members' Gaussians, and ``ens(x)`` returns its mean and variance ``(N, 2)``.
+    Scores: ``rmse``, exact mixture ``nll`` and ``coverage95`` (:func:`~sparse_ensembles.metrics.regression_metrics`)."""
+    name, error_name = "regression", "rmse"
+    metric_names = ("rmse", "nll", "coverage95")
+
+    def __init__(self, noise_std: float = 1.0):
+        if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and noise_std > 0):
+            raise ValueError(f"Regression(noise_std=...) must be a finite number > 0, got {noise_std!r}")
+        self.noise_std = float(noise_std)
+
+    def _mean_var(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        if out.dim() == 1 or out.shape[-1] == 1:
+            mean = out.reshape(len(out))
+            return mean, torch.full_like(mean, self.noise_std ** 2)
+        if out.dim() == 2 and out.shape[-1] == 2:
+            return out[:, 0], out[:, 1].clamp(-20, 20).exp()  # log var clamped: exp stays finite
+        raise ValueError(f"a regression model returns (N,) or (N, 1) means, or (N, 2) means and log variances; "
+                         f"got shape {tuple(out.shape)}")
+
+    def loss(self, model, batch, state=None):
+        x, y = batch
+        mean, var = self._mean_var(model(x))
+        return 0.5 * (torch.log(2 * math.pi * var) + (y.reshape(len(mean)).to(mean.dtype) - mean).pow(2) / var).mean(), None
+
+    def predict(self, out: Tensor) -> Tensor:
+        mean, var = self._mean_var(out)
+        return torch.stack([mean, var], -1)[:, None]  # (N, 1 component, 2)
+
+    def combine(self, preds: Sequence[Tensor]) -> Tensor:
+        return torch.cat(list(preds), 1)  # (N, M components, 2): the mixture, kept whole for its exact NLL
+
+    def output(self, combined: Tensor) -> Tensor:
+        mean, var = combined[..., 0], combined[..., 1]
+        mu = mean.mean(1)
+        return torch.stack([mu, (var + mean.pow(2)).mean(1) - mu.pow(2)], -1)
+
+    def scores(self, combined: Tensor, y: Tensor) -> dict:
+        return metrics.regression_metrics(combined[..., 0], combined[..., 1], y)
+
+    def disagreement(self, a: Tensor, b: Tensor) -> float:
+        """RMS difference of the two members' means (comparable to ``rmse``)."""
+        return float((a[:, 0, 0] - b[:, 0, 0]).pow(2).mean().sqrt())
+
+
+OBJECTIVES = {"classification": Classification, "regression": Regression}
+
+
 @torch.no_grad()
-def _logprobs(model: nn.Module, loader, device) -> tuple[Tensor, Tensor]:
+def _predict(objective, model: nn.Module, loader, device) -> tuple[Tensor, Tensor]:
     was = model.training
     model.eval()
     out, ys = [], []
     for x, y in _batches(loader, device):
-        out.append(torch.log_softmax(model(x), -1).float())
+        out.append(objective.predict(model(x)).float())
         ys.append(y)
     model.train(was)
     return torch.cat(out), torch.cat(ys)
-
-
-def _ensemble(logps: Sequence[Tensor]) -> Tensor:
-    return torch.logsumexp(torch.stack(list(logps)), 0) - math.log(len(logps))
 
 
 def _params(model: nn.Module) -> int:
@@ -181,12 +255,25 @@ def _pct(s: float) -> str:
     return f"{100 * s:g}"
 
 
+class _Members(nn.Module):
+    """Members combined by an objective, as one module (what ``SparseEnsemble.forward`` computes)."""
+
+    def __init__(self, members: Sequence[nn.Module], objective):
+        super().__init__()
+        self.members, self.objective = nn.ModuleList(members), objective
+
+    def forward(self, x: Tensor) -> Tensor:
+        obj = self.objective
+        return obj.output(obj.combine([obj.predict(m(x)) for m in self.members]))
+
+
 class SparseEnsemble(nn.Module):
     """A sparse ensemble of a user's model, built and chosen by :meth:`fit`; see the module docstring.
 
     Args:
         model: the network (left untouched; ``fit`` trains copies). Its forward returns logits.
-        task: ``"classification"`` (cross-entropy; members averaged as probabilities).
+        task: ``"classification"`` (cross-entropy; members averaged as probabilities), ``"regression"``
+            (Gaussian likelihood; see :class:`Regression`), or an objective such as ``Regression(noise_std=0.5)``.
         budget: the chosen ensemble's cost relative to one dense model: ``{"params": 1.0}`` (nonzero
             parameters), ``{"flops": 2.0}`` (sub-matrix FLOPs), or both; ``None``: no limit.
         recipe: a :class:`Recipe` (or a dict of its fields).
@@ -195,18 +282,21 @@ class SparseEnsemble(nn.Module):
         progress: show progress bars and messages.
     """
 
-    def __init__(self, model: nn.Module, task: str = "classification", budget: Optional[dict] = None,
+    def __init__(self, model: nn.Module, task="classification", budget: Optional[dict] = None,
                  recipe: Recipe | dict | None = None, workdir=None, device=None, progress: bool = True):
         super().__init__()
-        if task != "classification":
-            raise ValueError(f"task {task!r} is not supported by SparseEnsemble yet; use 'classification'")
+        if isinstance(task, str):
+            if task not in OBJECTIVES:
+                raise ValueError(f"task {task!r} is not supported; use one of {sorted(OBJECTIVES)}")
+            task = OBJECTIVES[task]()
+        self.objective = task
         budget = {"params": 1.0} if budget is None else dict(budget)
         unknown = set(budget) - {"params", "flops"}
         if unknown or not all(isinstance(v, (int, float)) and v > 0 for v in budget.values()):
             raise ValueError(f"budget must map 'params' and/or 'flops' to a positive ratio to one dense model; got {budget!r}")
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else (recipe or Recipe())
         self.recipe.check()
-        self.task, self.budget = task, budget
+        self.task, self.budget = task.name, budget
         self.__dict__["template"] = model  # not a submodule: its weights are not the ensemble's
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sparse_ensemble_"))
@@ -234,7 +324,8 @@ class SparseEnsemble(nn.Module):
         torch.manual_seed(self.recipe.seed)
 
         def epoch(e):
-            loss = train_epoch(model, opt, _batches(loader, self.device), where=f"{label} epoch {e + 1}")
+            loss = train_epoch(model, opt, _batches(loader, self.device), where=f"{label} epoch {e + 1}",
+                               loss_fn=self.objective.loss)
             if sched is not None:
                 sched.step()
             return loss
@@ -323,16 +414,17 @@ class SparseEnsemble(nn.Module):
         return model
 
     def _diversity(self, samples: list[Path], dense: nn.Module, valid_loader) -> dict:
-        """How different the chain's samples are: mean pairwise disagreement of their valid
-        predictions, and the mean distance between consecutive samples relative to their norm."""
+        """How different the chain's samples are: the mean pairwise disagreement of their valid
+        predictions (the objective's, on the scale of its error), and the mean distance between
+        consecutive samples relative to their norm."""
         preds, flats = [], []
         for p in samples:
             model = copy.deepcopy(dense)
             model.load_state_dict(checkpoint.load(p)["state"])
-            preds.append(_logprobs(model, valid_loader, self.device)[0].argmax(-1))
+            preds.append(_predict(self.objective, model, valid_loader, self.device)[0])
             flats.append(torch.cat([q.detach().flatten() for q in model.parameters()]))
         pairs = [(i, j) for i in range(len(preds)) for j in range(i + 1, len(preds))]
-        disagree = statistics.fmean(float((preds[i] != preds[j]).float().mean()) for i, j in pairs) if pairs else 0.0
+        disagree = statistics.fmean(self.objective.disagreement(preds[i], preds[j]) for i, j in pairs) if pairs else 0.0
         dist = [float((a - b).norm() / a.norm().clamp_min(1e-12)) for a, b in zip(flats, flats[1:])]
         return {"disagreement": disagree, "relative_distance": statistics.fmean(dist) if dist else 0.0}
 
@@ -343,12 +435,11 @@ class SparseEnsemble(nn.Module):
             for m in counts:
                 if len(logps[s]) < m:
                     continue
-                ens = _ensemble(logps[s][:m])
+                scores = self.objective.scores(self.objective.combine(logps[s][:m]), y)
                 cost = {"params": sum(_params(x) for x in members[s][:m]),
                         "flops": sum(_flops(x) for x in members[s][:m])}
                 rows.append({"name": f"SGLD+GSP+PR {_pct(s)}% x{m}", "chain": tag, "lam": lam, "temperature": temperature,
-                             "sparsity": s, "members": m, "valid_error": metrics.error(ens, y),
-                             "valid_nll": metrics.nll(ens, y),
+                             "sparsity": s, "members": m, **{f"valid_{k}": v for k, v in scores.items()},
                              "params_ratio": cost["params"] / dense_cost["params"],
                              "flops_ratio": cost["flops"] / dense_cost["flops"]})
         return rows
@@ -358,7 +449,7 @@ class SparseEnsemble(nn.Module):
         r = self.recipe
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
-                    "budget": self.budget, "task": self.task}
+                    "budget": self.budget, "task": self.task, "noise_std": getattr(self.objective, "noise_std", None)}
         prior_settings = checkpoint.read_json(self.workdir / "settings.json", default=None)
         if prior_settings is not None and prior_settings != json.loads(json.dumps(settings)):
             raise ValueError(f"{self.workdir} holds a fit with other settings ({prior_settings}); pass another "
@@ -367,23 +458,26 @@ class SparseEnsemble(nn.Module):
         self._log(f"sparse ensemble: {self.structure['reason']}; working in {self.workdir}")
         t0 = time.perf_counter()
         dense = self._dense(train_loader)
-        dense_logp, y = _logprobs(dense, valid_loader, self.device)
+        obj = self.objective
+        dense_pred, y = _predict(obj, dense, valid_loader, self.device)
         dense_cost = {"params": _params(dense), "flops": _flops(dense)}
+        dense_scores = obj.scores(obj.combine([dense_pred]), y)
         rows = [{"name": "SGD x1 (dense)", "chain": None, "lam": None, "temperature": None, "sparsity": 0.0,
-                 "members": 1, "valid_error": metrics.error(dense_logp, y), "valid_nll": metrics.nll(dense_logp, y),
+                 "members": 1, **{f"valid_{k}": v for k, v in dense_scores.items()},
                  "params_ratio": 1.0, "flops_ratio": 1.0}]
-        found = {"dense": [dense]}
+        # the dense candidate as a compacted kind too (same size), so it saves and exports like the others
+        found = {"dense": [compact_mlp(dense.eval()).to(self.device) if self.structure["compacts"] else dense]}
         grid = [(lam, t) for lam in r.lams for t in r.temperatures]
         mid = sorted(r.sparsities)[len(r.sparsities) // 2]
-        key = "valid_nll" if r.select == "nll" else "valid_error"
+        key = "valid_nll" if r.select == "nll" else f"valid_{obj.error_name}"
         survivors = grid
         if len(grid) > 1:  # successive halving: two members at the middle sparsity decide who goes on
             scores = []
             for lam, t in grid:
                 samples = self._chain(dense, lam, t, train_loader)
                 probe = [self._member(dense, samples[k], mid, k, train_loader) for k in range(min(2, r.samples))]
-                ens = _ensemble([_logprobs(m, valid_loader, self.device)[0] for m in probe])
-                scores.append(metrics.nll(ens, y) if r.select == "nll" else metrics.error(ens, y))
+                ens = obj.combine([_predict(obj, m, valid_loader, self.device)[0] for m in probe])
+                scores.append(obj.scores(ens, y)[key[len("valid_"):]])
                 self._log(f"halving: lam {lam:g} T {t:g}: valid {r.select} {scores[-1]:.4f} with {len(probe)} members")
             order = sorted(range(len(grid)), key=lambda i: scores[i])
             survivors = [grid[i] for i in order[:max(1, len(grid) // 2)]]
@@ -394,16 +488,17 @@ class SparseEnsemble(nn.Module):
             samples = self._chain(dense, lam, t, train_loader)
             div = self._diversity(samples, dense, valid_loader)
             self.diagnostics[tag] = div
-            if div["disagreement"] < 0.05 * rows[0]["valid_error"] or div["relative_distance"] < 1e-3:
+            if div["disagreement"] < 0.05 * dense_scores[obj.error_name] or div["relative_distance"] < 1e-3:
                 warnings.warn(CollapseWarning(
                     f"chain {tag}: its {len(samples)} samples are nearly one network (pairwise disagreement "
-                    f"{100 * div['disagreement']:.2f}% of valid predictions, consecutive samples "
+                    f"{div['disagreement']:.4g} on valid against a dense valid {obj.error_name} of "
+                    f"{dense_scores[obj.error_name]:.4g}, consecutive samples "
                     f"{100 * div['relative_distance']:.3f}% apart): the ensemble adds little over a point estimate; "
                     "raise the temperature or the chain's step (Recipe.temperatures, Recipe.chain_lr)"))
             logps, members = {}, {}
             for s in r.sparsities:
                 members[s] = [self._member(dense, samples[k], s, k, train_loader) for k in range(r.samples)]
-                logps[s] = [_logprobs(m, valid_loader, self.device)[0] for m in members[s]]
+                logps[s] = [_predict(obj, m, valid_loader, self.device)[0] for m in members[s]]
                 found.update({(tag, s, m): members[s][:m] for m in r.members})
             rows += self._candidates_of(tag, lam, t, logps, members, dense_cost, r.sparsities, r.members, y)
         for row in rows:
@@ -423,10 +518,12 @@ class SparseEnsemble(nn.Module):
 
     # -- using the result ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """log of the mean of the chosen members' probabilities."""
+        """Classification: the log of the mean of the chosen members' probabilities ``(N, C)``;
+        regression: the mean and variance of the members' Gaussian mixture ``(N, 2)``."""
         if not len(self.members):
             raise RuntimeError("this SparseEnsemble has no members yet: call fit(train_loader, valid_loader) or load()")
-        return _ensemble([torch.log_softmax(m(x), -1) for m in self.members])
+        obj = self.objective
+        return obj.output(obj.combine([obj.predict(m(x)) for m in self.members]))
 
     @torch.no_grad()
     def measure_latency(self, x: Tensor, repeats: int = 21) -> dict:
@@ -449,16 +546,19 @@ class SparseEnsemble(nn.Module):
         whether it fits the budget; the chosen one marked ``<-``."""
         if not self.candidates:
             raise RuntimeError("nothing to report: call fit() first")
-        lines = [f"{'candidate':<26} {'chain':<16} {'valid err %':>11} {'valid NLL':>9} {'params':>7} {'FLOPs':>7}  budget",
-                 "-" * 88]
+        names = self.objective.metric_names
+        head = "".join(f" {'valid ' + n:>16}" for n in names)
+        lines = [f"{'candidate':<26} {'chain':<16}{head} {'params':>7} {'FLOPs':>7}  budget", "-" * (70 + 17 * len(names))]
         for row in self.candidates:
-            lines.append(f"{row['name']:<26} {row['chain'] or '-':<16} {100 * row['valid_error']:>11.2f} "
-                         f"{row['valid_nll']:>9.4f} {row['params_ratio']:>6.2f}x {row['flops_ratio']:>6.2f}x  "
-                         f"{'yes' if row['within_budget'] else 'no ':<3}{'  <- chosen' if row['chosen'] else ''}")
+            cells = "".join(f" {row[f'valid_{n}']:>16.4f}" for n in names)
+            lines.append(f"{row['name']:<26} {row['chain'] or '-':<16}{cells} {row['params_ratio']:>6.2f}x "
+                         f"{row['flops_ratio']:>6.2f}x  {'yes' if row['within_budget'] else 'no ':<3}"
+                         f"{'  <- chosen' if row['chosen'] else ''}")
         for tag, d in self.diagnostics.items():
             if isinstance(d, dict) and "disagreement" in d:
-                lines.append(f"chain {tag}: samples disagree on {100 * d['disagreement']:.2f}% of valid predictions, "
-                             f"consecutive samples {100 * d['relative_distance']:.2f}% apart")
+                lines.append(f"chain {tag}: samples' pairwise disagreement on valid {d['disagreement']:.4f} "
+                             f"({self.objective.error_name} scale), consecutive samples "
+                             f"{100 * d['relative_distance']:.2f}% apart")
         text = "\n".join(lines)
         if print_table:
             print(text)
@@ -477,6 +577,7 @@ class SparseEnsemble(nn.Module):
             specs.append(spec)
             tensors.update({f"{i}.{k}": v for k, v in checkpoint.cpu_state(m).items()})
         checkpoint.atomic_write_json(path / "spec.json", {"format": "sparse_ensemble/1", "task": self.task,
+                                                          "noise_std": getattr(self.objective, "noise_std", None),
                                                           "members": specs, "chosen": self.chosen,
                                                           "budget": self.budget})
         checkpoint.atomic_save(tensors, path / "tensors.pt")
@@ -489,10 +590,9 @@ class SparseEnsemble(nn.Module):
         if not len(self.members):
             raise RuntimeError("nothing to export: call fit() or load() first")
         from .compact.mlp import FusedMLPEnsemble
-        from .ensembles import Ensemble
-        if all(isinstance(m, CompactMLP) for m in self.members):
+        if self.task == "classification" and all(isinstance(m, CompactMLP) for m in self.members):
             return FusedMLPEnsemble(list(self.members)).eval()
-        return Ensemble(list(self.members)).eval()
+        return _Members(list(self.members), self.objective).eval()
 
     @torch.no_grad()
     def export(self, path, example_inputs: Tensor, repeats: int = 21, atol: float = 1e-5) -> dict:
@@ -573,7 +673,10 @@ class SparseEnsemble(nn.Module):
                 m = from_spec(s, state)
             members.append(m.to(device).eval())
         template = model if model is not None else members[0]
-        ens = cls(template, task=spec["task"], budget=spec["budget"], workdir=path, device=device, progress=False)
+        task = spec["task"]
+        if task == "regression" and spec.get("noise_std") is not None:
+            task = Regression(spec["noise_std"])
+        ens = cls(template, task=task, budget=spec["budget"], workdir=path, device=device, progress=False)
         ens.members = nn.ModuleList(members)
         ens.chosen = spec["chosen"]
         return ens.eval()

@@ -8,6 +8,7 @@ which scores only the rows without them.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -118,6 +119,44 @@ def brier(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> float:
 def classification_metrics(logprobs: Tensor, y: Tensor, drop_nonfinite: bool = False) -> dict:
     logprobs, y = check_predictions("classification_metrics", logprobs, y, drop_nonfinite)
     return {"error": error(logprobs, y), "nll": nll(logprobs, y), "ece": ece(logprobs, y), "brier": brier(logprobs, y)}
+
+
+def check_mixture(metric: str, mean: Tensor, var: Tensor, y: Tensor, drop_nonfinite: bool = False):
+    """Validated ``(mean, var, y)``: ``(N, M)`` member means and variances (``M`` >= 1 Gaussian
+    components per example, equally weighted; ``(N,)`` is one component), ``N`` float targets."""
+    mean, var = _as_float(metric, mean, "means"), _as_float(metric, var, "variances")
+    y = _as_float(metric, y, "targets").flatten()
+    mean = mean[:, None] if mean.dim() == 1 else mean
+    var = var[:, None] if var.dim() == 1 else var
+    if mean.dim() != 2 or mean.shape != var.shape or mean.shape[1] < 1:
+        raise MetricInputError(metric, f"means {tuple(mean.shape)} and variances {tuple(var.shape)} must both be (N, M)",
+                               "stack the members' predictions on dim 1")
+    if len(y) != len(mean):
+        raise MetricInputError(metric, f"{len(mean)} predictions but {len(y)} targets", "pass one target per prediction")
+    if not len(y):
+        raise MetricInputError(metric, "no examples (N = 0)", "score at least one example")
+    var = var.to(mean.dtype)
+    y = y.to(device=mean.device, dtype=mean.dtype)
+    bad = _bad_rows(mean, False) | _bad_rows(var, False) | _bad_rows(y, False) | (var <= 0).any(1)
+    return _drop(metric, bad, drop_nonfinite, "predictions (or their targets; variances must be > 0)", (mean, var, y))
+
+
+def regression_metrics(mean: Tensor, var: Tensor, y: Tensor, drop_nonfinite: bool = False) -> dict:
+    """An equally weighted Gaussian mixture per example (an ensemble of Gaussian-likelihood members):
+
+    * ``rmse`` of the mixture mean ``mu = mean_m mu_m``;
+    * ``nll``: mean of ``-log mean_m N(y; mu_m, var_m)``, exact (logsumexp over the members), nats;
+    * ``coverage95``: the fraction of targets inside ``mu +- 1.96 sd``, the 95% interval of the
+      mixture's moment-matched Gaussian (``sd^2 = mean_m (var_m + mu_m^2) - mu^2``, aleatoric plus
+      the members' disagreement); well calibrated near 0.95.
+    """
+    mean, var, y = check_mixture("regression_metrics", mean, var, y, drop_nonfinite)
+    mu = mean.mean(1)
+    total = (var + mean.pow(2)).mean(1) - mu.pow(2)
+    comp = -0.5 * (torch.log(2 * math.pi * var) + (y[:, None] - mean).pow(2) / var)
+    nll = -(torch.logsumexp(comp, 1) - math.log(mean.shape[1]))
+    inside = (y - mu).abs() <= 1.96 * total.clamp_min(0).sqrt()
+    return {"rmse": float((y - mu).pow(2).mean().sqrt()), "nll": float(nll.mean()), "coverage95": float(inside.double().mean())}
 
 
 def _linear_weights(model: nn.Module) -> list[Tensor]:

@@ -168,3 +168,52 @@ def test_export_writes_one_graph_with_a_dynamic_batch_equal_to_eager(tmp_path, s
     torch.testing.assert_close(got, ens(other), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="writes \\*.onnx or \\*.pt2"):
         ens.export(tmp_path / "ens.bin", x[:8])
+
+
+def _regression_data(seed=0, n=500):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 5, generator=g) * 4 - 2
+    noise = 0.1 + 0.3 * (x[:, 0] > 0)  # heteroscedastic: the learned variance has something to learn
+    y = torch.sin(x[:, 0]) + 0.5 * x[:, 1] + noise * torch.randn(n, generator=g)
+    train = DataLoader(TensorDataset(x[:300], y[:300]), batch_size=50, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    return x, y, train, DataLoader(TensorDataset(x[300:], y[300:]), batch_size=100)
+
+
+@pytest.mark.parametrize("outputs,task", [(2, "regression"), (1, "fixed")])
+def test_regression_fit_scores_rmse_mixture_nll_and_coverage_and_returns_mean_and_variance(tmp_path, outputs, task):
+    from sparse_ensembles.fit import Regression
+    x, y, train, valid = _regression_data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, outputs))
+    objective = "regression" if task == "regression" else Regression(noise_std=0.3)
+    rec = Recipe(**{**SMALL, "sgd_epochs": 20, "sgd_lr": 0.05, "chain_lr": 0.01, "retrain_lr": 0.01,
+                    "sparsities": (0.5,), "members": (3,)})
+    ens = SparseEnsemble(net, task=objective, budget={"params": 2.0}, recipe=rec, workdir=tmp_path / "w",
+                         progress=False).fit(train, valid)
+    row = ens.candidates[0]
+    assert {"valid_rmse", "valid_nll", "valid_coverage95"} <= set(row)
+    assert row["valid_rmse"] < float(y[300:].std())  # it learned something
+    assert 0.0 <= row["valid_coverage95"] <= 1.0
+    out = ens(x[:10])
+    assert out.shape == (10, 2) and bool((out[:, 1] > 0).all())
+    if task == "fixed" and ens.chosen["members"] == 1:
+        torch.testing.assert_close(out[:, 1], torch.full((10,), 0.09))
+    assert "valid rmse" in ens.report(print_table=False)
+    ens.save(tmp_path / "saved")
+    torch.testing.assert_close(SparseEnsemble.load(tmp_path / "saved")(x[:10]), out)
+
+
+def test_regression_metrics_of_a_mixture_equal_the_closed_forms():
+    from sparse_ensembles.metrics import regression_metrics
+    y = torch.tensor([0.0, 1.0])
+    mean = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    var = torch.tensor([[1.0, 1.0], [0.25, 0.25]])
+    got = regression_metrics(mean, var, y)
+    normal = lambda v, d: torch.exp(-0.5 * d * d / v) / torch.sqrt(2 * torch.pi * torch.tensor(v))  # noqa: E731
+    nll0 = -torch.log(0.5 * (normal(1.0, torch.tensor(0.0)) + normal(1.0, torch.tensor(2.0))))
+    nll1 = -torch.log(normal(0.25, torch.tensor(0.0)))
+    assert got["nll"] == pytest.approx(float(nll0 + nll1) / 2, rel=1e-6)
+    assert got["rmse"] == pytest.approx((1.0 / 2) ** 0.5)  # mixture means 1 and 1 against 0 and 1
+    # example 0: mixture variance 1 + 1 = 2, |0 - 1| <= 1.96 sqrt(2): inside; example 1 inside
+    assert got["coverage95"] == 1.0
