@@ -513,8 +513,45 @@ class SparseEnsemble(nn.Module):
         self.diagnostics["fit_seconds"] = time.perf_counter() - t0
         checkpoint.atomic_write_json(self.workdir / "fit.json", {"candidates": rows, "diagnostics": self.diagnostics,
                                                                   **settings})
-        self._log(self.report(print_table=False))
+        self.plot_frontier(self.workdir / "frontier.png")
+        self._log(self.report(print_table=False) + f"\nfrontier: {self.workdir / 'frontier.png'}")
         return self
+
+    def plot_frontier(self, path) -> Path:
+        """The candidates' valid NLL and valid error (or RMSE) against their parameter ratio to one
+        dense model, one marker per chain, the budget as a vertical line, the chosen one circled."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not self.candidates:
+            raise RuntimeError("nothing to plot: call fit() first")
+        err = self.objective.error_name
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        chains = sorted({r["chain"] or "dense" for r in self.candidates})
+        for ax, key in zip(axes, ("valid_nll", f"valid_{err}")):
+            for i, chain in enumerate(chains):
+                rows = [r for r in self.candidates if (r["chain"] or "dense") == chain]
+                ax.scatter([r["params_ratio"] for r in rows], [r[key] for r in rows], marker="os^vD<>"[i % 7],
+                           label=chain, s=28)
+                for r in rows:
+                    if r["chain"]:
+                        ax.annotate(f"{_pct(r['sparsity'])}% x{r['members']}", (r["params_ratio"], r[key]),
+                                    fontsize=6, xytext=(3, 3), textcoords="offset points")
+            c = self.chosen
+            ax.scatter([c["params_ratio"]], [c[key]], s=160, facecolors="none", edgecolors="red", linewidths=1.5,
+                       label="chosen")
+            if "params" in self.budget:
+                ax.axvline(self.budget["params"], color="grey", linestyle="--", linewidth=1, label="budget")
+            ax.set(xlabel="parameters (x one dense model)", ylabel=key.replace("_", " "))
+        axes[0].legend(fontsize=7)
+        fig.suptitle("candidates on the validation split", fontsize=10)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
 
     # -- using the result ----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

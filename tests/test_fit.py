@@ -44,7 +44,7 @@ def test_fit_chooses_the_lowest_valid_nll_within_the_budget_and_returns_compacte
     out = ens(x[:7])
     assert out.shape == (7, 3) and torch.allclose(out.exp().sum(-1), torch.ones(7), atol=1e-5)
     assert "<- chosen" in ens.report(print_table=False)
-    assert (tmp_path / "fit.json").exists()
+    assert (tmp_path / "fit.json").exists() and (tmp_path / "frontier.png").stat().st_size > 5000
 
 
 def test_fit_resumes_from_its_workdir_without_retraining_and_refuses_other_settings(tmp_path):
