@@ -45,6 +45,7 @@ from torch.nn import functional as F
 
 from . import checkpoint, metrics, pruning
 from .models.mlp import CompactMLP, _mlp_layers, compact_mlp
+from .models.sequential import blocks_of, compact_sequential, sequential_cost, sequential_unit_groups
 from .models.registry import from_spec
 from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
@@ -72,6 +73,7 @@ class Recipe:
     burn_in: int = 10                # chain epochs before the first sample
     thin: int = 3                    # chain epochs between samples
     sparsities: Sequence[float] = (0.8, 0.88, 0.94)
+    group_threshold: float = 0.0     # also remove whole groups (units) whose RMS weight is below this
     members: Sequence[int] = (2, 4, 8)
     retrain_epochs: int = 15
     retrain_lr: float = 0.2
@@ -97,29 +99,83 @@ class Recipe:
         need(len(self.members) > 0 and all(isinstance(m, int) and m >= 1 for m in self.members), "members",
              "positive ints")
         need(self.select in ("nll", "error"), "select", "use 'nll' or 'error'")
+        need(isinstance(self.group_threshold, (int, float)) and 0 <= self.group_threshold < math.inf,
+             "group_threshold", "must be a finite number >= 0")
 
     @property
     def samples(self) -> int:
         return max(self.members)
 
 
+class _MLPStructure:
+    """An ``nn.Sequential`` MLP: neuron groups (a neuron's outgoing weights), shrunk by
+    :func:`~sparse_ensembles.compact.compact_mlp`."""
+    reason = "an MLP: neuron groups, shrunk to smaller dense layers"
+
+    def __init__(self, model: nn.Sequential):
+        _mlp_layers(model)  # raises ValueError naming what is not supported
+        self.groups_of = sequential_groups
+
+    def compact(self, model: nn.Module, input_shape) -> nn.Module:
+        return compact_mlp(model)
+
+    def flops(self, model: nn.Module, input_shape) -> int:
+        return metrics.cost([model])["flops"]
+
+
+class _CNNStructure:
+    """An ``nn.Sequential`` CNN: channel / neuron groups (each unit's filter or incoming row),
+    shrunk by :func:`~sparse_ensembles.models.sequential.compact_sequential`."""
+    reason = "a CNN: channel and neuron groups, shrunk to fewer channels and neurons"
+
+    def __init__(self, model: nn.Sequential):
+        blocks_of(model)  # raises ValueError naming what is not supported
+        self.groups_of = sequential_unit_groups
+
+    def compact(self, model: nn.Module, input_shape) -> nn.Module:
+        return compact_sequential(model, input_shape=input_shape)
+
+    def flops(self, model: nn.Module, input_shape) -> int:
+        return sequential_cost(model, input_shape)["flops"]
+
+
+class _Unstructured:
+    """Anything else: magnitude masks under a Gaussian prior, members kept at full size."""
+    groups_of = None
+
+    def __init__(self, reason: str):
+        self.reason = f"not compacted ({reason}): unstructured magnitude masks, members kept at full size"
+
+    def compact(self, model: nn.Module, input_shape) -> nn.Module:
+        return model
+
+    def flops(self, model: nn.Module, input_shape) -> int:
+        return metrics.cost([model])["flops"]  # its Linear layers only
+
+
+def _structure_of(model: nn.Module):
+    if not isinstance(model, nn.Sequential):
+        return _Unstructured(f"{type(model).__name__} is not an nn.Sequential")
+    reasons = []
+    for kind in (_MLPStructure, _CNNStructure):
+        try:
+            return kind(model)
+        except ValueError as e:
+            reasons.append(str(e))
+    return _Unstructured("; ".join(reasons))
+
+
 def prunability(model: nn.Module) -> dict:
     """What ``fit`` can do with ``model``: ``{"compacts": bool, "groups": [...], "reason": str}``.
-    An ``nn.Sequential`` of ``Linear``, activations, ``Flatten`` (first) and ``Dropout`` gets neuron
-    groups (a neuron's outgoing weights) and shrinks physically; anything else falls back to
-    unstructured magnitude masks under a Gaussian prior, kept at full size."""
-    if isinstance(model, nn.Sequential):
-        try:
-            _mlp_layers(model)
-            groups = sequential_groups(model)
-            return {"compacts": True, "groups": [f"{g.name}: {g.size} groups" for g in groups],
-                    "reason": "an MLP: neuron groups, shrunk to smaller dense layers"}
-        except ValueError as e:
-            reason = str(e)
-    else:
-        reason = f"{type(model).__name__} is not an nn.Sequential"
-    return {"compacts": False, "groups": [],
-            "reason": f"not compacted ({reason}): unstructured magnitude masks, members kept at full size"}
+    An ``nn.Sequential`` MLP (``Linear``, activations, ``Flatten`` first, ``Dropout``) gets neuron
+    groups; an ``nn.Sequential`` CNN (``Conv2d``, ``BatchNorm``, activations, pooling, one
+    ``Flatten``, ``Linear``, ``Dropout``; see :mod:`sparse_ensembles.models.sequential`) channel and
+    neuron groups; both shrink physically. Anything else falls back to unstructured magnitude masks
+    under a Gaussian prior, kept at full size; ``reason`` says why."""
+    st = _structure_of(model)
+    groups = st.groups_of(model) if st.groups_of else []
+    return {"compacts": st.groups_of is not None, "groups": [f"{g.name}: {g.size} groups" for g in groups],
+            "reason": st.reason}
 
 
 def _xy(batch) -> tuple[Tensor, Tensor]:
@@ -243,10 +299,6 @@ def _params(model: nn.Module) -> int:
     return metrics.nonzero_params(model)
 
 
-def _flops(model: nn.Module) -> int:
-    return metrics.cost([model])["flops"]
-
-
 def _tag(lam: float, temperature: float) -> str:
     return f"lam{lam:g}_T{temperature:g}"
 
@@ -302,12 +354,19 @@ class SparseEnsemble(nn.Module):
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sparse_ensemble_"))
         self.progress = progress
         self.structure = prunability(model)
+        self._structure = _structure_of(model)
+        self.input_shape: Optional[list] = None  # of one example, read from the first training batch
         self.members = nn.ModuleList()
         self.candidates: list[dict] = []
         self.chosen: Optional[dict] = None
         self.diagnostics: dict = {}
 
     # -- the recipe --------------------------------------------------------------------------------
+    def _flops(self, model: nn.Module) -> int:
+        if hasattr(model, "cost") and getattr(model, "input_shape", True) is not None:
+            return model.cost()["flops"]
+        return self._structure.flops(model, self.input_shape)
+
     def _log(self, msg: str) -> None:
         if self.progress:
             print(msg, flush=True)
@@ -351,7 +410,7 @@ class SparseEnsemble(nn.Module):
 
     def _prior(self, model: nn.Module, lam: float):
         if self.structure["compacts"]:
-            return Sum(GroupLasso(sequential_groups(model), lam), Gaussian(self.recipe.precision))
+            return Sum(GroupLasso(self._structure.groups_of(model), lam), Gaussian(self.recipe.precision))
         return Gaussian(self.recipe.precision)
 
     def _chain(self, dense: nn.Module, lam: float, temperature: float, train_loader) -> list[Path]:
@@ -393,8 +452,8 @@ class SparseEnsemble(nn.Module):
         model.load_state_dict(checkpoint.load(sample, fix="delete the chain folder to sample it again")["state"])
         params = dict(model.named_parameters())
         prunable = [n for n, p in params.items() if p.dim() >= 2]
-        groups = sequential_groups(model) if self.structure["compacts"] else []
-        masks = pruning.sse_masks(params, groups, groups, prunable, sparsity)
+        groups = self._structure.groups_of(model) if self.structure["compacts"] else []
+        masks = pruning.sse_masks(params, groups, groups, prunable, sparsity, group_threshold=r.group_threshold)
         pruning.apply_masks(model, masks)
         hooks = pruning.keep_pruned_at_zero(model, masks)
         opt = Constrained(torch.optim.SGD(model.parameters(), lr=r.retrain_lr), params, masks=Holder(masks))
@@ -405,7 +464,7 @@ class SparseEnsemble(nn.Module):
             h.remove()
         model.eval()
         if self.structure["compacts"]:
-            small = compact_mlp(model).to(self.device).eval()
+            small = self._structure.compact(model, self.input_shape).to(self.device).eval()
             checkpoint.save_member(path, small)
             model = small
         else:
@@ -437,7 +496,7 @@ class SparseEnsemble(nn.Module):
                     continue
                 scores = self.objective.scores(self.objective.combine(logps[s][:m]), y)
                 cost = {"params": sum(_params(x) for x in members[s][:m]),
-                        "flops": sum(_flops(x) for x in members[s][:m])}
+                        "flops": sum(self._flops(x) for x in members[s][:m])}
                 rows.append({"name": f"SGLD+GSP+PR {_pct(s)}% x{m}", "chain": tag, "lam": lam, "temperature": temperature,
                              "sparsity": s, "members": m, **{f"valid_{k}": v for k, v in scores.items()},
                              "params_ratio": cost["params"] / dense_cost["params"],
@@ -457,16 +516,18 @@ class SparseEnsemble(nn.Module):
         checkpoint.atomic_write_json(self.workdir / "settings.json", settings)
         self._log(f"sparse ensemble: {self.structure['reason']}; working in {self.workdir}")
         t0 = time.perf_counter()
+        self.input_shape = list(_xy(next(iter(train_loader)))[0].shape[1:])
         dense = self._dense(train_loader)
         obj = self.objective
         dense_pred, y = _predict(obj, dense, valid_loader, self.device)
-        dense_cost = {"params": _params(dense), "flops": _flops(dense)}
+        dense_cost = {"params": _params(dense), "flops": self._flops(dense)}
         dense_scores = obj.scores(obj.combine([dense_pred]), y)
         rows = [{"name": "SGD x1 (dense)", "chain": None, "lam": None, "temperature": None, "sparsity": 0.0,
                  "members": 1, **{f"valid_{k}": v for k, v in dense_scores.items()},
                  "params_ratio": 1.0, "flops_ratio": 1.0}]
         # the dense candidate as a compacted kind too (same size), so it saves and exports like the others
-        found = {"dense": [compact_mlp(dense.eval()).to(self.device) if self.structure["compacts"] else dense]}
+        found = {"dense": [self._structure.compact(dense.eval(), self.input_shape).to(self.device)
+                           if self.structure["compacts"] else dense]}
         grid = [(lam, t) for lam in r.lams for t in r.temperatures]
         mid = sorted(r.sparsities)[len(r.sparsities) // 2]
         key = "valid_nll" if r.select == "nll" else f"valid_{obj.error_name}"

@@ -113,9 +113,31 @@ def test_an_unsupported_model_falls_back_to_masks_at_full_size_and_dict_batches_
 
 
 def test_prunability_names_the_layer_that_cannot_be_compacted():
-    report = prunability(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2)))
-    assert not report["compacts"] and "Conv2d at position 0" in report["reason"]
+    report = prunability(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2)))
+    assert not report["compacts"] and "only groups=1" in report["reason"]
     assert prunability(_net())["compacts"]
+    assert prunability(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2)))["compacts"]
+
+
+@pytest.mark.filterwarnings("ignore::sparse_ensembles.fit.CollapseWarning")
+def test_fit_on_a_user_cnn_returns_members_shrunk_to_fewer_channels(tmp_path):
+    from sparse_ensembles.models.sequential import CompactSequential
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()  # top half brighter than the bottom
+    train = DataLoader(TensorDataset(x[:200], y[:200]), batch_size=50, shuffle=True)
+    valid = DataLoader(TensorDataset(x[200:], y[200:]), batch_size=100)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 2))
+    rec = Recipe(**{**SMALL, "sparsities": (0.8,), "members": (2,), "lams": (30.0,), "group_threshold": 0.05})
+    ens = SparseEnsemble(net, budget=None, recipe=rec, workdir=tmp_path / "w", progress=False).fit(train, valid)
+    row = next(r for r in ens.candidates if r["chain"])
+    assert row["flops_ratio"] < 2.0  # two members at 80% cost less than two dense networks
+    ens.members = nn.ModuleList(ens._member(None, tmp_path / "w" / "chain_lam30_T0.01" / f"sample_{k:03d}.pt", 0.8,
+                                            k, train) for k in range(2))
+    assert all(isinstance(m, CompactSequential) for m in ens.members)
+    assert all(m[0].out_channels < 8 for m in ens.members)  # whole channels went: physically smaller
 
 
 def test_collapse_warning_fires_for_a_chain_at_temperature_zero_with_a_tiny_step_and_not_for_a_healthy_one(tmp_path):
