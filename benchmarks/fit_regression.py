@@ -30,7 +30,7 @@ from sparse_ensembles import metrics  # noqa: E402
 from sparse_ensembles.fit import Recipe, Regression, SparseEnsemble  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = dict(sgd_epochs=100, sgd_lr=0.01, sgd_lr_halving=25, chain_lr=0.005, lams=(0.01, 0.1), temperatures=(0.1, 1.0),
+RECIPE = dict(sgd_epochs=100, sgd_lr=0.01, sgd_decay_every=25, chain_lr=0.005, lams=(0.01, 0.1), temperatures=(0.1, 1.0),
               precision=1.0, burn_in=50, thin=10, sparsities=(0.75, 0.9), members=(4, 8), retrain_epochs=20,
               retrain_lr=0.01, retrain_lr_decay=1.05)
 SGD_GRID = [(lr, epochs) for lr in (0.01, 0.05) for epochs in (100, 200, 400)]

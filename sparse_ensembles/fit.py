@@ -65,7 +65,8 @@ class Recipe:
     an MLP on Fashion-MNIST). Grids: ``lams``, ``temperatures``, ``sparsities``, ``members``."""
     sgd_epochs: int = 20
     sgd_lr: float = 0.5
-    sgd_lr_halving: int = 5          # the SGD step is halved every this many epochs
+    sgd_decay_every: int = 5         # the SGD step is multiplied by sgd_lr_decay every this many epochs
+    sgd_lr_decay: float = 0.5
     chain_lr: float = 0.1
     lams: Sequence[float] = (3.0,)   # group-Lasso strength
     temperatures: Sequence[float] = (0.01,)
@@ -88,7 +89,8 @@ class Recipe:
         for key in ("sgd_epochs", "burn_in", "retrain_epochs"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an int >= 0")
         need(isinstance(self.thin, int) and self.thin >= 1, "thin", "must be an int >= 1")
-        for key in ("sgd_lr", "chain_lr", "retrain_lr", "precision", "retrain_lr_decay"):
+        need(isinstance(self.sgd_decay_every, int) and self.sgd_decay_every >= 1, "sgd_decay_every", "must be an int >= 1")
+        for key in ("sgd_lr", "sgd_lr_decay", "chain_lr", "retrain_lr", "precision", "retrain_lr_decay"):
             v = getattr(self, key)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, f"must be a finite number > 0, got {v!r}")
         need(len(self.lams) > 0 and all(v > 0 and math.isfinite(v) for v in self.lams), "lams", "positive numbers")
@@ -402,7 +404,7 @@ class SparseEnsemble(nn.Module):
             model.load_state_dict(checkpoint.load(path, fix="delete it to train the dense model again")["state"])
             return model
         opt = torch.optim.SGD(model.parameters(), lr=r.sgd_lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=r.sgd_lr_halving, gamma=0.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=r.sgd_decay_every, gamma=r.sgd_lr_decay)
         seconds = self._train(model, opt, train_loader, r.sgd_epochs, self.workdir / "dense.ckpt", "dense SGD", sched=sched)
         checkpoint.atomic_save({"state": checkpoint.cpu_state(model), "train_seconds": seconds}, path)
         (self.workdir / "dense.ckpt").unlink(missing_ok=True)

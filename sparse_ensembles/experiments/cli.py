@@ -1,4 +1,4 @@
-"""``sparse-ensembles`` command line: run, evaluate, download."""
+"""``sparse-ensembles`` command line: run, distill, fit, evaluate, download."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,18 @@ def main(argv=None) -> int:
     dist.add_argument("--out", help="run directory (default runs/<experiment.name>)")
     dist.add_argument("--resume", action="store_true")
     dist.add_argument("--no-progress", action="store_true")
+    fit = sub.add_parser("fit", help="one call: fit a sparse ensemble on the config's task and model, choose it on "
+                                     "the validation split within a budget, save it, score it on test once")
+    fit.add_argument("config", help="a TOML config: [task], [model], and the schedule in [sgd] [sampler] [prior] "
+                                    "[prune] [retrain]")
+    fit.add_argument("--budget", default="params=1.0", help="cost limit relative to one dense model: params=R, "
+                                                              "flops=R, both (comma), or none (default params=1.0)")
+    fit.add_argument("--lams", default=None, help="comma-separated group-Lasso strengths to search (default prior.lam)")
+    fit.add_argument("--temperatures", default=None, help="comma-separated temperatures (default sampler.temperature)")
+    fit.add_argument("--members", default=None, help="comma-separated member counts (default sampler.samples)")
+    fit.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    fit.add_argument("--out", help="output directory (default runs/<experiment.name>_fit); rerun to resume")
+    fit.add_argument("--no-progress", action="store_true")
     ev = sub.add_parser("evaluate", help="recompute metrics, table and plots of a run directory")
     ev.add_argument("run_dir")
     ev.add_argument("--ood", default=None, metavar="DATASET",
@@ -63,6 +75,22 @@ def main(argv=None) -> int:
             out = Path(args.out or Path("runs") / cfg.experiment.name)
             print(f"run directory: {out}")
             Pipeline(cfg, out, resume=args.resume, progress=not args.no_progress, overrides=overrides).run()
+        elif args.command == "fit":
+            from .fit_config import fit_config, parse_budget
+            cfg = config_mod.load(args.config, args.set)
+            out = Path(args.out or Path("runs") / f"{cfg.experiment.name}_fit")
+            grid = lambda text, kind: tuple(kind(v) for v in text.split(",")) if text else None  # noqa: E731
+            try:
+                lams, temps, members = grid(args.lams, float), grid(args.temperatures, float), grid(args.members, int)
+            except ValueError as e:
+                raise ConfigError(f"--lams / --temperatures / --members take comma-separated numbers: {e}") from None
+            try:
+                fit_config(cfg, out, parse_budget(args.budget), lams=lams, temperatures=temps, members=members,
+                           progress=not args.no_progress)
+            except ValueError as e:  # the recipe's or the work directory's own checks
+                if isinstance(e, (ConfigError, MetricInputError)):
+                    raise
+                raise ConfigError(str(e)) from None
         elif args.command == "evaluate":
             evaluate_run(Path(args.run_dir), run_config(Path(args.run_dir)), ood=args.ood, only=args.only)
         elif args.command == "download":
