@@ -5,6 +5,7 @@ valid), both then read once on the 10,000 test images.
 
     python benchmarks/fit_small_data.py            # 5,000 train / 5,000 valid -> results/fit_small_data.json
     python benchmarks/fit_small_data.py --full     # 50,000 train / 10,000 valid -> results/fit_full_data.json
+    python benchmarks/fit_small_data.py --seed 1   # another seed (fit's, the baseline's, the shuffles) -> ..._s1.json
 
 Splits: train = the first ``n_train`` training images, valid = the last ``n_valid``; the test set is
 loaded only after both choices are made. The SGD baseline's grid (step x epochs, the step halved every
@@ -39,6 +40,8 @@ def mlp() -> nn.Sequential:
 
 
 def loaders(n_train: int, n_valid: int, seed: int):
+    """Train and valid loaders; each call has its own shuffling generator, so the SGD baseline's
+    batches do not depend on how much of the fit ran in this process (a resumed fit draws fewer)."""
     x, y, _, _ = load_idx_dataset("fashion-mnist")
     train = TensorDataset(x[:n_train], y[:n_train])
     valid = TensorDataset(x[-n_valid:], y[-n_valid:])
@@ -87,6 +90,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     n_train, n_valid, name = (50000, 10000, "fit_full_data") if args.full else (5000, 5000, "fit_small_data")
+    if args.seed:
+        name += f"_s{args.seed}"
     t0 = time.perf_counter()
     train, valid = loaders(n_train, n_valid, args.seed)
     recipe = Recipe(lams=tuple(float(v) for v in args.lams.split(",")), seed=args.seed)
@@ -95,7 +100,7 @@ def main() -> None:
     ens = SparseEnsemble(mlp(), budget={"params": 1.0}, recipe=recipe, workdir=workdir).fit(train, valid)
     fit_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    sgd, sgd_rows = sgd_baseline(train, valid, args.seed)
+    sgd, sgd_rows = sgd_baseline(*loaders(n_train, n_valid, args.seed), args.seed)
     sgd_seconds = time.perf_counter() - t1
     # both choices are made; the test set is read once
     _, _, x_test, y_test = load_idx_dataset("fashion-mnist")

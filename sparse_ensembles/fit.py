@@ -80,6 +80,7 @@ class Recipe:
     retrain_lr: float = 0.2
     retrain_lr_decay: float = 1.15   # the retraining step is divided by this every epoch
     select: str = "nll"              # what the validation split minimises: "nll" or "error"
+    latency_repeats: int = 7         # interleaved rounds timing every candidate on a valid batch (0: no timing)
     seed: int = 0
 
     def check(self) -> None:
@@ -90,6 +91,7 @@ class Recipe:
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an int >= 0")
         need(isinstance(self.thin, int) and self.thin >= 1, "thin", "must be an int >= 1")
         need(isinstance(self.sgd_decay_every, int) and self.sgd_decay_every >= 1, "sgd_decay_every", "must be an int >= 1")
+        need(isinstance(self.latency_repeats, int) and self.latency_repeats >= 0, "latency_repeats", "must be an int >= 0")
         for key in ("sgd_lr", "sgd_lr_decay", "chain_lr", "retrain_lr", "precision", "retrain_lr_decay"):
             v = getattr(self, key)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, key, f"must be a finite number > 0, got {v!r}")
@@ -321,6 +323,15 @@ class _Members(nn.Module):
         return obj.output(obj.combine([obj.predict(m(x)) for m in self.members]))
 
 
+def _graph_of(members: Sequence[nn.Module], objective) -> nn.Module:
+    """Members as one module: compacted MLP classifiers fused (:class:`~sparse_ensembles.compact.FusedMLPEnsemble`),
+    others combined by the objective in a loop that tracing unrolls."""
+    from .compact.mlp import FusedMLPEnsemble
+    if objective.name == "classification" and all(isinstance(m, CompactMLP) for m in members):
+        return FusedMLPEnsemble(list(members)).eval()
+    return _Members(list(members), objective).eval()
+
+
 class SparseEnsemble(nn.Module):
     """A sparse ensemble of a user's model, built and chosen by :meth:`fit`; see the module docstring.
 
@@ -345,9 +356,10 @@ class SparseEnsemble(nn.Module):
             task = OBJECTIVES[task]()
         self.objective = task
         budget = {"params": 1.0} if budget is None else dict(budget)
-        unknown = set(budget) - {"params", "flops"}
+        unknown = set(budget) - {"params", "flops", "latency"}
         if unknown or not all(isinstance(v, (int, float)) and v > 0 for v in budget.values()):
-            raise ValueError(f"budget must map 'params' and/or 'flops' to a positive ratio to one dense model; got {budget!r}")
+            raise ValueError("budget must map 'params', 'flops' and/or 'latency' to a positive ratio to one dense model; "
+                             f"got {budget!r}")
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else (recipe or Recipe())
         self.recipe.check()
         self.task, self.budget = task.name, budget
@@ -505,6 +517,35 @@ class SparseEnsemble(nn.Module):
                              "flops_ratio": cost["flops"] / dense_cost["flops"]})
         return rows
 
+    @torch.no_grad()
+    def _time_candidates(self, rows: list[dict], found: dict, valid_loader) -> None:
+        """``latency_ms`` and ``latency_ratio`` (to the dense network) of every candidate's graph
+        module (:meth:`graph_module`: fused where the members allow) on one valid batch, medians of
+        interleaved rounds at the current device and thread count."""
+        r = self.recipe
+        if not r.latency_repeats:
+            if "latency" in self.budget:
+                raise ValueError("a latency budget needs Recipe.latency_repeats > 0")
+            return
+        x = next(iter(_batches(valid_loader, self.device)))[0]
+        modules = []
+        for row in rows:
+            members = found["dense"] if row["chain"] is None else found[(row["chain"], row["sparsity"], row["members"])]
+            modules.append(_graph_of(members, self.objective).to(self.device))
+        times = [[] for _ in rows]
+        for f in modules:
+            f(x)  # warm-up
+        for _ in range(r.latency_repeats):
+            for i, f in enumerate(modules):
+                t0 = time.perf_counter()
+                f(x)
+                times[i].append(1000 * (time.perf_counter() - t0))
+        dense_ms = statistics.median(times[0])
+        for row, t in zip(rows, times):
+            row["latency_ms"] = statistics.median(t)
+            row["latency_ratio"] = row["latency_ms"] / dense_ms
+        self.diagnostics["latency_batch"] = len(x)
+
     def fit(self, train_loader, valid_loader) -> "SparseEnsemble":
         """Run the recipe, score every candidate on ``valid_loader`` and keep the chosen one."""
         r = self.recipe
@@ -564,6 +605,7 @@ class SparseEnsemble(nn.Module):
                 logps[s] = [_predict(obj, m, valid_loader, self.device)[0] for m in members[s]]
                 found.update({(tag, s, m): members[s][:m] for m in r.members})
             rows += self._candidates_of(tag, lam, t, logps, members, dense_cost, r.sparsities, r.members, y)
+        self._time_candidates(rows, found, valid_loader)
         for row in rows:
             row["within_budget"] = all(row[f"{k}_ratio"] <= v + 1e-12 for k, v in self.budget.items())
         eligible = [row for row in rows if row["within_budget"]]
@@ -627,18 +669,25 @@ class SparseEnsemble(nn.Module):
 
     @torch.no_grad()
     def measure_latency(self, x: Tensor, repeats: int = 21) -> dict:
-        """Median milliseconds of one forward pass on ``x``, the ensemble's and the dense template's
-        (same device and thread count, interleaved)."""
+        """Median milliseconds of one forward pass on ``x`` (same device and thread count, interleaved
+        rounds): the members one by one (``ensemble_ms``, what ``ens(x)`` does), the exported graph
+        module (``fused_ms``: compacted MLP members fused into batched matmuls) and one dense network
+        of the template's architecture (``dense_ms``); ratios to the dense network."""
         self.eval()
         dense = copy.deepcopy(self.template).eval()
-        times = {"ensemble": [], "dense": []}
+        fused = self.graph_module()
+        runs = {"ensemble": self, "fused": fused, "dense": dense}
+        for f in runs.values():
+            f(x)  # warm-up
+        times = {k: [] for k in runs}
         for _ in range(repeats):
-            for name, f in (("ensemble", self), ("dense", dense)):
+            for name, f in runs.items():
                 t0 = time.perf_counter()
                 f(x)
                 times[name].append(1000 * (time.perf_counter() - t0))
         out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
         out["ratio"] = out["ensemble_ms"] / out["dense_ms"]
+        out["fused_ratio"] = out["fused_ms"] / out["dense_ms"]
         return out
 
     def report(self, print_table: bool = True) -> str:
@@ -648,11 +697,14 @@ class SparseEnsemble(nn.Module):
             raise RuntimeError("nothing to report: call fit() first")
         names = self.objective.metric_names
         head = "".join(f" {'valid ' + n:>16}" for n in names)
-        lines = [f"{'candidate':<26} {'chain':<16}{head} {'params':>7} {'FLOPs':>7}  budget", "-" * (70 + 17 * len(names))]
+        lat = "latency_ratio" in self.candidates[0]
+        lines = [f"{'candidate':<26} {'chain':<16}{head} {'params':>7} {'FLOPs':>7}{' latency' if lat else ''}  budget",
+                 "-" * (78 + 17 * len(names))]
         for row in self.candidates:
             cells = "".join(f" {row[f'valid_{n}']:>16.4f}" for n in names)
+            latency = f" {row['latency_ratio']:>6.2f}x" if lat else ""
             lines.append(f"{row['name']:<26} {row['chain'] or '-':<16}{cells} {row['params_ratio']:>6.2f}x "
-                         f"{row['flops_ratio']:>6.2f}x  {'yes' if row['within_budget'] else 'no ':<3}"
+                         f"{row['flops_ratio']:>6.2f}x{latency}  {'yes' if row['within_budget'] else 'no ':<3}"
                          f"{'  <- chosen' if row['chosen'] else ''}")
         for tag, d in self.diagnostics.items():
             if isinstance(d, dict) and "disagreement" in d:
@@ -689,10 +741,7 @@ class SparseEnsemble(nn.Module):
         stacked (the loop is unrolled into the one graph when traced)."""
         if not len(self.members):
             raise RuntimeError("nothing to export: call fit() or load() first")
-        from .compact.mlp import FusedMLPEnsemble
-        if self.task == "classification" and all(isinstance(m, CompactMLP) for m in self.members):
-            return FusedMLPEnsemble(list(self.members)).eval()
-        return _Members(list(self.members), self.objective).eval()
+        return _graph_of(list(self.members), self.objective)
 
     @torch.no_grad()
     def export(self, path, example_inputs: Tensor, repeats: int = 21, atol: float = 1e-5) -> dict:

@@ -44,6 +44,7 @@ def test_fit_chooses_the_lowest_valid_nll_within_the_budget_and_returns_compacte
     out = ens(x[:7])
     assert out.shape == (7, 3) and torch.allclose(out.exp().sum(-1), torch.ones(7), atol=1e-5)
     assert "<- chosen" in ens.report(print_table=False)
+    assert all(r["latency_ms"] > 0 for r in rows) and rows[0]["latency_ratio"] == 1.0
     assert (tmp_path / "fit.json").exists() and (tmp_path / "frontier.png").stat().st_size > 5000
 
 
@@ -167,7 +168,7 @@ def test_bad_recipe_and_budget_are_refused_naming_the_setting():
     with pytest.raises(ValueError, match="Recipe.sparsities"):
         SparseEnsemble(_net(), recipe={"sparsities": (1.2,)})
     with pytest.raises(ValueError, match="budget must map"):
-        SparseEnsemble(_net(), budget={"latency": 1.0})
+        SparseEnsemble(_net(), budget={"memory": 1.0})
     with pytest.raises(ValueError, match="task 'segmentation'"):
         SparseEnsemble(_net(), task="segmentation")
 
@@ -239,3 +240,14 @@ def test_regression_metrics_of_a_mixture_equal_the_closed_forms():
     assert got["rmse"] == pytest.approx((1.0 / 2) ** 0.5)  # mixture means 1 and 1 against 0 and 1
     # example 0: mixture variance 1 + 1 = 2, |0 - 1| <= 1.96 sqrt(2): inside; example 1 inside
     assert got["coverage95"] == 1.0
+
+
+def test_a_latency_budget_chooses_among_candidates_whose_measured_latency_fits(tmp_path):
+    _, _, train, valid = _data()
+    ens = SparseEnsemble(_net(), budget={"latency": 1.5}, recipe=Recipe(**{**SMALL, "sparsities": (0.5,)}),
+                         workdir=tmp_path, progress=False).fit(train, valid)
+    assert all(r["within_budget"] == (r["latency_ratio"] <= 1.5 + 1e-12) for r in ens.candidates)
+    assert ens.chosen["latency_ratio"] <= 1.5
+    with pytest.raises(ValueError, match="latency budget needs Recipe.latency_repeats"):
+        SparseEnsemble(_net(), budget={"latency": 1.5}, recipe=Recipe(**{**SMALL, "latency_repeats": 0}),
+                       workdir=tmp_path / "b", progress=False).fit(train, valid)
