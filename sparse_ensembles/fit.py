@@ -55,6 +55,11 @@ from .training import Constrained, GeneratorState, Holder, run_epochs, train_epo
 __all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability"]
 
 
+# Recipe fields that may change between calls on one workdir: the grids add or reuse folders keyed
+# by their values, and the choice is recomputed
+_FREE = ("lams", "temperatures", "sparsities", "select", "latency_repeats")
+
+
 class CollapseWarning(UserWarning):
     """The chain's samples are (nearly) one network: the ensemble adds little over a point estimate."""
 
@@ -552,10 +557,17 @@ class SparseEnsemble(nn.Module):
         self.workdir.mkdir(parents=True, exist_ok=True)
         settings = {"recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(r).items()},
                     "budget": self.budget, "task": self.task, "noise_std": getattr(self.objective, "noise_std", None)}
-        prior_settings = checkpoint.read_json(self.workdir / "settings.json", default=None)
-        if prior_settings is not None and prior_settings != json.loads(json.dumps(settings)):
-            raise ValueError(f"{self.workdir} holds a fit with other settings ({prior_settings}); pass another "
-                             "workdir, or the same recipe and budget to resume it")
+        settings = json.loads(json.dumps(settings))
+        prior = checkpoint.read_json(self.workdir / "settings.json", default=None)
+        if prior is not None:  # only what the work on disk depends on must match; grids and budget may change
+            defaults = json.loads(json.dumps(asdict(Recipe())))
+            differ = [k for k, v in settings["recipe"].items() if k not in _FREE
+                      and prior.get("recipe", {}).get(k, defaults[k]) != v]
+            differ += [k for k in ("task", "noise_std") if prior.get(k) != settings[k]]
+            if differ:
+                raise ValueError(f"{self.workdir} holds a fit made with other {', '.join(differ)} "
+                                 f"({ {k: prior.get('recipe', prior).get(k) for k in differ} }); pass another workdir, "
+                                 "or the same settings to resume it")
         checkpoint.atomic_write_json(self.workdir / "settings.json", settings)
         self._log(f"sparse ensemble: {self.structure['reason']}; working in {self.workdir}")
         t0 = time.perf_counter()

@@ -55,7 +55,10 @@ def test_fit_resumes_from_its_workdir_without_retraining_and_refuses_other_setti
     again = SparseEnsemble(_net(), recipe=Recipe(**SMALL), workdir=tmp_path, progress=False).fit(train, valid)
     assert [r["valid_nll"] for r in again.candidates] == [r["valid_nll"] for r in first.candidates]
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("member_*.pt")} == stamps  # nothing retrained
-    with pytest.raises(ValueError, match="holds a fit with other settings"):
+    wider = SparseEnsemble(_net(), recipe=Recipe(**{**SMALL, "sparsities": (0.5, 0.8, 0.9)}), workdir=tmp_path,
+                           progress=False).fit(train, valid)  # a wider grid reuses the chain and members on disk
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(wider.candidates) == 1 + 3 * 2
+    with pytest.raises(ValueError, match="holds a fit made with other retrain_epochs"):
         SparseEnsemble(_net(), recipe=Recipe(**{**SMALL, "retrain_epochs": 3}), workdir=tmp_path,
                        progress=False).fit(train, valid)
 
