@@ -1,0 +1,152 @@
+"""M SGLD chains of one architecture as one batched computation (issue 23, item 3).
+
+The chains' parameters are stacked along a new leading dimension, ``(M, *shape)``; the forward pass
+is ``torch.func.functional_call`` vectorised with ``torch.func.vmap`` over the chains' parameters and
+their own minibatches, so M small matrix products become one batched product and the Python and
+kernel-launch cost of a step is paid once instead of M times. Each chain keeps its own noise stream:
+chain ``m`` draws its noise from its own generator exactly as a separate :class:`~.sgmcmc.SGLD` does
+(one flat ``randn`` of all its parameters per step, in parameter order), its prior is evaluated on its
+own parameters, and the update is the same :func:`~.functional.sgld_` arithmetic on the stacked
+tensors. So the samples equal M separate chains given the same seeds, initial weights and minibatches,
+up to the reassociation of floating-point sums in the batched products (``tests/test_vectorized.py``).
+
+What it does not support: models with buffers that change in the forward pass (BatchNorm's running
+statistics; vmap cannot update them per chain in place), samplers other than SGLD, masks and
+gradient clipping. Those run as separate chains.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+
+from ..priors import Prior
+from .functional import sgld_
+
+
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y)
+
+
+def _mlp_plan(model: nn.Module):
+    """For an ``nn.Sequential`` of ``Linear`` layers, elementwise activations and a leading
+    ``Flatten``: the forward plan (Linear names and activation modules), else None."""
+    from ..models.mlp import ACTIVATIONS
+    if not isinstance(model, nn.Sequential):
+        return None
+    plan = []
+    for i, (name, m) in enumerate(model.named_children()):
+        if isinstance(m, nn.Linear):
+            plan.append(name)
+        elif type(m) in ACTIVATIONS.values():
+            plan.append(m)
+        elif not (isinstance(m, nn.Flatten) and i == 0):
+            return None
+    return plan
+
+
+class VectorizedSGLD:
+    """``M = len(seeds)`` SGLD chains of ``model``'s architecture (mean-loss convention, as :class:`~.sgmcmc.SGLD`).
+
+    Args:
+        model: the architecture (its weights are the default start of every chain; it is not changed).
+        seeds: one noise seed per chain (chain ``m``'s generator is ``torch.Generator().manual_seed(seeds[m])``).
+        lr, num_data, temperature, prior: as for :class:`~.sgmcmc.SGLD`; ``lr`` may be a schedule ``step -> lr``.
+        starts: optional per-chain state dicts (parameters) to start from instead of ``model``'s weights.
+        loss_fn: ``(outputs, targets) -> mean loss`` of one chain's minibatch (default cross-entropy).
+    """
+
+    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr, num_data: int, temperature: float = 1.0,
+                 prior: Optional[Prior] = None, starts: Optional[Sequence[dict]] = None,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = cross_entropy):
+        if any(True for _ in model.buffers()):
+            raise ValueError(f"{type(model).__name__} has buffers (e.g. BatchNorm running statistics), which vmap "
+                             "cannot update per chain; run its chains separately")
+        if not seeds:
+            raise ValueError("VectorizedSGLD needs at least one chain (one seed per chain)")
+        if starts is not None and len(starts) != len(seeds):
+            raise ValueError(f"got {len(starts)} starting states for {len(seeds)} chains")
+        if not (isinstance(num_data, int) and num_data >= 1):
+            raise ValueError(f"num_data must be the training-set size, a positive int; got {num_data!r}")
+        self.model, self.M = model, len(seeds)
+        self.lr, self.num_data, self.temperature, self.prior, self.loss_fn = lr, num_data, temperature, prior, loss_fn
+        base = {n: p.detach() for n, p in model.named_parameters()}
+        self.names = list(base)
+        self.params = {n: torch.stack([(s[n] if starts else base[n]).detach().to(base[n]) for s in (starts or [None] * self.M)])
+                       .requires_grad_(True) for n in self.names}
+        self.generators = [torch.Generator(device=base[self.names[0]].device).manual_seed(int(s)) for s in seeds]
+        sizes = [base[n].numel() for n in self.names]
+        self._noise = torch.empty(self.M, sum(sizes), dtype=base[self.names[0]].dtype, device=base[self.names[0]].device)
+        # per-parameter (M, *shape) views of the noise buffer: row m is chain m's flat draw
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._noise_views = [self._noise[:, o:o + n].view(self.M, *base[name].shape)
+                             for o, n, name in zip(offsets, sizes, self.names)]
+        self.steps = 0
+
+        def one(params, x, y):
+            return self.loss_fn(functional_call(self.model, params, (x,)), y)
+
+        self._losses = vmap(one)
+        self._mlp = _mlp_plan(model)  # Linear + activations: batched matmuls, faster than vmap's batching rules
+
+    def forward(self, xs: Tensor) -> Tensor:
+        """``(M, B, out)``: chain ``m``'s outputs on ``xs[m]``."""
+        if self._mlp is None:
+            return vmap(lambda params, x: functional_call(self.model, params, (x,)))(self.params, xs)
+        h = xs.flatten(2)
+        for step in self._mlp:
+            if isinstance(step, str):  # a Linear: its stacked weight (M, out, in) and bias (M, out)
+                w, b = self.params[step + ".weight"], self.params.get(step + ".bias")
+                h = torch.bmm(h, w.transpose(1, 2)) if b is None else torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            else:
+                h = step(h)
+        return h
+
+    def losses(self, xs: Tensor, ys: Tensor) -> Tensor:
+        """``(M,)`` mean losses, chain ``m`` on its own minibatch ``(xs[m], ys[m])``."""
+        if self._mlp is None:
+            return self._losses(self.params, xs, ys)
+        out = self.forward(xs)
+        return torch.stack([self.loss_fn(out[m], ys[m]) for m in range(self.M)])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One SGLD step of every chain from the gradients left by ``losses(...).sum().backward()``."""
+        names = self.names
+        grads = {n: self.params[n].grad for n in names}  # the prior adds in place: they are reset below
+        if self.prior is not None:
+            for m in range(self.M):  # each chain's prior on its own parameters (views into the stacks)
+                self.prior.add_grad_({n: grads[n][m] for n in names}, {n: self.params[n][m].detach() for n in names},
+                                     self.num_data)
+        total = torch.stack(torch._foreach_norm(list(grads.values()))).sum()
+        if not math.isfinite(total.item()):
+            raise FloatingPointError("non-finite gradient in a vectorised chain: a chain diverged; lower the learning "
+                                     "rate or the temperature")
+        lr = self.lr(self.steps) if callable(self.lr) else self.lr
+        if self.temperature > 0:
+            for m, g in enumerate(self.generators):
+                self._noise[m].normal_(generator=g)
+        params = [self.params[n].detach() for n in names]
+        sgld_(params, [grads[n] for n in names], self._noise_views, lr=lr, temperature=self.temperature,
+              num_data=self.num_data)
+        for n in names:
+            self.params[n].grad = None
+        self.steps += 1
+
+    def state_dicts(self) -> list[dict[str, Tensor]]:
+        """Chain ``m``'s parameters as a state dict (copies)."""
+        return [{n: self.params[n][m].detach().clone() for n in self.names} for m in range(self.M)]
+
+    def models(self) -> list[nn.Module]:
+        """Chain ``m``'s network: a copy of ``model`` holding its parameters."""
+        import copy
+        out = []
+        for sd in self.state_dicts():
+            net = copy.deepcopy(self.model)
+            net.load_state_dict(sd)
+            out.append(net)
+        return out
