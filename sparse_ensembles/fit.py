@@ -45,7 +45,7 @@ from torch.nn import functional as F
 
 from . import checkpoint, metrics, pruning
 from .models.mlp import CompactMLP, _mlp_layers, compact_mlp
-from .models.sequential import blocks_of, compact_sequential, sequential_cost, sequential_unit_groups
+from .models.sequential import as_sequential, blocks_of, compact_sequential, sequential_cost, sequential_unit_groups
 from .models.registry import from_spec
 from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
@@ -163,15 +163,23 @@ class _Unstructured:
 
 
 def _structure_of(model: nn.Module):
+    """(structure, the model as fit trains it): an ``nn.Sequential`` as given; another module as
+    the ``nn.Sequential`` of its submodules when torch.fx traces its forward as a chain."""
+    traced = ""
     if not isinstance(model, nn.Sequential):
-        return _Unstructured(f"{type(model).__name__} is not an nn.Sequential")
+        try:
+            model, traced = as_sequential(model), f"{type(model).__name__} traced by torch.fx as a chain; "
+        except ValueError as e:
+            return _Unstructured(f"{type(model).__name__} is not an nn.Sequential, and {e}"), model
     reasons = []
     for kind in (_MLPStructure, _CNNStructure):
         try:
-            return kind(model)
+            found = kind(model)
+            found.reason = traced + found.reason
+            return found, model
         except ValueError as e:
             reasons.append(str(e))
-    return _Unstructured("; ".join(reasons))
+    return _Unstructured(traced + "; ".join(reasons)), model
 
 
 def prunability(model: nn.Module) -> dict:
@@ -181,7 +189,7 @@ def prunability(model: nn.Module) -> dict:
     ``Flatten``, ``Linear``, ``Dropout``; see :mod:`sparse_ensembles.models.sequential`) channel and
     neuron groups; both shrink physically. Anything else falls back to unstructured magnitude masks
     under a Gaussian prior, kept at full size; ``reason`` says why."""
-    st = _structure_of(model)
+    st, model = _structure_of(model)
     groups = st.groups_of(model) if st.groups_of else []
     return {"compacts": st.groups_of is not None, "groups": [f"{g.name}: {g.size} groups" for g in groups],
             "reason": st.reason}
@@ -368,12 +376,12 @@ class SparseEnsemble(nn.Module):
         self.recipe = Recipe(**recipe) if isinstance(recipe, dict) else (recipe or Recipe())
         self.recipe.check()
         self.task, self.budget = task.name, budget
-        self.__dict__["template"] = model  # not a submodule: its weights are not the ensemble's
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="sparse_ensemble_"))
         self.progress = progress
         self.structure = prunability(model)
-        self._structure = _structure_of(model)
+        self._structure, model = _structure_of(model)  # a module traced as a chain trains as its nn.Sequential
+        self.__dict__["template"] = model  # not a submodule: its weights are not the ensemble's
         self.input_shape: Optional[list] = None  # of one example, read from the first training batch
         self.members = nn.ModuleList()
         self.candidates: list[dict] = []

@@ -75,14 +75,15 @@ def test_save_and_load_round_trip_gives_the_same_outputs_from_tensors_only(tmp_p
 
 
 class _OwnNet(nn.Module):
-    """Not an nn.Sequential: fit falls back to unstructured masks at full size."""
+    """Not an nn.Sequential, nor a chain torch.fx can map to one (it scales a hidden layer): fit falls
+    back to unstructured masks at full size."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b = nn.Linear(20, 16), nn.Linear(16, 3)
 
     def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+        return self.b(2.0 * torch.tanh(self.a(x)))
 
 
 class _DictData(Dataset):
@@ -254,3 +255,37 @@ def test_a_latency_budget_chooses_among_candidates_whose_measured_latency_fits(t
     with pytest.raises(ValueError, match="latency budget needs Recipe.latency_repeats"):
         SparseEnsemble(_net(), budget={"latency": 1.5}, recipe=Recipe(**{**SMALL, "latency_repeats": 0}),
                        workdir=tmp_path / "b", progress=False).fit(train, valid)
+
+
+class _ChainNet(nn.Module):
+    """Not an nn.Sequential, but its forward is a chain that torch.fx can trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x):
+        x = self.pool(nn.functional.relu(self.conv(x)))
+        return self.fc(x.view(x.size(0), -1))
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(20, 20)
+        self.b = nn.Linear(20, 3)
+
+    def forward(self, x):
+        return self.b(x + self.a(x))
+
+
+def test_a_module_whose_forward_is_a_chain_is_traced_into_a_sequential_that_compacts():
+    from sparse_ensembles.models.sequential import as_sequential
+    net = _ChainNet()
+    seq = as_sequential(net)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(seq(x), net(x))
+    report = prunability(net)
+    assert report["compacts"] and "traced by torch.fx as a chain" in report["reason"]
+    report = prunability(_Residual())
+    assert not report["compacts"] and "'add'" in report["reason"] and "only tensor input" in report["reason"]

@@ -265,3 +265,63 @@ class CompactSequential(nn.Sequential):
             raise ValueError("CompactSequential.cost() needs the input shape: build it with compact_sequential(model, "
                              "input_shape=...)")
         return sequential_cost(self, self.input_shape)
+
+
+def as_sequential(model: nn.Module) -> nn.Sequential:
+    """``model`` as an ``nn.Sequential`` of its own submodules when its forward is a chain: traced
+    with ``torch.fx``, every step must take the previous step's output as its only tensor input and
+    be a submodule call, ``relu`` / ``tanh`` / ``sigmoid`` (as functions or methods) or a flatten
+    from dim 1 (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``). Raises
+    ``ValueError`` naming the first step that is not. The submodules are shared, not copied."""
+    import operator
+
+    import torch.fx as fx
+    from torch.nn import functional as F
+
+    if isinstance(model, nn.Sequential):
+        return model
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as e:  # data-dependent control flow and the like
+        raise ValueError(f"{type(model).__name__} cannot be traced by torch.fx ({type(e).__name__}: {e})") from None
+    functions = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.tanh: nn.Tanh, F.tanh: nn.Tanh, torch.sigmoid: nn.Sigmoid,
+                 F.sigmoid: nn.Sigmoid}
+    methods = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+    layers: list[nn.Module] = []
+    previous = None
+    size_nodes = set()
+    for node in graph.nodes:
+        what = f"step {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
+        if node.op == "placeholder":
+            if previous is not None:
+                raise ValueError(f"{type(model).__name__}.forward takes more than one input")
+            previous = node
+            continue
+        if node.op == "output":
+            if node.args[0] is not previous:
+                raise ValueError(f"{type(model).__name__}.forward does not return its last step")
+            break
+        if node.op == "call_method" and node.target == "size" or (node.op == "call_function"
+                                                                  and node.target is operator.getitem):
+            size_nodes.add(node)  # x.size(0) feeding a view: checked with the view
+            continue
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and a not in size_nodes]
+        if tensors != [previous]:
+            raise ValueError(f"{type(model).__name__} is not a chain of layers: {what} does not take the previous "
+                             "step's output as its only tensor input")
+        if node.op == "call_module":
+            layers.append(model.get_submodule(node.target))
+        elif (node.op == "call_function" and node.target in functions and len(node.args) == 1
+              and node.kwargs in ({}, {"inplace": False})):
+            layers.append(functions[node.target]())
+        elif node.op == "call_method" and node.target in methods and len(node.args) == 1:
+            layers.append(methods[node.target]())
+        elif ((node.op == "call_function" and node.target is torch.flatten and node.args[1:] == (1,))
+              or (node.op == "call_method" and node.target == "flatten" and node.args[1:] == (1,))
+              or (node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) == 3
+                  and node.args[1] in size_nodes and node.args[2] == -1)):
+            layers.append(nn.Flatten())
+        else:
+            raise ValueError(f"{type(model).__name__}: {what} is not a layer, an activation or a flatten")
+        previous = node
+    return nn.Sequential(*layers)
