@@ -216,10 +216,14 @@ def _batches(loader: Iterable, device) -> Iterable[tuple[Tensor, Tensor]]:
 
 
 def _num_data(loader) -> int:
-    try:
-        return len(loader.dataset)
-    except (AttributeError, TypeError):
-        return sum(len(_xy(b)[1]) for b in loader)
+    """N, the number of training examples one epoch visits: the sampler's length (a subset sampler
+    visits fewer than the dataset holds), else the dataset's, else counted."""
+    for source in ("sampler", "dataset"):
+        try:
+            return len(getattr(loader, source))
+        except (AttributeError, TypeError):
+            pass
+    return sum(len(_xy(b)[1]) for b in loader)
 
 
 class Classification:
@@ -265,7 +269,7 @@ class Regression:
 
     def _mean_var(self, out: Tensor) -> tuple[Tensor, Tensor]:
         if out.dim() == 1 or out.shape[-1] == 1:
-            mean = out.reshape(len(out))
+            mean = out.reshape(-1)  # not len(out): the batch size stays symbolic when exported
             return mean, torch.full_like(mean, self.noise_std ** 2)
         if out.dim() == 2 and out.shape[-1] == 2:
             return out[:, 0], out[:, 1].clamp(-20, 20).exp()  # log var clamped: exp stays finite
@@ -448,6 +452,8 @@ class SparseEnsemble(nn.Module):
         paths = [folder / f"sample_{k:03d}.pt" for k in range(r.samples)]
         if all(p.exists() for p in paths):
             return paths
+        for stale in folder.glob("pruned_*/member_*"):  # members of samples about to be drawn again
+            stale.unlink()
         model = copy.deepcopy(dense)
         gen = torch.Generator(device=self.device).manual_seed(r.seed + 1)
         sampler = SGLD(model.named_parameters(), lr=r.chain_lr, num_data=_num_data(train_loader),
@@ -574,7 +580,7 @@ class SparseEnsemble(nn.Module):
             differ += [k for k in ("task", "noise_std") if prior.get(k) != settings[k]]
             if differ:
                 raise ValueError(f"{self.workdir} holds a fit made with other {', '.join(differ)} "
-                                 f"({ {k: prior.get('recipe', prior).get(k) for k in differ} }); pass another workdir, "
+                                 f"({ {k: prior.get('recipe', {}).get(k, prior.get(k)) for k in differ} }); pass another workdir, "
                                  "or the same settings to resume it")
         checkpoint.atomic_write_json(self.workdir / "settings.json", settings)
         self._log(f"sparse ensemble: {self.structure['reason']}; working in {self.workdir}")
@@ -629,6 +635,13 @@ class SparseEnsemble(nn.Module):
         for row in rows:
             row["within_budget"] = all(row[f"{k}_ratio"] <= v + 1e-12 for k, v in self.budget.items())
         eligible = [row for row in rows if row["within_budget"]]
+        if not eligible:
+            checkpoint.atomic_write_json(self.workdir / "fit.json", {"candidates": rows, "diagnostics": self.diagnostics,
+                                                                      **settings})
+            lowest = {k: min(row[f"{k}_ratio"] for row in rows) for k in self.budget}
+            raise ValueError(f"no candidate fits the budget {self.budget} (the lowest ratios reached: {lowest}); "
+                             f"raise the budget, or add higher sparsities or fewer members; the candidates are in "
+                             f"{self.workdir / 'fit.json'} and the work is kept for the next call")
         best = min(eligible, key=lambda row: (row[key], row["params_ratio"]))
         for row in rows:
             row["chosen"] = row is best
@@ -771,12 +784,12 @@ class SparseEnsemble(nn.Module):
         ensemble must be within ``atol``. Returns ``{"path", "max_abs_diff", "eager_ms",
         "exported_ms"}`` (medians of ``repeats`` interleaved calls on ``example_inputs``)."""
         path = Path(path)
-        graph = self.graph_module().cpu()
+        graph = copy.deepcopy(self.graph_module()).cpu()  # copies: the ensemble stays on its device
         x = example_inputs.detach().cpu()
         if len(x) < 2:
             raise ValueError("export needs example_inputs with a batch of at least 2 rows (the batch dimension is "
                              "exported as dynamic)")
-        eager = self.cpu().eval()
+        eager = copy.deepcopy(self).cpu().eval()
         want = eager(x)
         batch = torch.export.Dim("batch", min=1)
         if path.suffix == ".pt2":

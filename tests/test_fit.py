@@ -289,3 +289,24 @@ def test_a_module_whose_forward_is_a_chain_is_traced_into_a_sequential_that_comp
     assert report["compacts"] and "traced by torch.fx as a chain" in report["reason"]
     report = prunability(_Residual())
     assert not report["compacts"] and "'add'" in report["reason"] and "only tensor input" in report["reason"]
+
+
+def test_a_budget_no_candidate_meets_is_refused_naming_the_lowest_ratios_and_keeping_the_candidates(tmp_path):
+    _, _, train, valid = _data()
+    with pytest.raises(ValueError, match=r"no candidate fits the budget \{'params': 0.01\}.*lowest ratios"):
+        SparseEnsemble(_net(), budget={"params": 0.01}, recipe=Recipe(**SMALL), workdir=tmp_path, progress=False).fit(
+            train, valid)
+    assert (tmp_path / "fit.json").exists()
+
+
+def test_a_one_output_regression_ensemble_exports_with_a_dynamic_batch(tmp_path):
+    from sparse_ensembles.fit import Regression
+    x, y, train, valid = _regression_data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 1))
+    rec = Recipe(**{**SMALL, "sgd_lr": 0.05, "chain_lr": 0.01, "retrain_lr": 0.01, "sparsities": (0.5,), "members": (2,)})
+    ens = SparseEnsemble(net, task=Regression(0.3), budget={"params": 2.0}, recipe=rec, workdir=tmp_path / "w",
+                         progress=False).fit(train, valid)
+    out = ens.export(tmp_path / "r.pt2", x[:8], repeats=1)
+    assert out["max_abs_diff"] <= 1e-5
+    torch.testing.assert_close(torch.export.load(str(tmp_path / "r.pt2")).module()(x[:3]), ens(x[:3]))

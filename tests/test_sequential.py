@@ -103,3 +103,26 @@ def test_a_layer_whose_units_all_died_shrinks_to_one_silent_unit_and_keeps_the_o
     assert [m for m in small if isinstance(m, nn.Linear)][0].out_features == 1
     x = torch.randn(4, 1, 28, 28)
     torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_trailing_flatten_is_kept():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 5), nn.Flatten()).eval()
+    x = torch.randn(4, 3, 7, 7)
+    small = compact_sequential(net, input_shape=(3, 7, 7))
+    assert small(x).shape == (4, 4)
+    torch.testing.assert_close(small(x), net(x))
+
+
+@pytest.mark.parametrize("layers,message", [
+    ([nn.Conv2d(3, 6, 3), nn.LeakyReLU(0.3), nn.Flatten(), nn.Linear(216, 2)], "non-default arguments"),
+    ([nn.Conv2d(3, 6, 3), nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(), nn.Linear(54, 2)], "ceil_mode=False"),
+    ([nn.Conv2d(3, 6, 3), nn.AvgPool2d(2, divisor_override=1), nn.Flatten(), nn.Linear(54, 2)], "divisor_override"),
+    ([nn.Conv2d(3, 6, 3), nn.Flatten(), nn.BatchNorm1d(216), nn.Linear(216, 2)], "between Flatten and the next Linear"),
+    ([nn.Conv2d(3, 6, 3), nn.Linear(5, 2)], "needs an nn.Flatten"),
+    ([nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, track_running_stats=False), nn.Flatten(), nn.Linear(6, 2)],
+     "without running statistics"),
+])
+def test_layers_that_would_not_shrink_exactly_are_refused(layers, message):
+    with pytest.raises(ValueError, match=message):
+        blocks_of(nn.Sequential(*layers))

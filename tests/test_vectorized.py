@@ -59,3 +59,12 @@ def test_models_with_running_buffers_are_refused_with_the_reason():
     net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="BatchNorm running statistics"):
         VectorizedSGLD(net, [0, 1], lr=0.1, num_data=10)
+
+
+def test_dropout_and_priors_with_state_are_refused_naming_why():
+    with pytest.raises(ValueError, match="Dropout"):
+        VectorizedSGLD(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)), [0, 1], lr=0.1, num_data=10)
+    from sparse_ensembles.priors import AdaptiveGaussian
+    net = _net()
+    with pytest.raises(ValueError, match="priors with state"):
+        VectorizedSGLD(net, [0, 1], lr=0.1, num_data=10, prior=AdaptiveGaussian(1.0, 0.1))

@@ -27,6 +27,17 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": 
                "identity": nn.Identity, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
 
 
+def check_default_activation(m: nn.Module, where: str) -> str:
+    """The name of activation ``m``; a ``ValueError`` if it has non-default arguments (a shrunk
+    network rebuilds its activations by name, so ``LeakyReLU(0.3)`` would come back as ``LeakyReLU()``)."""
+    name = {cls: n for n, cls in ACTIVATIONS.items()}[type(m)]
+    default = ACTIVATIONS[name]()
+    if any(getattr(m, k) != getattr(default, k) for k in ("negative_slope", "alpha", "approximate") if hasattr(m, k)):
+        raise ValueError(f"{where}: {type(m).__name__} with non-default arguments is not supported (shrunk networks "
+                         "rebuild activations by name); use the default or keep the model unshrunk")
+    return name
+
+
 def _linear_cost(model: nn.Module, linears: Sequence[nn.Linear]) -> dict:
     """Nonzero params (weights and biases), sub-matrix FLOPs and nonzero MACs of Linear layers."""
     for name, m in model.named_modules():
@@ -199,7 +210,7 @@ def _mlp_layers(model: nn.Sequential) -> tuple[list[nn.Linear], list[str]]:
         elif type(m) in _NAME_OF:
             if len(linears) != len(acts) + 1:
                 raise ValueError(f"compact_mlp: two activations in a row at position {i}")
-            acts.append(_NAME_OF[type(m)])
+            acts.append(check_default_activation(m, f"compact_mlp: position {i}"))
         else:
             raise ValueError(
                 f"compact_mlp supports Linear, Flatten, Dropout and {sorted(ACTIVATIONS)}; "

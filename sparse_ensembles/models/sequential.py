@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..structure import Part, SliceFamily
 from .conv import conv_cost, linear_cost
-from .mlp import ACTIVATIONS
+from .mlp import ACTIVATIONS, check_default_activation
 from .registry import register
 
 _ACT_NAME = {cls: name for name, cls in ACTIVATIONS.items()}
@@ -43,6 +43,7 @@ class Block:
 
     def __init__(self, index: int, layer: nn.Module, flatten_before: bool):
         self.index, self.layer, self.post, self.flatten_before = index, layer, [], flatten_before
+        self.flatten_after = False
 
 
 def blocks_of(model: nn.Sequential) -> list[Block]:
@@ -59,6 +60,8 @@ def blocks_of(model: nn.Sequential) -> list[Block]:
                 raise ValueError(f"{where}: only groups=1, dilation 1 and numeric zero padding are supported")
             blocks.append(Block(i, m, False))
         elif isinstance(m, nn.Linear):
+            if blocks and isinstance(blocks[-1].layer, nn.Conv2d) and not flatten_pending:
+                raise ValueError(f"{where}: a Linear after a convolution needs an nn.Flatten between them")
             blocks.append(Block(i, m, flatten_pending))
             flatten_pending = False
         elif isinstance(m, nn.Flatten):
@@ -68,8 +71,19 @@ def blocks_of(model: nn.Sequential) -> list[Block]:
         elif isinstance(m, POINTWISE):
             if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and m.padding not in (0, (0, 0)):
                 raise ValueError(f"{where}: pooling with padding is not supported")
+            if isinstance(m, nn.MaxPool2d) and (m.ceil_mode or m.dilation not in (1, (1, 1))):
+                raise ValueError(f"{where}: only MaxPool2d with ceil_mode=False and dilation 1 is supported")
+            if isinstance(m, nn.AvgPool2d) and (m.ceil_mode or m.divisor_override is not None):
+                raise ValueError(f"{where}: only AvgPool2d with ceil_mode=False and no divisor_override is supported")
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.track_running_stats:
+                raise ValueError(f"{where}: BatchNorm without running statistics cannot be shrunk exactly")
+            if type(m) in ACTIVATIONS.values():
+                check_default_activation(m, where)
             if not blocks:
                 raise ValueError(f"{where}: the network must start with a Conv2d, Linear or Flatten")
+            if flatten_pending and not isinstance(m, (nn.Dropout, *ACTIVATIONS.values())):
+                raise ValueError(f"{where}: between Flatten and the next Linear only activations and Dropout are "
+                                 "supported")
             blocks[-1].post.append(m)
         else:
             raise ValueError(f"{where} is not supported (supported: Conv2d, Linear, BatchNorm1d/2d, MaxPool2d, "
@@ -78,6 +92,7 @@ def blocks_of(model: nn.Sequential) -> list[Block]:
         raise ValueError("the network has no Conv2d or Linear layer")
     if not any(isinstance(b.layer, nn.Conv2d) for b in blocks):
         raise ValueError("the network has no Conv2d (an MLP is compacted by compact_mlp)")
+    blocks[-1].flatten_after = flatten_pending  # a Flatten after the last layer
     return blocks
 
 
@@ -141,8 +156,8 @@ def compact_sequential(model: nn.Sequential, input_shape: Optional[Sequence[int]
     model.eval()
     blocks = blocks_of(model)
     W = [b.layer.weight.detach().clone() for b in blocks]
-    B = [b.layer.bias.detach().clone() if b.layer.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-         for b, w in zip(blocks, W)]
+    B = [b.layer.bias.detach().clone() if b.layer.bias is not None
+         else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) for b, w in zip(blocks, W)]
     keep_in = torch.ones(W[0].shape[1], dtype=torch.bool)  # the network's input channels / features stay
     keeps = []
     for i in range(len(blocks) - 1):
@@ -208,6 +223,8 @@ def compact_sequential(model: nn.Sequential, input_shape: Optional[Sequence[int]
             else:
                 layers.append(ACTIVATIONS[_ACT_NAME[type(m)]]())
         prev_keep = keep
+    if blocks[-1].flatten_after:
+        layers.append(nn.Flatten())
     if not blocks[0].flatten_before and isinstance(model[0], nn.Flatten):
         layers.insert(0, nn.Flatten())
     model.train(was)

@@ -68,6 +68,14 @@ class VectorizedSGLD:
                              "cannot update per chain; run its chains separately")
         if not seeds:
             raise ValueError("VectorizedSGLD needs at least one chain (one seed per chain)")
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+            raise ValueError("VectorizedSGLD does not support Dropout (each chain would need its own dropout masks); "
+                             "run these chains separately")
+        if prior is not None and prior.stateful:
+            raise ValueError(f"VectorizedSGLD does not support priors with state ({type(prior).__name__}: one state "
+                             "would be shared by all chains); run these chains separately")
+        if any(not p.requires_grad for p in model.parameters()):
+            raise ValueError("VectorizedSGLD samples every parameter; this model has frozen ones")
         if starts is not None and len(starts) != len(seeds):
             raise ValueError(f"got {len(starts)} starting states for {len(seeds)} chains")
         if not (isinstance(num_data, int) and num_data >= 1):
@@ -92,12 +100,13 @@ class VectorizedSGLD:
 
         self._losses = vmap(one)
         self._mlp = _mlp_plan(model)  # Linear + activations: batched matmuls, faster than vmap's batching rules
+        self._mlp_flattens = isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[0], nn.Flatten)
 
     def forward(self, xs: Tensor) -> Tensor:
         """``(M, B, out)``: chain ``m``'s outputs on ``xs[m]``."""
-        if self._mlp is None:
+        if self._mlp is None or (not self._mlp_flattens and xs.dim() != 3):
             return vmap(lambda params, x: functional_call(self.model, params, (x,)))(self.params, xs)
-        h = xs.flatten(2)
+        h = xs.flatten(2) if self._mlp_flattens else xs
         for step in self._mlp:
             if isinstance(step, str):  # a Linear: its stacked weight (M, out, in) and bias (M, out)
                 w, b = self.params[step + ".weight"], self.params.get(step + ".bias")
@@ -108,7 +117,7 @@ class VectorizedSGLD:
 
     def losses(self, xs: Tensor, ys: Tensor) -> Tensor:
         """``(M,)`` mean losses, chain ``m`` on its own minibatch ``(xs[m], ys[m])``."""
-        if self._mlp is None:
+        if self._mlp is None or (not self._mlp_flattens and xs.dim() != 3):
             return self._losses(self.params, xs, ys)
         out = self.forward(xs)
         return torch.stack([self.loss_fn(out[m], ys[m]) for m in range(self.M)])
@@ -127,11 +136,12 @@ class VectorizedSGLD:
             raise FloatingPointError("non-finite gradient in a vectorised chain: a chain diverged; lower the learning "
                                      "rate or the temperature")
         lr = self.lr(self.steps) if callable(self.lr) else self.lr
-        if self.temperature > 0:
+        temperature = self.temperature(self.steps) if callable(self.temperature) else self.temperature
+        if temperature > 0:
             for m, g in enumerate(self.generators):
                 self._noise[m].normal_(generator=g)
         params = [self.params[n].detach() for n in names]
-        sgld_(params, [grads[n] for n in names], self._noise_views, lr=lr, temperature=self.temperature,
+        sgld_(params, [grads[n] for n in names], self._noise_views, lr=lr, temperature=temperature,
               num_data=self.num_data)
         for n in names:
             self.params[n].grad = None
