@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import need_data
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,6 +30,7 @@ def test_lstm_inference_quick_writes_speedups_and_ensemble_ratio_on_synthetic_me
 
 
 def test_sse_seeds_quick_writes_per_seed_rows_spread_and_target_verdict(tmp_path):
+    need_data("mnist")  # the tiny config reads MNIST
     out = run_quick("sse_seeds.py", tmp_path, "tiny", "--seeds", "0", "1", "--sparsity", "0.9",
                     "--runs", str(tmp_path / "runs"))
     r = json.loads((tmp_path / "tiny_quick_seeds.json").read_text())
@@ -43,6 +46,7 @@ def test_sse_seeds_quick_writes_per_seed_rows_spread_and_target_verdict(tmp_path
 
 def test_sse_seeds_tag_keeps_a_candidate_recipe_apart_from_the_shipped_record(tmp_path):
     """--tag names the run directories and the results file, so a candidate never overwrites the shipped seeds."""
+    need_data("mnist")
     out = run_quick("sse_seeds.py", tmp_path, "tiny", "--seeds", "0", "1", "--sparsity", "0.9", "--tag", "lam2",
                     "--set", "prior.lam=2.0", "--runs", str(tmp_path / "runs"))
     assert not (tmp_path / "tiny_quick_seeds.json").exists()
