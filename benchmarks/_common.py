@@ -34,9 +34,15 @@ def median(xs) -> float:
     return float(statistics.median(xs))
 
 
-def timed(fn) -> float:
+def timed(fn, device=None) -> float:
+    """Wall seconds of ``fn()``; on a CUDA ``device`` the queued kernels are waited for before and after."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 

@@ -12,6 +12,7 @@ Target: compacted ensemble of 18 at <= 1.5x the latency of one dense model (batc
 
     python benchmarks/compact_inference.py [--run DIR] [--sparsity 96] [--quick]
     python benchmarks/compact_inference.py --run runs/mnist_fnn_sse_widths   # structured members
+    python benchmarks/compact_inference.py --device cuda                     # on a GPU (synchronised timing)
 
 Without the run directory (a fresh clone) it builds 18 random members of ``--widths`` (default
 160-64-32, the structured members' widths) reading random pixel sets, and random dense models:
@@ -77,7 +78,9 @@ def main():
                     help="the pruned members to time, in percent (96) or as a fraction (0.96)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--widths", default="160,64,32", help="synthetic members' widths when --run does not exist")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where every model and the images live")
     args = ap.parse_args()
+    device = torch.device(args.device)
     run = Path(args.run)
     x, y = test_images(run)
     synthetic = not run.is_dir()
@@ -96,8 +99,9 @@ def main():
     dense = (dense * m)[:m] if len(dense) < m else dense[:m]  # same ensemble size on both sides
     models = {"single_dense": dense[0], "dense_ensemble": Ensemble(dense), "compact_ensemble": Ensemble(sparse),
               "fused_compact_ensemble": FusedMLPEnsemble(sparse), "csr_compact_ensemble": SparseMLPEnsemble(sparse)}
+    x, y = x.to(device), y.to(device)
     for mod in models.values():
-        mod.eval()
+        mod.to(device).eval()
     with torch.no_grad():
         ref = models["compact_ensemble"](x)
         gap = max((models[k](x) - ref).abs().max().item() for k in ("fused_compact_ensemble", "csr_compact_ensemble"))
@@ -107,8 +111,8 @@ def main():
     with torch.inference_mode():
         for r in range(reps + 1):
             for k, mod in models.items():
-                t100 = timed(lambda: [mod(b) for b in batches])
-                t10k = timed(lambda: mod(x))
+                t100 = timed(lambda: [mod(b) for b in batches], device)
+                t10k = timed(lambda: mod(x), device)
                 if r:
                     times[(k, "b100")].append(t100)
                     times[(k, "b10k")].append(t10k)
@@ -118,7 +122,7 @@ def main():
     # the compacted ensemble is the faster fused execution of the shrunk members (same function,
     # checked above against member-by-member evaluation)
     best = min(("fused_compact_ensemble", "csr_compact_ensemble"), key=lambda k: med[k + "_b100_seconds"])
-    out = {"run": str(run), "synthetic": synthetic, "member_widths": [mm.widths for mm in sparse], "members": m, "sparsity_pct": args.sparsity, "repetitions": reps,
+    out = {"run": str(run), "device": str(device), "synthetic": synthetic, "member_widths": [mm.widths for mm in sparse], "members": m, "sparsity_pct": args.sparsity, "repetitions": reps,
            "fused_vs_member_by_member_max_abs_gap": gap, **med, "compact_executor": best,
            "compact_ensemble_vs_single_dense": med[best + "_b100_seconds"] / base100,
            "padded_fused_vs_single_dense": med["fused_compact_ensemble_b100_seconds"] / base100,

@@ -77,11 +77,11 @@ def from_run(run: Path, sparsity: str, variant: str = ""):
     return checkpoint.load_member(dense_files[0])[0], [checkpoint.load_member(f)[0] for f in member_files]
 
 
-def stepper(models, batch: int, steps: int, vocab: int):
+def stepper(models, batch: int, steps: int, vocab: int, device="cpu"):
     """A function that advances ``batch`` streams by ``steps`` tokens, one at a time, averaging the
     members' predictive distributions when there are several (log of the mean of softmaxes)."""
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab, (batch, steps), generator=g)
+    tokens = torch.randint(0, vocab, (batch, steps), generator=g).to(device)
 
     def run():
         states = [None] * len(models)
@@ -96,10 +96,10 @@ def stepper(models, batch: int, steps: int, vocab: int):
     return run
 
 
-def fused_stepper(fused: FusedLSTMEnsemble, batch: int, steps: int, vocab: int):
+def fused_stepper(fused: FusedLSTMEnsemble, batch: int, steps: int, vocab: int, device="cpu"):
     """The same token streams as :func:`stepper`, all members at once (the ensemble's log-probabilities)."""
     g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, vocab, (batch, steps), generator=g)
+    tokens = torch.randint(0, vocab, (batch, steps), generator=g).to(device)
 
     def run():
         state = None
@@ -108,9 +108,9 @@ def fused_stepper(fused: FusedLSTMEnsemble, batch: int, steps: int, vocab: int):
     return run
 
 
-def fused_error(fused: FusedLSTMEnsemble, members, vocab: int) -> float:
+def fused_error(fused: FusedLSTMEnsemble, members, vocab: int, device="cpu") -> float:
     """Largest |fused - sequential| log-probability over a few carried steps and a short segment."""
-    tokens = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, vocab, (2, 6), generator=torch.Generator().manual_seed(2)).to(device)
     states, state, err = [None] * len(members), None, 0.0
     for seg in tokens.split([1, 1, 4], dim=1):
         logps = []
@@ -133,7 +133,9 @@ def main():
     ap.add_argument("--iss-hidden", default="100,100", help="synthetic ISS members: units kept per layer")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the models and tokens live")
     args = ap.parse_args()
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     synthetic_run = not args.run
@@ -143,17 +145,18 @@ def main():
         dense, members = from_run(Path(args.run), args.sparsity, args.variant)
         members = members[: args.members]
     vocab = dense.vocab
+    dense, members = dense.to(device), [m.to(device) for m in members]
     steps, reps = (10, 5) if args.quick else (35, 15)
     variants = {"dense": [dense], "member": [members[0]], "ensemble": members}
-    fused = FusedLSTMEnsemble(members)
-    runners = {(k, b): stepper(ms, b, steps, vocab) for k, ms in variants.items() for b in (1, 20)}
-    runners.update({("ensemble_fused", b): fused_stepper(fused, b, steps, vocab) for b in (1, 20)})
+    fused = FusedLSTMEnsemble(members).to(device)
+    runners = {(k, b): stepper(ms, b, steps, vocab, device) for k, ms in variants.items() for b in (1, 20)}
+    runners.update({("ensemble_fused", b): fused_stepper(fused, b, steps, vocab, device) for b in (1, 20)})
     times = {key: [] for key in runners}
     with torch.inference_mode():
-        fused_err = fused_error(fused, members, vocab)
+        fused_err = fused_error(fused, members, vocab, device)
         for r in range(reps + 1):  # round 0 warms up
             for key, fn in runners.items():
-                t = timed(fn)
+                t = timed(fn, device)
                 if r:
                     times[key].append(t / steps)
     med = {f"{k}_batch{b}_ms_per_step": 1e3 * median(v) for (k, b), v in times.items()}
@@ -161,7 +164,7 @@ def main():
     ratio = {f"{k}{suffix}": med[f"{k}_batch{b}_ms_per_step"] / med[f"dense_batch{b}_ms_per_step"]
              for k in ("ensemble", "ensemble_fused") for b, suffix in ((20, ""), (1, "_batch1"))}
     best = min(("ensemble", "ensemble_fused"), key=lambda k: ratio[k])
-    out = {"run": args.run or None, "synthetic": synthetic_run, "members": len(members),
+    out = {"run": args.run or None, "device": str(device), "synthetic": synthetic_run, "members": len(members),
            "dense_hidden": dense.hidden, "member_hidden": [m.hidden for m in members], "vocab": vocab,
            "steps": steps, "repetitions": reps, **med,
            "iss_speedup_batch1": med["dense_batch1_ms_per_step"] / med["member_batch1_ms_per_step"],
