@@ -320,6 +320,20 @@ def _params(model: nn.Module) -> int:
     return metrics.nonzero_params(model)
 
 
+def _median_ms(calls: dict, repeats: int) -> dict:
+    """Median milliseconds of each zero-argument call, after one warm-up call each, in interleaved
+    rounds (so drifts of a shared machine hit every call alike)."""
+    for f in calls.values():
+        f()
+    times = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _tag(lam: float, temperature: float) -> str:
     return f"lam{lam:g}_T{temperature:g}"
 
@@ -551,18 +565,10 @@ class SparseEnsemble(nn.Module):
         for row in rows:
             members = found["dense"] if row["chain"] is None else found[(row["chain"], row["sparsity"], row["members"])]
             modules.append(_graph_of(members, self.objective).to(self.device))
-        times = [[] for _ in rows]
-        for f in modules:
-            f(x)  # warm-up
-        for _ in range(r.latency_repeats):
-            for i, f in enumerate(modules):
-                t0 = time.perf_counter()
-                f(x)
-                times[i].append(1000 * (time.perf_counter() - t0))
-        dense_ms = statistics.median(times[0])
-        for row, t in zip(rows, times):
-            row["latency_ms"] = statistics.median(t)
-            row["latency_ratio"] = row["latency_ms"] / dense_ms
+        ms = _median_ms({i: (lambda f=f: f(x)) for i, f in enumerate(modules)}, r.latency_repeats)
+        for i, row in enumerate(rows):
+            row["latency_ms"] = ms[i]
+            row["latency_ratio"] = ms[i] / ms[0]
         self.diagnostics["latency_batch"] = len(x)
 
     def fit(self, train_loader, valid_loader) -> "SparseEnsemble":
@@ -709,16 +715,8 @@ class SparseEnsemble(nn.Module):
         self.eval()
         dense = copy.deepcopy(self.template).eval()
         fused = self.graph_module()
-        runs = {"ensemble": self, "fused": fused, "dense": dense}
-        for f in runs.values():
-            f(x)  # warm-up
-        times = {k: [] for k in runs}
-        for _ in range(repeats):
-            for name, f in runs.items():
-                t0 = time.perf_counter()
-                f(x)
-                times[name].append(1000 * (time.perf_counter() - t0))
-        out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+        ms = _median_ms({"ensemble": lambda: self(x), "fused": lambda: fused(x), "dense": lambda: dense(x)}, repeats)
+        out = {f"{k}_ms": v for k, v in ms.items()}
         out["ratio"] = out["ensemble_ms"] / out["dense_ms"]
         out["fused_ratio"] = out["fused_ms"] / out["dense_ms"]
         return out
@@ -823,15 +821,8 @@ class SparseEnsemble(nn.Module):
         if not diff <= atol:
             raise RuntimeError(f"the exported graph differs from the eager ensemble by {diff:g} (> {atol:g}) on "
                                f"example_inputs; {path} was written but should not be used")
-        times = {"eager": [], "exported": []}
-        eager(x), got_fn()  # warm-up
-        for _ in range(repeats):
-            for name, f in (("eager", lambda: eager(x)), ("exported", got_fn)):
-                t0 = time.perf_counter()
-                f()
-                times[name].append(1000 * (time.perf_counter() - t0))
-        return {"path": str(path), "max_abs_diff": diff, "eager_ms": statistics.median(times["eager"]),
-                "exported_ms": statistics.median(times["exported"])}
+        ms = _median_ms({"eager": lambda: eager(x), "exported": got_fn}, repeats)
+        return {"path": str(path), "max_abs_diff": diff, "eager_ms": ms["eager"], "exported_ms": ms["exported"]}
 
     @classmethod
     def load(cls, path, model: Optional[nn.Module] = None, device="cpu") -> "SparseEnsemble":
