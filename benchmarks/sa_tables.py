@@ -5,6 +5,7 @@
     python benchmarks/sa_tables.py cnn resnet20 --evaluate-only   # the run directories as they are
     python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 500-image subset, 1 epoch per chain (2 min on a loaded 2-core machine)
     python benchmarks/sa_tables.py resnet20 --lr-grid 1e-4,5e-4,2.5e-3   # choose each method's step on valid
+    python benchmarks/sa_tables.py cnn --configs fmnist_cnn_sa --lr-grid 0.05,0.01,0.002 --grid-variants dense_init
 
 ``--lr-grid`` runs the variants named by ``--grid-variants`` (default: the 90% ones; ``'*'`` all) and
 the plain chain (where the config has one) once per step size
@@ -228,7 +229,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--lr-grid", default="", help="comma-separated sampler step sizes: choose each method's on valid")
     ap.add_argument("--grid-variants", default="*_90", help="comma-separated patterns of the variants in the grid")
+    ap.add_argument("--configs", default="", help="comma-separated config names to keep (default: all of each group)")
     args = ap.parse_args()
+    keep = set(args.configs.split(",")) if args.configs else None
+    for which in CONFIGS:
+        CONFIGS[which] = [n for n in CONFIGS[which] if keep is None or n in keep]
     if args.lr_grid:
         lrs = [float(x) for x in args.lr_grid.split(",")]
         for which in args.which:

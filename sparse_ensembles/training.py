@@ -123,13 +123,14 @@ class Holder:
 
 def run_epochs(ckpt: Path, epochs: int, state: Mapping[str, Any], epoch_fn: Callable[[int], float], *,
                after_epoch: Optional[Callable[[int], None]] = None, bar=None, log: Callable[[str], None] = print,
-               label: str = "") -> float:
+               label: str = "", save: bool = True) -> float:
     """Run ``epoch_fn(epoch)`` for epochs ``start .. epochs - 1``, checkpointing ``state`` (objects
     with ``state_dict``/``load_state_dict``: model, optimizer or sampler, schedulers, generators)
     atomically to ``ckpt`` after each epoch, and resuming from it if it exists. ``after_epoch(done)``
     runs before the checkpoint (e.g. to save a sample), so a crash between the two redoes that
     epoch rather than skipping its sample. Returns the training seconds of all epochs, resumed
     ones included. The checkpoint is left in place; the caller deletes it once its result is saved.
+    ``save=False`` reads a checkpoint but writes none (a rank that is not its group's writer).
     """
     start, elapsed = 0, 0.0
     if ckpt.exists():
@@ -147,8 +148,9 @@ def run_epochs(ckpt: Path, epochs: int, state: Mapping[str, Any], epoch_fn: Call
         elapsed += time.perf_counter() - t0
         if after_epoch is not None:
             after_epoch(epoch + 1)
-        states = {k: (checkpoint.cpu_state(o) if isinstance(o, nn.Module) else o.state_dict()) for k, o in state.items()}
-        checkpoint.atomic_save({"epoch": epoch + 1, "elapsed": elapsed, "state": states}, ckpt)
+        if save:
+            states = {k: (checkpoint.cpu_state(o) if isinstance(o, nn.Module) else o.state_dict()) for k, o in state.items()}
+            checkpoint.atomic_save({"epoch": epoch + 1, "elapsed": elapsed, "state": states}, ckpt)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")

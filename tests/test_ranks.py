@@ -1,5 +1,6 @@
 """torchrun: the ranks of a job share a run's units by a static deal, and the result does not
-depend on how many ranks there are (2-process gloo runs on CPU; two launches in all)."""
+depend on how many ranks there are, also for a chain trained over two ranks (2-process gloo runs on
+CPU; three launches in all)."""
 import json
 import os
 import shutil
@@ -131,3 +132,22 @@ def test_a_run_started_in_one_process_and_interrupted_resumes_under_two_ranks_to
                 "--out", str(out), "--no-progress", "--resume"], {}, ROOT)
     assert "mine: sgld_gsp[0]" in log and "sgd[" not in log.split("wave of")[1].split("\n")[0]
     _same_runs(one_process_run, out)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_a_chain_trained_over_two_ranks_equals_the_one_process_chain(one_process_run, tmp_path):
+    """``sampler.data_parallel = 2``: both ranks train the one chain on halves of each batch (the
+    gradients averaged, the noise alike on each rank); its samples equal the one-process chain's up to
+    the order of float sums, and only the group's first rank writes them."""
+    out = tmp_path / "dp"
+    log = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "sparse_ensembles", "run", TINY,
+                "--out", str(out), "--no-progress", "--only", "sgd", "--only", "sgld",
+                "--set", "sampler.data_parallel=2"], {}, ROOT)
+    assert "[rank 1] wave of 2 stage(s), 3 unit(s) over 2 ranks; mine: sgld[0] (rank 2 of 2), sgd[1]" in log
+    samples = sorted((out / "sgld").glob("sample_*.pt"))
+    assert [p.name for p in samples] == ["sample_000.pt", "sample_001.pt", "sample_002.pt"]
+    for f in samples:
+        x = torch.load(one_process_run / "sgld" / f.name, weights_only=True)["state_dict"]
+        y = torch.load(f, weights_only=True)["state_dict"]
+        for k in x:
+            assert torch.allclose(x[k], y[k], atol=1e-6, rtol=0), (f.name, k, (x[k] - y[k]).abs().max())

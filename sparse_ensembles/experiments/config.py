@@ -158,6 +158,9 @@ class ChainConfig:
     # where each chain starts: "" = a fresh random init; "sgd" = the first SGD baseline (Deng et al.
     # start their ResNet chains from a pretrained dense model)
     init_from: str = ""
+    # ranks per chain under torchrun (sparse_ensembles.distributed): each reads 1/K of every batch, the
+    # gradients are averaged, the noise is drawn alike on every rank; the same chain as one process
+    data_parallel: int = 1
 
     @property
     def epochs_per_chain(self) -> int:
@@ -187,6 +190,7 @@ class ChainConfig:
         need(all(0 < m < limit for m in self.lr_milestones), "sampler.lr_milestones",
              f"each milestone must lie inside the chain: 0 < m < {limit:g} ({self.milestone_unit}s)")
         need(self.num_data >= 0, "sampler.num_data", "must be >= 0 (0 = the training-set size)")
+        need(self.data_parallel >= 1, "sampler.data_parallel", "must be >= 1 (ranks per chain under torchrun; 1 = one process)")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint, pruning
 from ..data import DataError
+from ..distributed import ShardedLoss
 from ..models import model_class
 from ..priors import BlockLasso, Gaussian, GroupLasso, Prior, Sum
 from ..priors.spike_slab import SpikeSlabGL
@@ -35,6 +36,7 @@ from ..structure import norms
 from ..tasks import task_class
 from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
 from . import plots
+from .ranks import Shard
 from .config import (Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig,
                      from_dict)
 
@@ -99,6 +101,7 @@ class Context:
     device: torch.device
     log: Callable[[str], None] = print
     progress: bool = True
+    shard: Optional[Shard] = None  # this rank's place in the group running a data-parallel unit
 
     def with_cfg(self, cfg: Config) -> "Context":
         """The same task and run directory under a variant's config."""
@@ -335,6 +338,7 @@ class Chain:
         self.variant = variant
         self.label = kind.upper() + (f"+{tag.upper()}" if tag else "") + (f"({variant})" if variant else "")
         self.c = cfg.sampler
+        self.data_parallel = cfg.sampler.data_parallel  # ranks per chain (experiments/ranks.py)
         # pruning during sampling (prune.kind = "schedule") makes the samples sparse themselves
         self.sparsity = cfg.prune.target if sparse and isinstance(cfg.prune, ScheduleConfig) else 0.0
 
@@ -394,15 +398,25 @@ class Chain:
         gen = torch.Generator().manual_seed(derive_seed(seed, self.name, chain, "data"))
         epochs = c.burn_in + c.thin * samples
         label = f"{self.name} chain" if c.chains == 1 else f"{self.name} chain {chain + 1}/{c.chains}"
+        # data-parallel: every rank of the group reads the same batches (same seed) and keeps its rows;
+        # the noise is the same on every rank (the sampler's seed does not depend on the rank)
+        loss_fn, writer = ctx.task.loss, ctx.shard is None or ctx.shard.index == 0
+        if ctx.shard is not None:
+            try:
+                loss_fn = ShardedLoss(model, ctx.task.loss, ctx.shard.group)
+            except ValueError as e:
+                raise ConfigError(f"sampler.data_parallel = {c.data_parallel}: {e}") from None
 
         def epoch(e):
-            return train_epoch(model, sampler, ctx.task.train_batches(gen), loss_fn=ctx.task.loss,
+            return train_epoch(model, sampler, ctx.task.train_batches(gen), loss_fn=loss_fn,
                                where=f"{label} epoch {e + 1}")
 
         ssgl = next((p for p in getattr(sampler.prior, "priors", ()) if isinstance(p, SpikeSlabGL)), None)
         trace_file = folder / f"trace_{chain}.json"
 
         def collect(done: int):
+            if not writer:  # the group's first rank writes; the others hold the same parameters
+                return
             if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
                 k = first + (done - c.burn_in) // c.thin - 1
                 meta = dict(epoch=done, chain=chain)
@@ -423,10 +437,12 @@ class Chain:
         try:
             seconds = run_epochs(folder / f"chain_{chain}.pt", epochs,
                                  {"model": model, "sampler": sampler, "gen": GeneratorState(gen)}, epoch,
-                                 after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
+                                 after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label,
+                                 save=writer)
         finally:
             sampler.close()  # stop the noise worker thread
-        checkpoint.atomic_write_json(marker, {"train_seconds": seconds, "epochs": epochs})
+        if writer:
+            checkpoint.atomic_write_json(marker, {"train_seconds": seconds, "epochs": epochs})
         return seconds
 
     def rows(self, out: Path) -> list[Row]:
