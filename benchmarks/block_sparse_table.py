@@ -171,10 +171,18 @@ def main():
              ("+ block Lasso + pre-pruning", label("pre", chosen) if chosen else None)]
     task = None
     rows, histories, missing = [], {}, []
+    # rows whose run directory is gone (runs/ is not kept between machines) are carried over from the
+    # last table written for the same run, marked as such, instead of being listed as missing
+    last = RESULTS / f"block_sparse_lstm{suffix}.json"
+    previous = {r["run"]: r for r in json.loads(last.read_text())["rows"]} if last.exists() else {}
     for method, run_label in specs:
         table = load_rows(run_label) if run_label else None
         run = ROOT / "runs" / (run_label or "")
         member = run / "sgd" / "member_000.pt"
+        if table and not member.exists() and run_label in previous and method != "dense (SGD)":
+            rows.append({**previous[run_label], "carried_over": "from the previous table; its run directory is not here"})
+            print(f"{method}: carried over from {last.name} (no run directory)")
+            continue
         if not table or not member.exists():
             missing.append({"method": method, "run": run_label})
             continue

@@ -77,3 +77,33 @@ def test_the_block_sparse_ensemble_is_the_log_of_the_mean_of_the_members_probabi
     assert len(state) == 3
     logp2, _ = ens(tokens[:, 3:], None)
     assert torch.isfinite(logp2).all() and math.isclose(float(logp2.exp().sum(-1).mean()), 1.0, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_block_softmax_tiles_the_softmax_weight_so_a_block_pruned_member_shrinks_below_a_quarter(tie):
+    """Without it the dense softmax keeps block-pruned members near the dense size; with it every
+    matrix the cost counts is tiled, and the pruned model reloads with the option and runs
+    block-sparse with the same outputs."""
+    torch.manual_seed(0)
+    model = LSTMLM(160, [32, 32], 32, tie=tie, block=(16, 16), block_softmax=True).eval()
+    fams = model.groups("block")
+    softmax = fams[-1]
+    assert softmax.name == "softmax_blocks" and softmax.param == ("embedding.weight" if tie else "decoder.weight")
+    params = dict(model.named_parameters())
+    dense = model.cost()["params"]
+    masks = pruning.random_group_masks(params, fams, 0.8, torch.Generator().manual_seed(0))
+    assert masks[softmax.param].float().mean().item() == pytest.approx(0.2, abs=0.03)  # 4 of 20 blocks
+    pruning.apply_masks(model, masks)
+    assert model.cost()["params"] < 0.26 * dense
+    without = LSTMLM(160, [32, 32], 32, tie=tie, block=(16, 16))
+    assert len(without.groups("block")) == len(fams) - 1
+    tokens = torch.randint(0, 160, (2, 7))
+    with torch.no_grad():
+        before, _ = model(tokens)
+    again = LSTMLM.from_spec(model.spec())
+    again.load_state_dict(model.state_dict())
+    assert again.block_softmax and len(again.groups("block")) == len(fams)
+    block_sparse_lm(again.eval(), executor="numba")
+    with torch.no_grad():
+        after, _ = again(tokens)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

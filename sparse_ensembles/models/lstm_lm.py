@@ -27,7 +27,8 @@ Groupings (``groups(grouping)``), for layer ``l`` with n units and input width `
   Both SSE groupings are defined on the LSTM weight matrices only: the embedding and the decoder
   get no group prior under them.
 * ``"block"`` (block-sparse LSTMs; Narang et al. 2017): W_ih and W_hh of each layer tiled in
-  ``block`` = (rows, cols) blocks, one group per block (:meth:`block_groups`).
+  ``block`` = (rows, cols) blocks, one group per block (:meth:`block_groups`); with
+  ``block_softmax`` the softmax weight as well.
 * ``"iss"`` (Wen et al.): one group per hidden unit k of layer l = its rows in all four gates of
   W_ih and W_hh, its column of W_hh (the entries in both count once) and its column of whatever
   reads it next (the next layer's W_ih, or the softmax weight after the last layer). Without SE,
@@ -99,11 +100,13 @@ class LSTMLM(nn.Module):
         init_scale: float = 0.0  # uniform(-s, s) on every weight and bias; 0 = the preset's
         grouping: str = "iss"  # default grouping of groups(): untied / tied / iss / block
         block: list[int] = field(default_factory=lambda: [32, 32])  # (rows, cols) of a block ("block" grouping)
+        block_softmax: bool = False  # the "block" grouping also tiles the softmax weight (76% of a small model's)
 
     groupings = ("untied", "tied", "iss", "block")
 
     def __init__(self, vocab: int, hidden: Sequence[int], emb: int, dropout: float = 0.0, tie: bool = False,
-                 init_scale: float = 0.1, grouping: str = "iss", block: Sequence[int] = (32, 32)):
+                 init_scale: float = 0.1, grouping: str = "iss", block: Sequence[int] = (32, 32),
+                 block_softmax: bool = False):
         super().__init__()
         self.vocab = _positive_int("vocab", vocab)
         if isinstance(hidden, (int, str)) or len(hidden) < 1:
@@ -125,6 +128,9 @@ class LSTMLM(nn.Module):
         if len(block) != 2 or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in block):
             raise ValueError(f"lstm_lm block must be two positive ints (rows, cols); got {list(block)!r}")
         self.block = [int(b) for b in block]
+        if not isinstance(block_softmax, bool):
+            raise ValueError(f"lstm_lm block_softmax must be a bool; got {block_softmax!r}")
+        self.block_softmax = block_softmax
 
         self.embedding = nn.Embedding(self.vocab, self.emb)
         self.drop = nn.Dropout(self.dropout)
@@ -160,22 +166,25 @@ class LSTMLM(nn.Module):
             raise ValueError(f"model.block must be [rows, cols] of a weight block, both >= 1; got {cfg.block!r}")
         if not isinstance(cfg.tie_embeddings, bool):
             raise ValueError(f"model.tie_embeddings must be true or false; got {cfg.tie_embeddings!r}")
+        if not isinstance(cfg.block_softmax, bool):
+            raise ValueError(f"model.block_softmax must be true or false; got {cfg.block_softmax!r}")
         hidden = cfg.hidden or preset["hidden"]
         dropout = preset["dropout"] if cfg.dropout < 0 else cfg.dropout
         init_scale = cfg.init_scale or preset["init_scale"]
         # Zaremba et al. use the hidden size as the embedding width (required when tied)
         return cls(dims["vocab"], [hidden] * cfg.layers, hidden, dropout, cfg.tie_embeddings, init_scale, cfg.grouping,
-                   cfg.block)
+                   cfg.block, cfg.block_softmax)
 
     def spec(self) -> dict:
         return {"kind": "lstm_lm", "vocab": self.vocab, "hidden": list(self.hidden), "emb": self.emb,
                 "dropout": self.dropout, "tie": self.tie, "grouping": self.grouping, "init_scale": self.init_scale,
-                "block": list(self.block)}
+                "block": list(self.block), "block_softmax": self.block_softmax}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "LSTMLM":
         return cls(spec["vocab"], spec["hidden"], spec["emb"], spec["dropout"], spec["tie"],
-                   spec.get("init_scale", 0.1), spec.get("grouping", "iss"), spec.get("block", (32, 32)))
+                   spec.get("init_scale", 0.1), spec.get("grouping", "iss"), spec.get("block", (32, 32)),
+                   spec.get("block_softmax", False))
 
     # ----- computation ----------------------------------------------------------------------------
 
@@ -242,13 +251,18 @@ class LSTMLM(nn.Module):
     def block_groups(self, block: Optional[Sequence[int]] = None) -> list[TileFamily]:
         """Block-sparse LSTMs: W_ih and W_hh of each layer tiled in ``block`` = (rows, cols) blocks
         (default ``self.block``; smaller blocks at ragged edges), one family per matrix. Blocks
-        cut across the four stacked gates' rows as the matrices are stored (torch's i, f, g, o)."""
+        cut across the four stacked gates' rows as the matrices are stored (torch's i, f, g, o). With
+        ``block_softmax`` the softmax weight (vocab x hidden) is tiled too, last: it holds most of a
+        small model's parameters, so without it block-sparse members stay near the dense size."""
         block = self.block if block is None else block
         families = []
         for l, n in enumerate(self.hidden):
             w_ih, w_hh = self._names(l)
             families += [block_family(f"layer{l}.ih_blocks", w_ih, (4 * n, self._in_width(l)), block),
                          block_family(f"layer{l}.hh_blocks", w_hh, (4 * n, n), block)]
+        if self.block_softmax:
+            name = "embedding.weight" if self.tie else "decoder.weight"  # the tied matrix has the embedding's name
+            families.append(block_family("softmax_blocks", name, (self.vocab, self.hidden[-1]), block))
         return families
 
     def unit_groups(self) -> list[SliceFamily]:
@@ -335,7 +349,7 @@ class LSTMLM(nn.Module):
         features = features.to(device)
 
         small = type(self)(self.vocab, [len(u) for u in units], len(features), self.dropout, self.tie,
-                           self.init_scale, self.grouping, self.block)
+                           self.init_scale, self.grouping, self.block, self.block_softmax)
         small.to(device=device, dtype=self.decoder.weight.dtype)
         small.embedding.weight.copy_(self.embedding.weight[:, features])
         for l, (big, lstm) in enumerate(zip(self.lstms, small.lstms)):
