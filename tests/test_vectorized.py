@@ -68,3 +68,26 @@ def test_dropout_and_priors_with_state_are_refused_naming_why():
     net = _net()
     with pytest.raises(ValueError, match="priors with state"):
         VectorizedSGLD(net, [0, 1], lr=0.1, num_data=10, prior=AdaptiveGaussian(1.0, 0.1))
+
+
+def test_a_vectorised_sampler_resumed_from_its_state_dict_continues_the_same_chains():
+    batches = _batches(3, 4)
+
+    def run(s, lo, hi):
+        for x, y in batches[lo:hi]:
+            s.losses(x, y).sum().backward()
+            s.step()
+
+    whole = VectorizedSGLD(_net(), [1, 2, 3], lr=0.05, num_data=100, temperature=1.0)
+    run(whole, 0, 4)
+    first = VectorizedSGLD(_net(), [1, 2, 3], lr=0.05, num_data=100, temperature=1.0)
+    run(first, 0, 2)
+    resumed = VectorizedSGLD(_net(), [7, 8, 9], lr=0.05, num_data=100, temperature=1.0)  # seeds overwritten
+    resumed.load_state_dict(first.state_dict())
+    run(resumed, 2, 4)
+    for n in whole.names:
+        assert torch.equal(whole.params[n], resumed.params[n])
+    two = whole.state_dict()
+    two["generators"] = two["generators"][:2]
+    with pytest.raises(ValueError, match="holds 2 chains"):
+        VectorizedSGLD(_net(), [1, 2, 3], lr=0.05, num_data=100).load_state_dict(two)

@@ -161,6 +161,8 @@ class ChainConfig:
     # ranks per chain under torchrun (sparse_ensembles.distributed): each reads 1/K of every batch, the
     # gradients are averaged, the noise is drawn alike on every rank; the same chain as one process
     data_parallel: int = 1
+    # run the stage's chains as one batched computation (SGLD, classification; samplers/vectorized.py)
+    vectorize: bool = False
 
     @property
     def epochs_per_chain(self) -> int:

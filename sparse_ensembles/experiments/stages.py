@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import json
 import tomllib
 import zlib
@@ -32,9 +33,10 @@ from ..priors import BlockLasso, Gaussian, GroupLasso, Prior, Sum
 from ..priors.spike_slab import SpikeSlabGL
 from ..samplers import SGHMC, SGLD, Cyclical
 from ..samplers.schedules import MultiStep, Polynomial, StepDecay
+from ..samplers.vectorized import VectorizedSGLD
 from ..structure import norms
 from ..tasks import task_class
-from ..training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
+from ..training import Constrained, DivergenceError, GeneratorState, Holder, run_epochs, train_epoch
 from . import plots
 from .ranks import Shard
 from .config import (Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig,
@@ -307,7 +309,8 @@ def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySch
     return pruning.SparsitySchedule(p.target, p.decay, p.every, p.scope, p.persistent, names)
 
 
-def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=None):
+def chain_schedules(ctx: Context):
+    """(lr, temperature) of a chain: numbers, or schedules ``step -> value`` (samplers/schedules.py)."""
     c = ctx.cfg.sampler
     steps = ctx.task.steps_per_epoch()
     if c.schedule == "step":
@@ -316,6 +319,12 @@ def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=
     else:
         lr = c.lr if c.schedule == "constant" else Cyclical(c.lr, cycle=c.thin * steps, start=c.burn_in * steps)
     temperature = c.temperature if c.anneal == 1 else StepDecay(c.temperature, 1 / c.anneal, steps)
+    return lr, temperature
+
+
+def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=None):
+    c = ctx.cfg.sampler
+    lr, temperature = chain_schedules(ctx)
     generator = torch.Generator(ctx.device).manual_seed(seed)
     common = dict(num_data=c.num_data or ctx.task.num_train, temperature=temperature, prior=prior, generator=generator,
                   prefetch_noise=c.prefetch_noise, noise=c.noise, pruning=prune,
@@ -361,10 +370,32 @@ class Chain:
     def units(self, out: Path) -> list[int]:
         if self.done(out):
             return []
-        return [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
+        pending = [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
+        return pending[:1] if self.c.vectorize else pending  # vectorised: one unit runs every pending chain
+
+    def check(self, out: Path) -> None:
+        """What ``sampler.vectorize`` cannot do, refused before any work starts."""
+        c = self.c
+        if not c.vectorize:
+            return
+        why = [("sampler.kind", not isinstance(c, SGHMCConfig), "vectorised chains are SGLD chains; use kind = 'sgld'"),
+               ("prune.kind", not (self.sparse and isinstance(self.cfg.prune, ScheduleConfig)),
+                "pruning during sampling keeps masks per chain; use the SSE pruning after sampling"),
+               ("prior.kind", not (self.sparse and isinstance(self.cfg.prior, SSGLConfig)),
+                "the spike-and-slab prior keeps latent state per chain"),
+               ("sampler.max_grad_norm", not c.max_grad_norm, "gradient clipping is not vectorised; set it to 0"),
+               ("sampler.noise", c.noise == "gaussian", "only Gaussian noise is vectorised"),
+               ("sampler.data_parallel", c.data_parallel == 1, "a vectorised unit runs in one process; set it to 1")]
+        for key, ok, reason in why:
+            if not ok:
+                raise ConfigError(f"sampler.vectorize = true with this {key}: {reason}, or set sampler.vectorize = false")
 
     def run_unit(self, ctx: Context, chain: int) -> None:
         per_chain = self.c.samples // self.c.chains
+        if self.c.vectorize:
+            pending = [c for c in range(self.c.chains) if not (ctx.out / self.name / f"chain_{c}.done").exists()]
+            self._vectorized_chains(ctx.with_cfg(self.cfg), pending, per_chain)
+            return
         self._one_chain(ctx.with_cfg(self.cfg), chain, chain * per_chain, per_chain)
 
     def finish(self, ctx: Context) -> None:
@@ -386,12 +417,7 @@ class Chain:
         marker = folder / f"chain_{chain}.done"
         if marker.exists():
             return checkpoint.read_json(marker)["train_seconds"]
-        model = ctx.new_model(derive_seed(seed, self.name, chain, "init"))
-        if c.init_from == "sgd":
-            start = ctx.out / "sgd" / "member_000.pt"
-            if not start.exists():
-                raise ConfigError(f"sampler.init_from = 'sgd' but {start} does not exist; set sgd.members >= 1")
-            model.load_state_dict(checkpoint.load_member(start, ctx.device)[0].state_dict())
+        model = self._start(ctx, chain)
         prune = make_pruning(ctx, model) if self.sparse else None  # the plain chain is never pruned
         sampler = make_sampler(ctx, model, make_prior(ctx, model, self.sparse), derive_seed(seed, self.name, chain, "noise"),
                                prune)
@@ -444,6 +470,65 @@ class Chain:
         if writer:
             checkpoint.atomic_write_json(marker, {"train_seconds": seconds, "epochs": epochs})
         return seconds
+
+    def _start(self, ctx: Context, chain: int) -> nn.Module:
+        """Chain ``chain``'s first state: its own random init, or the first SGD baseline."""
+        model = ctx.new_model(derive_seed(ctx.cfg.experiment.seed, self.name, chain, "init"))
+        if self.c.init_from == "sgd":
+            start = ctx.out / "sgd" / "member_000.pt"
+            if not start.exists():
+                raise ConfigError(f"sampler.init_from = 'sgd' but {start} does not exist; set sgd.members >= 1")
+            model.load_state_dict(checkpoint.load_member(start, ctx.device)[0].state_dict())
+        return model
+
+    def _vectorized_chains(self, ctx: Context, chains: list[int], per_chain: int) -> None:
+        """``chains`` as one batched computation (samplers/vectorized.py): each chain with its own
+        init, noise seed, minibatch order and prior, so its samples equal the separate chain's up to
+        the order of float sums in the batched products; checkpointed and resumed together."""
+        c, folder, seed = self.c, ctx.out / self.name, ctx.cfg.experiment.seed
+        output_loss = getattr(ctx.task, "output_loss", None)
+        if output_loss is None:
+            raise ConfigError(f"sampler.vectorize = true: {type(ctx.task).__name__} tasks are not vectorised "
+                              "(classification is); set sampler.vectorize = false")
+        models = [self._start(ctx, ch) for ch in chains]
+        lr, temperature = chain_schedules(ctx)
+        try:
+            sampler = VectorizedSGLD(models[0], [derive_seed(seed, self.name, ch, "noise") for ch in chains], lr=lr,
+                                     num_data=c.num_data or ctx.task.num_train, temperature=temperature,
+                                     prior=make_prior(ctx, models[0], self.sparse),
+                                     starts=[dict(m.named_parameters()) for m in models], loss_fn=output_loss)
+        except ValueError as e:
+            raise ConfigError(f"sampler.vectorize = true: {e}; or set sampler.vectorize = false") from None
+        gens = [torch.Generator().manual_seed(derive_seed(seed, self.name, ch, "data")) for ch in chains]
+        epochs = c.burn_in + c.thin * per_chain
+        label = f"{self.name} chains {', '.join(str(ch + 1) for ch in chains)} (vectorised)"
+
+        def epoch(e):
+            total, count = 0.0, 0
+            for i, batches in enumerate(zip(*(ctx.task.train_batches(g) for g in gens))):
+                losses = sampler.losses(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
+                value = losses.detach().mean().item()
+                if not math.isfinite(value):
+                    raise DivergenceError(f"{label} epoch {e + 1}: the loss became {value} at minibatch {i}; a chain "
+                                          "diverged. Lower the learning rate (or the temperature / prior strength) "
+                                          "and rerun with --resume")
+                losses.sum().backward()
+                sampler.step()
+                total, count = total + value, count + 1
+            return total / max(count, 1)
+
+        def collect(done: int):
+            if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
+                j = (done - c.burn_in) // c.thin - 1
+                for ch, net in zip(chains, sampler.models()):
+                    checkpoint.save_member(folder / f"sample_{ch * per_chain + j:03d}.pt", net, epoch=done, chain=ch)
+
+        state = {"sampler": sampler, **{f"gen_{ch}": GeneratorState(g) for ch, g in zip(chains, gens)}}
+        seconds = run_epochs(folder / f"chains_{'_'.join(map(str, chains))}.pt", epochs, state, epoch,
+                             after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
+        for ch in chains:  # the shared time, split evenly (finish() sums the markers)
+            checkpoint.atomic_write_json(folder / f"chain_{ch}.done", {"train_seconds": seconds / len(chains),
+                                                                       "epochs": epochs, "vectorized_with": chains})
 
     def rows(self, out: Path) -> list[Row]:
         files = sorted((out / self.name).glob("sample_*.pt"))

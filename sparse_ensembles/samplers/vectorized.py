@@ -147,6 +147,23 @@ class VectorizedSGLD:
             self.params[n].grad = None
         self.steps += 1
 
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue the same chains: the stacked parameters, each
+        chain's noise generator and the step count (for ``lr`` / ``temperature`` schedules)."""
+        return {"params": {n: self.params[n].detach().clone() for n in self.names},
+                "generators": [g.get_state() for g in self.generators], "steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if list(sd["params"]) != self.names or len(sd["generators"]) != self.M:
+            raise ValueError(f"this state holds {len(sd['generators'])} chains of parameters {list(sd['params'])}; "
+                             f"the sampler has {self.M} chains of {self.names}")
+        with torch.no_grad():
+            for n in self.names:
+                self.params[n].copy_(sd["params"][n])
+        for g, state in zip(self.generators, sd["generators"]):
+            g.set_state(state)
+        self.steps = int(sd["steps"])
+
     def state_dicts(self) -> list[dict[str, Tensor]]:
         """Chain ``m``'s parameters as a state dict (copies)."""
         return [{n: self.params[n][m].detach().clone() for n in self.names} for m in range(self.M)]

@@ -97,6 +97,11 @@ class Classification:
         x, y = batch
         return F.cross_entropy(model(x), y), None
 
+    @staticmethod
+    def output_loss(outputs: Tensor, y: Tensor) -> Tensor:
+        """The mean loss of outputs already computed (vectorised chains batch the forward pass)."""
+        return F.cross_entropy(outputs, y)
+
     # -- distillation (issue 12): a teacher cache over the training rows, in order ------------------
     def distill_inputs(self) -> Tensor:
         """The training inputs in cache-row order."""
