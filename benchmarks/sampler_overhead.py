@@ -15,7 +15,11 @@ the processes for the thread counts alternate, each timing every kind in rotatin
 phases of a shared machine hit all of them alike; each number is a median over all epochs.
 Real MNIST when found, random images of the same shape otherwise.
 
-    python benchmarks/sampler_overhead.py [--quick]
+    python benchmarks/sampler_overhead.py [--quick] [--device cuda]
+
+``--device cuda`` runs the models, data and noise on the GPU (the timings synchronise the device
+before and after each epoch) and writes ``sampler_overhead_cuda.json``; thread counts still vary
+(they set the host side). Not yet run on a GPU.
 """
 from __future__ import annotations
 
@@ -72,7 +76,8 @@ def data():
 def make(kind: str, model, n: int):
     if KINDS[kind] is None:
         return torch.optim.SGD(model.parameters(), lr=0.1)
-    opts = {"temperature": 1.0, **KINDS[kind]}
+    device = next(model.parameters()).device
+    opts = {"temperature": 1.0, "generator": torch.Generator(device).manual_seed(0), **KINDS[kind]}
     if kind.startswith("sgld"):
         return SGLD(model.named_parameters(), 0.1, num_data=n, **opts)
     return SGHMC(model.named_parameters(), 0.01, num_data=n, friction=0.1, **opts)
@@ -94,24 +99,24 @@ def rng_ms(numel: int, draws: int = 100) -> dict:
     return out
 
 
-def measure(threads: int, rounds: int, n_use: int) -> dict:
+def measure(threads: int, rounds: int, n_use: int, device: str = "cpu") -> dict:
     """Epoch seconds per kind, ``rounds`` epochs each, at ``threads`` torch threads (set before any
     torch work, as the pipeline does: set later, the noise worker thread and an idle OpenMP team
     can fight for the cores and the sampler looks up to 2x slower than it is in a real run)."""
     torch.set_num_threads(threads)
     x, y, source = data()
-    x, y = x[:n_use], y[:n_use]
+    x, y = x[:n_use].to(device), y[:n_use].to(device)
     kinds = list(KINDS)
     times = {k: [] for k in kinds}
     for r in range(rounds + 1):  # round 0 warms up on a tenth of an epoch
         order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]  # rotate: no kind always runs first
         for k in order:
             torch.manual_seed(r)
-            model = mlp([784, 300, 100, 10])
+            model = mlp([784, 300, 100, 10]).to(device)
             opt = make(k, model, n_use)
             gen = torch.Generator().manual_seed(r)
             m = n_use // 10 if r == 0 else n_use
-            t = timed(lambda: train_epoch(model, opt, minibatches(x[:m], y[:m], 100, gen)))
+            t = timed(lambda: train_epoch(model, opt, minibatches(x[:m], y[:m], 100, gen)), device)
             if hasattr(opt, "close"):
                 opt.close()
             if r:
@@ -126,9 +131,10 @@ def main():
     ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)  # child mode: one thread count
     ap.add_argument("--rounds", type=int, default=2, help=argparse.SUPPRESS)
     ap.add_argument("--examples", type=int, default=60000, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (models, data and noise there)")
     args = ap.parse_args()
     if args.threads:
-        print(json.dumps(measure(args.threads, args.rounds, args.examples)))
+        print(json.dumps(measure(args.threads, args.rounds, args.examples, args.device)))
         return
 
     alternations, n_use = (2, 15000) if args.quick else (4, 60000)
@@ -138,7 +144,8 @@ def main():
     for a in range(alternations):
         for threads in (thread_counts if a % 2 == 0 else thread_counts[::-1]):
             # a fresh process per run, so the thread count is set before torch starts any threads
-            cmd = [sys.executable, __file__, "--threads", str(threads), "--rounds", "2", "--examples", str(n_use)]
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--rounds", "2", "--examples", str(n_use),
+                   "--device", args.device]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             for k, v in res["epoch_seconds"].items():
                 times[threads][k].extend(v)
@@ -147,7 +154,7 @@ def main():
                   + ", ".join(f"{k} {median(v):.3f}s" for k, v in res["epoch_seconds"].items()), flush=True)
 
     med = {t: {k: median(v) for k, v in times[t].items()} for t in thread_counts}
-    out = {"data": res["data"], "examples_per_epoch": n_use, "epochs_per_median": len(times[1]["sgd"]),
+    out = {"data": res["data"], "device": args.device, "examples_per_epoch": n_use, "epochs_per_median": len(times[1]["sgd"]),
            "quick": args.quick, "target": TARGET, "by_threads": {}}
     for t in thread_counts:
         out["by_threads"][str(t)] = {"median_epoch_seconds": med[t],
@@ -161,7 +168,8 @@ def main():
     out["target_met"] = {s: out[f"{s}_vs_sgd"] <= TARGET for s in GAUSSIAN}
     out["rng_ms_per_step"] = {"normals": res["normals_per_step"],
                               **{name: median([r[name] for t in thread_counts for r in rng[t]]) for name in rng[1][0]}}
-    path = write("sampler_overhead" + ("_quick" if args.quick else ""), out)
+    path = write("sampler_overhead" + ("" if args.device == "cpu" else f"_{torch.device(args.device).type}")
+                 + ("_quick" if args.quick else ""), out)
 
     print("\nmedian epoch seconds (ratio to SGD at the same thread count)")
     print("threads | " + " | ".join(KINDS))
