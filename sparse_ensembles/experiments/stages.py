@@ -370,8 +370,11 @@ class Chain:
     def units(self, out: Path) -> list[int]:
         if self.done(out):
             return []
-        pending = [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
+        pending = self._pending(out)
         return pending[:1] if self.c.vectorize else pending  # vectorised: one unit runs every pending chain
+
+    def _pending(self, out: Path) -> list[int]:
+        return [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
 
     def check(self, out: Path) -> None:
         """What ``sampler.vectorize`` cannot do, refused before any work starts."""
@@ -393,8 +396,7 @@ class Chain:
     def run_unit(self, ctx: Context, chain: int) -> None:
         per_chain = self.c.samples // self.c.chains
         if self.c.vectorize:
-            pending = [c for c in range(self.c.chains) if not (ctx.out / self.name / f"chain_{c}.done").exists()]
-            self._vectorized_chains(ctx.with_cfg(self.cfg), pending, per_chain)
+            self._vectorized_chains(ctx.with_cfg(self.cfg), self._pending(ctx.out), per_chain)
             return
         self._one_chain(ctx.with_cfg(self.cfg), chain, chain * per_chain, per_chain)
 
