@@ -1,14 +1,15 @@
 """Epoch time of SGLD and SGHMC against torch.optim.SGD on the 784-300-100-10 MLP (batch 100).
 
 Headline (``sgld_vs_sgd`` / ``sghmc_vs_sgd``): **best vs best** = the median epoch time of the
-sampler with the default Gaussian noise at its best setting (torch thread count, noise drawn in
-the worker thread or inline) over the median epoch time of SGD at *its* best thread count. That is
+sampler with Gaussian noise at its best setting (torch thread count; noise drawn in the worker
+thread or inline; torch's generator or the counter-based ``noise="gaussian_parallel"``) over the median epoch time of SGD at *its* best thread count. That is
 what a user pays for sampling instead of optimising on this machine. Target: <= 1.3.
 
 Also reported: the per-thread table (each kind against SGD at the same thread count), the cheaper
 two-point noise (``noise="rademacher"``), the samplers at T = 0 (their arithmetic without noise:
 the difference to the default is what the RNG costs), and the raw cost of drawing one step's
-normals with torch's generator and with numpy's ``Generator(PCG64)`` (ziggurat).
+normals with torch's generator, with ours (counter-based ziggurat on all threads) and with numpy's
+``Generator(PCG64)`` (ziggurat).
 
 Each thread count runs in fresh processes (the count is set before torch starts any threads), and
 the processes for the thread counts alternate, each timing every kind in rotating order, so slow
@@ -39,6 +40,7 @@ from _common import median, timed, write  # noqa: E402
 
 from sparse_ensembles.models import mlp  # noqa: E402
 from sparse_ensembles.samplers import SGHMC, SGLD  # noqa: E402
+from sparse_ensembles.samplers.ziggurat import ZigguratNormal  # noqa: E402
 from sparse_ensembles.training import minibatches, train_epoch  # noqa: E402
 
 # kind -> sampler options (None: torch.optim.SGD)
@@ -48,6 +50,10 @@ KINDS = {
     "sgld_inline": dict(prefetch_noise=False),
     "sghmc": dict(prefetch_noise=True),
     "sghmc_inline": dict(prefetch_noise=False),
+    "sgld_parallel": dict(prefetch_noise=True, noise="gaussian_parallel"),
+    "sgld_parallel_inline": dict(prefetch_noise=False, noise="gaussian_parallel"),
+    "sghmc_parallel": dict(prefetch_noise=True, noise="gaussian_parallel"),
+    "sghmc_parallel_inline": dict(prefetch_noise=False, noise="gaussian_parallel"),
     "sgld_rademacher": dict(prefetch_noise=True, noise="rademacher"),
     "sgld_rademacher_inline": dict(prefetch_noise=False, noise="rademacher"),
     "sghmc_rademacher": dict(prefetch_noise=True, noise="rademacher"),
@@ -56,7 +62,8 @@ KINDS = {
     "sghmc_t0": dict(temperature=0.0),
 }
 # the settings a user of the default (Gaussian) noise can choose between (headline), and of +-1 noise
-GAUSSIAN = {"sgld": ["sgld", "sgld_inline"], "sghmc": ["sghmc", "sghmc_inline"]}
+GAUSSIAN = {"sgld": ["sgld", "sgld_inline", "sgld_parallel", "sgld_parallel_inline"],
+            "sghmc": ["sghmc", "sghmc_inline", "sghmc_parallel", "sghmc_parallel_inline"]}
 RADEMACHER = {"sgld_rademacher": ["sgld_rademacher", "sgld_rademacher_inline"],
               "sghmc_rademacher": ["sghmc_rademacher", "sghmc_rademacher_inline"]}
 TARGET = 1.3
@@ -88,8 +95,10 @@ def rng_ms(numel: int, draws: int = 100) -> dict:
     buf = torch.empty(numel)
     gen = torch.Generator().manual_seed(0)
     npgen = np.random.Generator(np.random.PCG64(0))
+    counter = ZigguratNormal(0, threads=torch.get_num_threads())
     out = {}
     for name, draw in [("torch_normal", lambda: buf.normal_(generator=gen)),
+                       ("counter_ziggurat_all_threads", lambda: counter.fill_(buf)),
                        ("numpy_pcg64_standard_normal", lambda: npgen.standard_normal(out=buf.numpy(), dtype=np.float32))]:
         draw()
         t0 = time.perf_counter()
@@ -177,7 +186,8 @@ def main():
         print(f"{t} | " + " | ".join(f"{med[t][k]:.3f}" + ("" if k == "sgd" else f" ({med[t][k] / med[t]['sgd']:.2f})")
                                      for k in KINDS))
     r = out["rng_ms_per_step"]
-    print(f"one step's {r['normals']} normals: torch {r['torch_normal']:.2f} ms, numpy PCG64 {r['numpy_pcg64_standard_normal']:.2f} ms")
+    print(f"one step's {r['normals']} normals: torch {r['torch_normal']:.2f} ms, counter ziggurat "
+          f"{r['counter_ziggurat_all_threads']:.2f} ms, numpy PCG64 {r['numpy_pcg64_standard_normal']:.2f} ms")
     met = " and ".join(f"{s.upper()} {'met' if ok else 'NOT met'}" for s, ok in out["target_met"].items())
     b = {s: out[f"{s}_best"] for s in GAUSSIAN}
     print(f"sampler_overhead best vs best: SGLD {out['sgld_vs_sgd']:.2f}x ({b['sgld']['kind']}, {b['sgld']['threads']} thr), "

@@ -99,6 +99,9 @@ def test_wrong_type_and_invalid_value_are_rejected_with_the_key():
         config.from_dict({"sampler": {"kind": "langevin"}})
     with pytest.raises(config.ConfigError, match="task.dataset"):
         config.from_dict({"task": {"dataset": "cifar-100"}})
+    with pytest.raises(config.ConfigError, match="sampler.noise.*'gaussian_parallel'"):
+        config.from_dict({"sampler": {"noise": "normal"}})
+    assert config.from_dict({"sampler": {"noise": "gaussian_parallel"}}).sampler.noise == "gaussian_parallel"
 
 
 def test_overrides_parse_toml_literals_and_resolved_config_round_trips(tmp_path):

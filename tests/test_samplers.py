@@ -63,7 +63,9 @@ def test_same_seed_noise_at_two_temperatures_differs_by_sqrt_of_temperature_rati
 
 
 @pytest.mark.parametrize("cls,kwargs", [(SGLD, {}), (SGHMC, {"estimate_gradient_noise": True}), (SGLD, {"prefetch_noise": True}),
-                                        (SGLD, {"noise": "rademacher", "prefetch_noise": True})])
+                                        (SGLD, {"noise": "rademacher", "prefetch_noise": True}),
+                                        (SGLD, {"noise": "gaussian_parallel", "prefetch_noise": True}),
+                                        (SGHMC, {"noise": "gaussian_parallel"})])
 def test_state_dict_round_trip_resumes_chain_bit_for_bit(cls, kwargs):
     batches = _batches(10)
     ref = _net()
@@ -84,12 +86,13 @@ def test_state_dict_round_trip_resumes_chain_bit_for_bit(cls, kwargs):
         assert torch.equal(pa, pb)
 
 
-def test_prefetched_noise_gives_the_same_chain_as_inline_noise():
+@pytest.mark.parametrize("noise", ["gaussian", "gaussian_parallel"])
+def test_prefetched_noise_gives_the_same_chain_as_inline_noise(noise):
     results = []
     for prefetch in (False, True):
         m = _net()
         opt = SGLD(m.named_parameters(), 0.05, num_data=100, generator=torch.Generator().manual_seed(5),
-                   prefetch_noise=prefetch)
+                   prefetch_noise=prefetch, noise=noise)
         _train(m, opt, _batches())
         results.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*results):
@@ -125,7 +128,8 @@ def _gaussian_target_samples(cls, steps, lr, **kwargs):
 
 
 @pytest.mark.parametrize("cls,lr,kwargs", [(SGLD, 0.01, {}), (SGHMC, 0.01, {"friction": 0.2}),
-                                           (SGLD, 0.01, {"noise": "rademacher"})])
+                                           (SGLD, 0.01, {"noise": "rademacher"}),
+                                           (SGHMC, 0.01, {"friction": 0.2, "noise": "gaussian_parallel"})])
 def test_sampler_recovers_mean_and_covariance_of_a_gaussian_target(cls, lr, kwargs):
     samples, mu, cov = _gaussian_target_samples(cls, 60000, lr, **kwargs)
     torch.testing.assert_close(samples.mean(0), mu, atol=0.1, rtol=0)

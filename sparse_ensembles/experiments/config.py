@@ -33,6 +33,7 @@ from typing import Any
 
 from ..models import MODELS
 from ..pruning import cubic_sparsity, linear_sparsity
+from ..samplers.sgmcmc import NOISE_KINDS
 from ..tasks import TASKS
 
 
@@ -151,7 +152,9 @@ class ChainConfig:
     chains: int = 1  # independent chains (own init and noise): more diverse samples, one burn-in each
     plain_chain: bool = True  # also run a chain with the Gaussian prior only (the "SGLD xM" row)
     prefetch_noise: bool = True
-    noise: str = "gaussian"  # gaussian | rademacher (+-1: same covariance, ~3x cheaper; see SGLD docs)
+    # gaussian | gaussian_parallel (CPU float32: a counter-based generator on all threads) |
+    # rademacher (+-1: same covariance, ~3x cheaper; see SGLD docs)
+    noise: str = "gaussian"
     max_grad_norm: float = 0.0  # clip the likelihood gradient (biases the chain when it fires; see SGMCMC)
     # inverse-temperature annealing: T at epoch e is temperature / anneal**e (Deng et al.: 1.005, from 1/1000)
     anneal: float = 1.0
@@ -175,7 +178,7 @@ class ChainConfig:
         need(self.burn_in >= 0, "sampler.burn_in", "must be >= 0")
         need(self.thin >= 1, "sampler.thin", "must be >= 1")
         need(self.samples >= 0, "sampler.samples", "must be >= 0")
-        need(self.noise in ("gaussian", "rademacher"), "sampler.noise", "use 'gaussian' or 'rademacher'")
+        need(self.noise in NOISE_KINDS, "sampler.noise", "use one of " + ", ".join(map(repr, NOISE_KINDS)))
         need(1 <= self.chains, "sampler.chains", "must be >= 1")
         need(self.samples % self.chains == 0, "sampler.samples",
              f"{self.samples} samples cannot be shared evenly by {self.chains} chains; use a multiple of sampler.chains")

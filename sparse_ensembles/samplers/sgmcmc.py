@@ -31,9 +31,12 @@ from torch.optim import Optimizer
 from ..priors import Prior
 from .functional import sghmc_, sgld_
 from .schedules import resolve, resolve_temperature
+from .ziggurat import ZigguratNormal
 
 
-NOISE_KINDS = ("gaussian", "rademacher")
+#: gaussian: torch's generator; gaussian_parallel: N(0, I) from a counter-based generator on all
+#: CPU threads (:mod:`.ziggurat`; CPU float32); rademacher: +-1 (same covariance)
+NOISE_KINDS = ("gaussian", "gaussian_parallel", "rademacher")
 
 
 def rademacher_(out: Tensor, generator: torch.Generator) -> Tensor:
@@ -77,6 +80,15 @@ class _NoiseSource:
         kinds = {(p.dtype, p.device) for p in params}
         self.flat = len(kinds) == 1  # one buffer needs one dtype and device
         self.prefetch = prefetch and all(p.device.type == "cpu" for p in params)
+        self._counter: Optional[ZigguratNormal] = None
+        if kind == "gaussian_parallel":
+            if kinds - {(torch.float32, torch.device("cpu"))}:
+                raise ValueError(
+                    f"noise='gaussian_parallel' draws CPU float32 noise, but the parameters are "
+                    f"{sorted(str(d) + ' ' + str(t) for t, d in kinds)}; use noise='gaussian' on other "
+                    "devices and dtypes (on a GPU torch's own generator is already parallel)")
+            # the key comes from the generator, so a seeded generator still fixes the chain
+            self._counter = ZigguratNormal.from_generator(generator)
         self._buffers = [self._new_buffer() for _ in range(2 if self.prefetch else 1)] if self.flat else []
         # per-parameter views of each buffer, made once: a step then costs one C call and no
         # Python in the worker thread, which would contend for the GIL with the training loop
@@ -93,6 +105,8 @@ class _NoiseSource:
         return torch.empty(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
 
     def _fill(self, t: Tensor) -> Tensor:
+        if self._counter is not None:
+            return self._counter.fill_(t)
         return t.normal_(generator=self.generator) if self.kind == "gaussian" else rademacher_(t, self.generator)
 
     def _draw(self, which: int = 0) -> list[Tensor]:
@@ -103,7 +117,7 @@ class _NoiseSource:
 
     def _draw_ahead(self, which: int) -> list[Tensor]:
         # runs in the worker: the state is taken here, off the training thread's path
-        self._state_before_pending = self.generator.get_state()
+        self._state_before_pending = self._generator_state()
         return self._draw(which)
 
     def next(self) -> list[Tensor]:
@@ -129,17 +143,28 @@ class _NoiseSource:
             self._finalizer.detach()
             self._pool.shutdown(wait=True)
             self._pool = self._finalizer = None
+        if self._counter is not None:
+            self._counter.close()
+
+    def _generator_state(self) -> Tensor:
+        return self._counter.get_state() if self._counter is not None else self.generator.get_state()
 
     def get_state(self) -> Tensor:
         if self._pending is not None:
             self._pending.result()  # the state is taken when the draw starts
             return self._state_before_pending.clone()
-        return self.generator.get_state()
+        return self._generator_state()
 
     def set_state(self, state: Tensor) -> None:
         if self._pending is not None:
             self._pending.result()
             self._pending = None
+        if self._counter is not None:
+            self._counter.set_state(state)
+            return
+        if state.dtype == torch.int64 and state.numel() == 2:
+            raise ValueError("this checkpoint's noise state is a gaussian_parallel (counter) state, but the "
+                             f"sampler draws noise={self.kind!r}: resume with the same sampler.noise")
         try:
             self.generator.set_state(state)
         except RuntimeError as e:  # e.g. a CPU (mt19937) state for a CUDA (Philox) generator
@@ -450,7 +475,10 @@ class SGLD(SGMCMC):
         prefetch_noise: draw the next step's noise in a worker thread (CPU only; same results).
             Pays off when a core is free for it (e.g. torch at 1 thread on 2 cores); call
             :meth:`close` to stop the thread early.
-        noise: ``"gaussian"`` (xi ~ N(0, I)) or ``"rademacher"`` (xi = +-1 with probability 1/2):
+        noise: ``"gaussian"`` (xi ~ N(0, I) from ``generator``), ``"gaussian_parallel"`` (xi ~
+            N(0, I) from a counter-based generator keyed by ``generator`` that runs on all CPU
+            threads, :mod:`.ziggurat`; CPU float32 only; a different stream from ``"gaussian"``)
+            or ``"rademacher"`` (xi = +-1 with probability 1/2):
             same mean and covariance, so the update is the *simplified weak Euler scheme* of the
             Langevin SDE, which keeps the weak order 1 of Euler-Maruyama (Kloeden & Platen 1992,
             sec. 14.1): expectations under the chain converge as with Gaussian noise. About 3x
