@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import median, timed, write  # noqa: E402
 
 from sparse_ensembles.models import mlp  # noqa: E402
+from sparse_ensembles.priors import Gaussian, GroupLasso, Sum  # noqa: E402
 from sparse_ensembles.samplers import SGHMC, SGLD  # noqa: E402
+from sparse_ensembles.structure import groups_of  # noqa: E402
 from sparse_ensembles.samplers.ziggurat import ZigguratNormal  # noqa: E402
 from sparse_ensembles.training import minibatches, train_epoch  # noqa: E402
 
@@ -58,6 +60,8 @@ KINDS = {
     "sgld_rademacher_inline": dict(prefetch_noise=False, noise="rademacher"),
     "sghmc_rademacher": dict(prefetch_noise=True, noise="rademacher"),
     "sghmc_rademacher_inline": dict(prefetch_noise=False, noise="rademacher"),
+    "sgld_group_lasso": dict(prefetch_noise=True, prior="group_lasso"),
+    "sgld_group_lasso_inline": dict(prefetch_noise=False, prior="group_lasso"),
     "sgld_t0": dict(temperature=0.0),
     "sghmc_t0": dict(temperature=0.0),
 }
@@ -66,6 +70,8 @@ GAUSSIAN = {"sgld": ["sgld", "sgld_inline", "sgld_parallel", "sgld_parallel_inli
             "sghmc": ["sghmc", "sghmc_inline", "sghmc_parallel", "sghmc_parallel_inline"]}
 RADEMACHER = {"sgld_rademacher": ["sgld_rademacher", "sgld_rademacher_inline"],
               "sghmc_rademacher": ["sghmc_rademacher", "sghmc_rademacher_inline"]}
+# SGLD with the SSE prior (group Lasso on the neuron groups + a Gaussian), as the pipeline runs it
+GROUP_LASSO = {"sgld_group_lasso": ["sgld_group_lasso", "sgld_group_lasso_inline"]}
 TARGET = 1.3
 
 
@@ -85,6 +91,8 @@ def make(kind: str, model, n: int):
         return torch.optim.SGD(model.parameters(), lr=0.1)
     device = next(model.parameters()).device
     opts = {"temperature": 1.0, "generator": torch.Generator(device).manual_seed(0), **KINDS[kind]}
+    if opts.pop("prior", None) == "group_lasso":
+        opts["prior"] = Sum(GroupLasso(groups_of(model), 1.0), Gaussian(1.0))
     if kind.startswith("sgld"):
         return SGLD(model.named_parameters(), 0.1, num_data=n, **opts)
     return SGHMC(model.named_parameters(), 0.01, num_data=n, friction=0.1, **opts)
@@ -147,53 +155,65 @@ def main():
         return
 
     alternations, n_use = (2, 15000) if args.quick else (4, 60000)
-    thread_counts = sorted({1, os.cpu_count() or 1})
-    times = {t: {k: [] for k in KINDS} for t in thread_counts}
-    rng = {t: [] for t in thread_counts}
+    cores = os.cpu_count() or 1
+    # settings a user can choose: torch threads, and with several threads the OpenMP wait policy
+    # (libgomp's default spins after a parallel region, which on a 2-vCPU machine takes half a core
+    # from serial work such as torch's single-threaded normal_; PASSIVE sleeps instead)
+    settings = ["1"] + ([str(cores), f"{cores}_passive"] if cores > 1 else [])
+    times = {st: {k: [] for k in KINDS} for st in settings}
+    rng = {st: [] for st in settings}
     for a in range(alternations):
-        for threads in (thread_counts if a % 2 == 0 else thread_counts[::-1]):
-            # a fresh process per run, so the thread count is set before torch starts any threads
+        for st in (settings if a % 2 == 0 else settings[::-1]):
+            # a fresh process per run, so the thread count (and wait policy) is set before torch
+            # starts any threads
+            threads, passive = int(st.split("_")[0]), st.endswith("_passive")
+            env = {**os.environ, **({"OMP_WAIT_POLICY": "PASSIVE"} if passive else {})}
+            if not passive:
+                env.pop("OMP_WAIT_POLICY", None)
             cmd = [sys.executable, __file__, "--threads", str(threads), "--rounds", "2", "--examples", str(n_use),
                    "--device", args.device]
-            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1])
             for k, v in res["epoch_seconds"].items():
-                times[threads][k].extend(v)
-            rng[threads].append(res["rng_ms"])
-            print(f"run {a + 1}/{alternations}, threads={threads}: "
+                times[st][k].extend(v)
+            rng[st].append(res["rng_ms"])
+            print(f"run {a + 1}/{alternations}, setting {st}: "
                   + ", ".join(f"{k} {median(v):.3f}s" for k, v in res["epoch_seconds"].items()), flush=True)
 
-    med = {t: {k: median(v) for k, v in times[t].items()} for t in thread_counts}
-    out = {"data": res["data"], "device": args.device, "examples_per_epoch": n_use, "epochs_per_median": len(times[1]["sgd"]),
-           "quick": args.quick, "target": TARGET, "by_threads": {}}
-    for t in thread_counts:
-        out["by_threads"][str(t)] = {"median_epoch_seconds": med[t],
-                                     **{f"{k}_vs_sgd": med[t][k] / med[t]["sgd"] for k in KINDS if k != "sgd"}}
-    sgd_t = min(thread_counts, key=lambda t: med[t]["sgd"])
-    out["sgd_best"] = {"threads": sgd_t, "epoch_seconds": med[sgd_t]["sgd"]}
-    for sampler, kinds in {**GAUSSIAN, **RADEMACHER}.items():
-        t, k = min(((t, k) for t in thread_counts for k in kinds), key=lambda tk: med[tk[0]][tk[1]])
-        out[f"{sampler}_best"] = {"threads": t, "kind": k, "epoch_seconds": med[t][k]}
-        out[f"{sampler}_vs_sgd"] = med[t][k] / med[sgd_t]["sgd"]
+    med = {st: {k: median(v) for k, v in times[st].items()} for st in settings}
+    out = {"data": res["data"], "device": args.device, "examples_per_epoch": n_use,
+           "epochs_per_median": len(times["1"]["sgd"]), "quick": args.quick, "target": TARGET,
+           "settings": "torch threads, '_passive' = OMP_WAIT_POLICY=PASSIVE", "by_setting": {}}
+    for st in settings:
+        out["by_setting"][st] = {"median_epoch_seconds": med[st],
+                                 **{f"{k}_vs_sgd": med[st][k] / med[st]["sgd"] for k in KINDS if k != "sgd"},
+                                 "rng_ms_per_step": {name: median([r[name] for r in rng[st]]) for name in rng[st][0]}}
+    sgd_st = min(settings, key=lambda st: med[st]["sgd"])
+    out["sgd_best"] = {"setting": sgd_st, "epoch_seconds": med[sgd_st]["sgd"]}
+    for sampler, kinds in {**GAUSSIAN, **RADEMACHER, **GROUP_LASSO}.items():
+        st, k = min(((st, k) for st in settings for k in kinds), key=lambda sk: med[sk[0]][sk[1]])
+        out[f"{sampler}_best"] = {"setting": st, "kind": k, "epoch_seconds": med[st][k]}
+        out[f"{sampler}_vs_sgd"] = med[st][k] / med[sgd_st]["sgd"]
     out["target_met"] = {s: out[f"{s}_vs_sgd"] <= TARGET for s in GAUSSIAN}
-    out["rng_ms_per_step"] = {"normals": res["normals_per_step"],
-                              **{name: median([r[name] for t in thread_counts for r in rng[t]]) for name in rng[1][0]}}
+    out["normals_per_step"] = res["normals_per_step"]
     path = write("sampler_overhead" + ("" if args.device == "cpu" else f"_{torch.device(args.device).type}")
                  + ("_quick" if args.quick else ""), out)
 
-    print("\nmedian epoch seconds (ratio to SGD at the same thread count)")
-    print("threads | " + " | ".join(KINDS))
-    for t in thread_counts:
-        print(f"{t} | " + " | ".join(f"{med[t][k]:.3f}" + ("" if k == "sgd" else f" ({med[t][k] / med[t]['sgd']:.2f})")
-                                     for k in KINDS))
-    r = out["rng_ms_per_step"]
-    print(f"one step's {r['normals']} normals: torch {r['torch_normal']:.2f} ms, counter ziggurat "
-          f"{r['counter_ziggurat_all_threads']:.2f} ms, numpy PCG64 {r['numpy_pcg64_standard_normal']:.2f} ms")
+    print("\nmedian epoch seconds (ratio to SGD at the same setting)")
+    print("setting | " + " | ".join(KINDS))
+    for st in settings:
+        print(f"{st} | " + " | ".join(f"{med[st][k]:.3f}" + ("" if k == "sgd" else f" ({med[st][k] / med[st]['sgd']:.2f})")
+                                      for k in KINDS))
+    for st in settings:
+        r = out["by_setting"][st]["rng_ms_per_step"]
+        print(f"setting {st}: one step's {res['normals_per_step']} normals: torch {r['torch_normal']:.2f} ms, counter "
+              f"ziggurat {r['counter_ziggurat_all_threads']:.2f} ms, numpy PCG64 {r['numpy_pcg64_standard_normal']:.2f} ms")
     met = " and ".join(f"{s.upper()} {'met' if ok else 'NOT met'}" for s, ok in out["target_met"].items())
     b = {s: out[f"{s}_best"] for s in GAUSSIAN}
-    print(f"sampler_overhead best vs best: SGLD {out['sgld_vs_sgd']:.2f}x ({b['sgld']['kind']}, {b['sgld']['threads']} thr), "
-          f"SGHMC {out['sghmc_vs_sgd']:.2f}x ({b['sghmc']['kind']}, {b['sghmc']['threads']} thr) over SGD at "
-          f"{sgd_t} thr ({out['sgd_best']['epoch_seconds']:.2f} s/epoch); target <= {TARGET}: {met} "
-          f"(+-1 noise: {out['sgld_rademacher_vs_sgd']:.2f}x / {out['sghmc_rademacher_vs_sgd']:.2f}x) -> {path.name}")
+    print(f"sampler_overhead best vs best: SGLD {out['sgld_vs_sgd']:.2f}x ({b['sgld']['kind']}, {b['sgld']['setting']}), "
+          f"SGHMC {out['sghmc_vs_sgd']:.2f}x ({b['sghmc']['kind']}, {b['sghmc']['setting']}) over SGD at "
+          f"{sgd_st} ({out['sgd_best']['epoch_seconds']:.2f} s/epoch); target <= {TARGET}: {met} "
+          f"(+-1 noise: {out['sgld_rademacher_vs_sgd']:.2f}x / {out['sghmc_rademacher_vs_sgd']:.2f}x; SGLD with the "
+          f"group Lasso: {out['sgld_group_lasso_vs_sgd']:.2f}x) -> {path.name}")
 
 
 if __name__ == "__main__":
