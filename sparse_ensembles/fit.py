@@ -50,7 +50,7 @@ from .models.registry import from_spec
 from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
 from .structure import sequential_groups
-from .training import Constrained, GeneratorState, Holder, run_epochs, train_epoch
+from .training import Constrained, Holder, derive_seed, run_epochs, seed_epoch, train_epoch
 
 __all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability"]
 
@@ -424,17 +424,17 @@ class SparseEnsemble(nn.Module):
 
     def _train(self, model, opt, loader, epochs: int, ckpt: Path, label: str, *, sched=None, after_epoch=None,
                extra_state=None) -> float:
-        gen = torch.Generator().manual_seed(self.recipe.seed)
-        torch.manual_seed(self.recipe.seed)
-
         def epoch(e):
+            # every epoch's batches (order, dropout, workers' seeds) are a function of (seed, unit,
+            # epoch) alone, so a fit resumed from any checkpoint continues bit for bit
+            seed_epoch(loader, derive_seed(self.recipe.seed, label, e))
             loss = train_epoch(model, opt, _batches(loader, self.device), where=f"{label} epoch {e + 1}",
                                loss_fn=self.objective.loss)
             if sched is not None:
                 sched.step()
             return loss
 
-        state = {"model": model, "opt": opt, "gen": GeneratorState(gen), **(extra_state or {})}
+        state = {"model": model, "opt": opt, **(extra_state or {})}
         if sched is not None:
             state["sched"] = sched
         return run_epochs(ckpt, epochs, state, epoch, after_epoch=after_epoch, bar=self._bar(epochs, label),

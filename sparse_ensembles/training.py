@@ -3,14 +3,44 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """An independent 63-bit seed for (experiment seed, stage, index, purpose), by hashing with
+    NumPy's ``SeedSequence`` (fixed offsets such as ``seed * 1000 + k`` collide for large counts)."""
+    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def shuffle_generators(loader) -> list[torch.Generator]:
+    """The generators a DataLoader shuffles with (its own, its sampler's, its batch sampler's
+    sampler's), each once; empty for a plain iterable of batches."""
+    found = {}
+    for holder in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        g = getattr(holder, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
+
+
+def seed_epoch(loader, seed: int) -> None:
+    """Seed everything an epoch over ``loader`` draws from: the global RNG (a shuffling DataLoader
+    without a generator draws its order from it, and dropout its masks) and the loader's own
+    shuffling generators. Seeding each epoch from (run seed, unit, epoch) makes a resumed run draw
+    the same batches as an uninterrupted one, wherever it was stopped."""
+    torch.manual_seed(seed)
+    for g in shuffle_generators(loader):
+        g.manual_seed(seed)
 
 
 class DivergenceError(FloatingPointError):

@@ -310,3 +310,36 @@ def test_a_one_output_regression_ensemble_exports_with_a_dynamic_batch(tmp_path)
     out = ens.export(tmp_path / "r.pt2", x[:8], repeats=1)
     assert out["max_abs_diff"] <= 1e-5
     torch.testing.assert_close(torch.export.load(str(tmp_path / "r.pt2")).module()(x[:3]), ens(x[:3]))
+
+
+@pytest.mark.parametrize("loader_generator", [True, False])
+def test_a_fit_killed_mid_chain_and_resumed_ends_bit_for_bit_like_an_uninterrupted_one(tmp_path, monkeypatch,
+                                                                                        loader_generator):
+    import sparse_ensembles.fit as fit_module
+
+    x, y, _, valid = _data()
+
+    def loader():  # shuffled, with its own generator or drawing from the global RNG
+        gen = torch.Generator().manual_seed(5) if loader_generator else None
+        return DataLoader(TensorDataset(x[:400], y[:400]), batch_size=50, shuffle=True, generator=gen)
+
+    recipe = Recipe(**{**SMALL, "burn_in": 3, "members": (2,), "sparsities": (0.5,)})
+    whole = SparseEnsemble(_net(), recipe=recipe, workdir=tmp_path / "whole", progress=False).fit(loader(), valid)
+
+    real, calls = fit_module.train_epoch, []
+
+    def dies_in_the_chain(*args, where="", **kwargs):
+        calls.append(where)
+        if where.startswith("SGLD chain") and sum(c.startswith("SGLD chain") for c in calls) == 3:
+            raise KeyboardInterrupt  # killed during the chain's third epoch (two are checkpointed)
+        return real(*args, where=where, **kwargs)
+
+    monkeypatch.setattr(fit_module, "train_epoch", dies_in_the_chain)
+    with pytest.raises(KeyboardInterrupt):
+        SparseEnsemble(_net(), recipe=recipe, workdir=tmp_path / "cut", progress=False).fit(loader(), valid)
+    assert list((tmp_path / "cut").rglob("chain.ckpt"))  # the chain stopped part-way
+    monkeypatch.undo()
+    torch.manual_seed(1234)  # a new process: the global RNG is wherever it is
+    resumed = SparseEnsemble(_net(), recipe=recipe, workdir=tmp_path / "cut", progress=False).fit(loader(), valid)
+    assert torch.equal(resumed(x[:50]), whole(x[:50]))
+    assert [r["valid_nll"] for r in resumed.candidates] == [r["valid_nll"] for r in whole.candidates]

@@ -15,12 +15,10 @@ import fnmatch
 import math
 import json
 import tomllib
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -36,18 +34,11 @@ from ..samplers.schedules import MultiStep, Polynomial, StepDecay
 from ..samplers.vectorized import VectorizedSGLD
 from ..structure import norms
 from ..tasks import task_class
-from ..training import Constrained, DivergenceError, GeneratorState, Holder, run_epochs, train_epoch
+from ..training import Constrained, DivergenceError, GeneratorState, Holder, derive_seed, run_epochs, train_epoch
 from . import plots
 from .ranks import Shard
 from .config import (Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig,
                      from_dict)
-
-
-def derive_seed(seed: int, *keys) -> int:
-    """An independent 63-bit seed for (experiment seed, stage, index, purpose), by hashing with
-    NumPy's ``SeedSequence`` (fixed offsets such as ``seed * 1000 + k`` collide for large counts)."""
-    words = [seed] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class RunDirError(checkpoint.RunFileError):
