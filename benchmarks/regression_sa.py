@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -140,15 +141,20 @@ def main():
         traces, all_draws = {}, {}
         for method in METHODS:
             cached = done_dir / f"seed{seed}_{method}.pt"
-            if cached.exists():
-                blob = torch.load(cached, weights_only=True)
+            settings = json.dumps({"steps": args.steps, "thin": args.thin, "seed": seed, "method": method})
+            blob = torch.load(cached, weights_only=True) if cached.exists() else None
+            if blob is not None and blob.get("settings") != settings:
+                raise SystemExit(f"{cached} holds a run with other settings ({blob.get('settings')}); delete "
+                                 f"{done_dir} to run again")
+            if blob is not None:
                 row, trace, draws = json.loads(blob["row"]), blob["trace"].tolist(), blob["draws"]
                 print(f"seed {seed} {method:<8} done earlier ({cached})", flush=True)
             else:
                 t = time.perf_counter()
                 draws, rho, trace = run(method, train, args.steps, args.thin, seed)
                 row = {"seed": seed, **summarize(draws, rho, beta, train, test), "seconds": time.perf_counter() - t}
-                torch.save({"row": json.dumps(row), "trace": torch.tensor(trace), "draws": draws}, cached)
+                torch.save({"settings": settings, "row": json.dumps(row),
+                            "trace": torch.tensor(trace, dtype=torch.float64), "draws": draws}, cached)
                 print(f"seed {seed} {method:<8} beta_mean {[round(b, 2) for b in row['beta_mean']]} covered "
                       f"{row['covered']}/3, nulls flagged {row['null_flagged']}/997, test MSE {row['test_mse']:.2f} "
                       f"({row['seconds']:.0f} s)", flush=True)
@@ -163,6 +169,8 @@ def main():
            "seconds_per_run": {m: [r["seconds"] for r in rs] for m, rs in results.items()}, "methods": results,
            "target": "sgld_sa covers beta_1..3 and flags <= 1% (9) of the 997 nulls on every seed", "target_met": met}
     path = write(name, out)
+    if args.quick:
+        shutil.rmtree(done_dir, ignore_errors=True)
     cov = {m: sum(r["covered"] for r in rs) for m, rs in results.items()}
     flags = {m: [r["null_flagged"] for r in rs] for m, rs in results.items()}
     print(f"regression_sa: covered beta_1..3 (sum over {args.seeds} seeds, of {3 * args.seeds}) {cov}; nulls flagged "

@@ -506,7 +506,7 @@ class SparseEnsemble(nn.Module):
         opt = Constrained(torch.optim.SGD(model.parameters(), lr=r.retrain_lr), params, masks=Holder(masks))
         sched = torch.optim.lr_scheduler.ExponentialLR(opt.optimizer, gamma=1 / r.retrain_lr_decay)
         self._train(model, opt, train_loader, r.retrain_epochs, path.with_suffix(".ckpt"),
-                    f"retrain {_pct(sparsity)}% member {k + 1}", sched=sched)
+                    f"retrain {sample.parent.name} {_pct(sparsity)}% member {k + 1}", sched=sched)
         for h in hooks:
             h.remove()
         model.eval()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 import zlib
 from pathlib import Path
@@ -36,9 +37,13 @@ def shuffle_generators(loader) -> list[torch.Generator]:
 def seed_epoch(loader, seed: int) -> None:
     """Seed everything an epoch over ``loader`` draws from: the global RNG (a shuffling DataLoader
     without a generator draws its order from it, and dropout its masks) and the loader's own
-    shuffling generators. Seeding each epoch from (run seed, unit, epoch) makes a resumed run draw
-    the same batches as an uninterrupted one, wherever it was stopped."""
+    shuffling generators, and Python's and NumPy's global generators (transforms in the main
+    process). Seeding each epoch from (run seed, unit, epoch) makes a resumed run draw the same
+    batches as an uninterrupted one, wherever it was stopped. Workers of a DataLoader with
+    ``persistent_workers=True`` are seeded once, when they start, so they are not replayed."""
     torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
     for g in shuffle_generators(loader):
         g.manual_seed(seed)
 

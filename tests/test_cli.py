@@ -431,3 +431,16 @@ def test_overlapping_only_patterns_print_and_store_each_row_once(tmp_path, capsy
     stored = [r["method"] for r in json.loads((out / "results.json").read_text())]
     assert stored == ["SGD x1", "SGHMC+SSGL(sa) x2"]
     assert printed == ["SGD", "SGHMC+SSGL(sa)"]
+
+
+def test_counter_noise_on_a_gpu_run_is_refused_before_any_work_with_the_fix(tmp_path, capsys, monkeypatch):
+    import torch
+    import sparse_ensembles.experiments.pipeline as pipeline
+
+    need_data("mnist")
+    monkeypatch.setattr(pipeline, "resolve_device", lambda name: torch.device("meta"))  # stands in for cuda
+    out = tmp_path / "gpu"
+    assert main(["run", TINY, "--out", str(out), "--no-progress", "--set", "sampler.noise='gaussian_parallel'"]) == 2
+    err = capsys.readouterr().err
+    assert "gaussian_parallel" in err and "sampler.noise = 'gaussian'" in err
+    assert not list(out.rglob("*.pt"))  # refused before the SGD stage trained anything

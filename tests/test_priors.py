@@ -148,7 +148,8 @@ def test_fused_group_lasso_gradient_equals_the_per_family_loop_on_lstm_groupings
     for label, groups, params in cases:
         first = groups[0].params[0]
         params[first].view(-1)[: params[first].numel() // 3] = 0  # some all-zero groups
-        for budget in (None, 1e-3):
+        inside = 2 * float(GroupLasso(groups, lam=1.0, scaled=True).total_norm(params))
+        for budget in (None, 1e-3, inside):  # no hinge, far outside it, inside it (all scales 0)
             prior = GroupLasso(groups, lam=0.4, budget=budget)
             base = {n: torch.randn_like(p) for n, p in params.items()}
             got = {n: g.clone() for n, g in base.items()}
@@ -157,7 +158,8 @@ def test_fused_group_lasso_gradient_equals_the_per_family_loop_on_lstm_groupings
             _per_family_loop(prior, want, params, num_data=37)
             for n in params:
                 torch.testing.assert_close(got[n], want[n], rtol=1e-6, atol=1e-7, msg=f"{label} {n}")
-            assert any(not torch.equal(got[n], base[n]) for n in params), label
+            moved = any(not torch.equal(got[n], base[n]) for n in params)
+            assert moved == (budget != inside), (label, budget)
 
 
 def test_fused_group_lasso_sums_the_factors_of_a_parameter_in_two_families_and_matches_autograd():

@@ -18,7 +18,8 @@ def _draw(n, key=1, threads=2):
 def test_compiled_hash_equals_splitmix64_written_in_python_integers():
     gamma = 0x9E3779B97F4A7C15
     rng = np.random.default_rng(0)
-    for key, c in zip(rng.integers(0, 2**63, 20, dtype=np.uint64), rng.integers(0, 2**63, 20, dtype=np.uint64)):
+    full = lambda: rng.integers(0, 2**64 - 1, 20, dtype=np.uint64, endpoint=True)  # the whole uint64 range
+    for key, c in zip(full(), full()):
         expect = _mix_py((int(key) + int(c) * gamma) % 2**64)
         assert int(_mix(np.uint64(key), np.uint64(c))) == expect
 
@@ -105,3 +106,26 @@ def test_resuming_with_another_noise_kind_is_refused_with_the_fix():
         b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="same sampler.noise"):
         a.load_state_dict(b.state_dict())
+
+
+def test_a_large_net_gets_the_same_chain_with_prefetched_and_inline_counter_noise_on_two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # inline draws split over 2 threads, the worker draws on 1
+    try:
+        results = []
+        for prefetch in (False, True):
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))  # 62k parameters
+            opt = SGLD(net.named_parameters(), 0.01, num_data=100, noise="gaussian_parallel", prefetch_noise=prefetch,
+                       generator=torch.Generator().manual_seed(3))
+            for step in range(3):
+                x = torch.randn(8, 300, generator=torch.Generator().manual_seed(step))
+                opt.zero_grad()
+                net(x).pow(2).mean().backward()
+                opt.step()
+            opt.close()
+            results.append([p.detach().clone() for p in net.parameters()])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)

@@ -114,6 +114,11 @@ class Pipeline:
         return Context(self.cfg, task, self.out, self.device, self.log, self.progress)
 
     def run(self) -> list[dict]:
+        for name, variant in self.cfg.recipes():
+            if getattr(variant.sampler, "noise", None) == "gaussian_parallel" and self.device.type != "cpu":
+                raise ConfigError(f"{'[variants.' + name + '] ' if name else ''}sampler.noise = 'gaussian_parallel' "
+                                  f"draws on the CPU, but this run is on {self.device}: use sampler.noise = "
+                                  "'gaussian' (torch's GPU generator is already parallel) or experiment.device = 'cpu'")
         ctx = self.context()
         self.log(f"task: {ctx.task.describe()}; device {self.device}")
         for name, variant in self.cfg.recipes():

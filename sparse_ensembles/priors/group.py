@@ -59,11 +59,13 @@ class GroupLasso(Prior):
         total = self.total_norm(params)
         return self.lam * (total if self.budget is None else (total - self.budget).clamp_min(0))
 
-    def _coefficients(self, params, like: torch.Tensor) -> torch.Tensor:
-        """``lam * w_g`` for every group of every family, concatenated (cached per shape/device)."""
-        key = (like.device, like.dtype, tuple(tuple(params[n].shape) for f in self.groups for n in f.params))
+    def _coefficients(self, params, like: torch.Tensor, num_data: int) -> torch.Tensor:
+        """``lam * w_g / N`` for every group of every family, concatenated, computed in float64 and
+        rounded once (cached per shape, N, device and dtype)."""
+        key = (like.device, like.dtype, num_data, tuple(tuple(params[n].shape) for f in self.groups for n in f.params))
         if self._coef_cache is None or self._coef_cache[0] != key:
-            coef = torch.cat([torch.full((f.size,), self.lam * self._weight(f, params)) for f in self.groups])
+            coef = torch.cat([torch.full((f.size,), self.lam * self._weight(f, params) / num_data, dtype=torch.float64)
+                              for f in self.groups])
             self._coef_cache = (key, coef.to(device=like.device, dtype=like.dtype))
         return self._coef_cache[1]
 
@@ -72,16 +74,18 @@ class GroupLasso(Prior):
         per-group scales ``lam w_g / (N ||theta_g||)`` (0 on an all-zero group), and one
         ``_foreach_addcmul_`` adds ``scale * theta`` to every covered gradient. The budget's hinge
         multiplies by ``total > k`` on the device instead of branching on the host, so a step has
-        no host sync. Equal to the per-family loop up to float reassociation where a parameter is
-        in two families (their factors are summed before the multiply)."""
+        no host sync. Equal to the per-family loop it replaced up to rounding (the coefficient is
+        rounded to the parameters' dtype before the division; factors of a parameter in two
+        families are summed before the multiply); inside the budget it adds ``0 * theta``, so
+        non-finite parameters give a non-finite gradient (which the sampler reports)."""
         self._check(params)
         first = params[self.groups[0].params[0]]
         sq = torch.cat([fam.sq_norms(params) for fam in self.groups])
         size = sq.sqrt()
-        coef = self._coefficients(params, first)
-        scale = torch.where(size > self.eps, (coef / num_data) / size.clamp_min(self.eps), torch.zeros_like(size))
+        coef = self._coefficients(params, first, num_data)
+        scale = torch.where(size > self.eps, coef / size.clamp_min(self.eps), torch.zeros_like(size))
         if self.budget is not None:  # inside the budget the hinge is flat: every scale becomes 0
-            total = (coef * size).sum() / self.lam
+            total = (coef * size).sum() * (num_data / self.lam)
             scale = scale * (total > self.budget)
         factors: dict[str, torch.Tensor] = {}
         for fam, fam_scale in zip(self.groups, scale.split([f.size for f in self.groups])):

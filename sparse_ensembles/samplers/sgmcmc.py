@@ -87,8 +87,9 @@ class _NoiseSource:
                     f"noise='gaussian_parallel' draws CPU float32 noise, but the parameters are "
                     f"{sorted(str(d) + ' ' + str(t) for t, d in kinds)}; use noise='gaussian' on other "
                     "devices and dtypes (on a GPU torch's own generator is already parallel)")
-            # the key comes from the generator, so a seeded generator still fixes the chain
-            self._counter = ZigguratNormal.from_generator(generator)
+            # the key comes from the generator, so a seeded generator still fixes the chain; drawn
+            # ahead in the worker thread, it uses that one thread (more would fight torch's)
+            self._counter = ZigguratNormal.from_generator(generator, threads=1 if self.prefetch else None)
         self._buffers = [self._new_buffer() for _ in range(2 if self.prefetch else 1)] if self.flat else []
         # per-parameter views of each buffer, made once: a step then costs one C call and no
         # Python in the worker thread, which would contend for the GIL with the training loop

@@ -18,8 +18,8 @@ of values take the fast path (``x = U * x_layer`` inside the layer's rectangle);
 wedge or tail test, drawing retries from a second key. Results are exact ziggurat samples rounded
 to float32; tests check moments, the CDF (Kolmogorov-Smirnov) and the tails.
 
-Measured here (2 vCPUs, 266,610 values, benchmarks/sampler_overhead.py): about 0.85 ms on one
-thread, about 0.5 ms on two, against 0.7-1.0 ms for torch's ``normal_`` (one thread only). The
+Measured here (2 vCPUs, 266,610 values; benchmarks/sampler_overhead.json, 2026-12-06): 1.25 ms on
+one thread and 0.80 ms on two, against 1.24-1.55 ms for torch's ``normal_`` (one thread only). The
 loop does not vectorise: the table look-ups become gathers, which are slow on this CPU; a
 table-free Box-Muller with polynomial log / sincos did vectorise (AVX-512) but was no faster
 (0.54 ms), bound by float64 division and square root.
@@ -27,7 +27,6 @@ table-free Box-Muller with polynomial log / sincos did vectorise (AVX-512) but w
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -92,6 +91,8 @@ def _signed(bits):
 def _slow(bits, key2, c, r, w, k, f):
     """The value whose fast path failed: wedge test, else tail (layer 0), else a fresh word."""
     attempt = np.uint64(0)
+    # retries of value c use counters 64 c + 1, 2, ... of the second key; past 63 attempts (odds
+    # below 1e-90) they would reuse the next value's, which only correlates two values
     base = c * np.uint64(64)
     while True:
         layer = np.intp(bits & _M7)
@@ -136,8 +137,8 @@ def _as_u64(x: int) -> np.uint64:
 class ZigguratNormal:
     """A counter-based N(0, 1) generator for CPU float32 buffers (see the module docstring).
 
-    ``fill_(t)`` fills a contiguous CPU float32 tensor and advances the counter by ``t.numel()``;
-    the values do not depend on ``threads`` (the buffer is cut into one slice per thread; numba's
+    ``fill_(t)`` fills a contiguous CPU float32 tensor and advances the counter by ``t.numel()``
+    (not safe to call from two threads at once); the values do not depend on ``threads`` (the buffer is cut into one slice per thread; numba's
     kernel releases the GIL). ``get_state()`` / ``set_state()`` carry ``(key, counter)`` as an int64
     tensor, so a chain resumes bit for bit.
     """
@@ -147,7 +148,6 @@ class ZigguratNormal:
         self.counter = 0
         self.threads = max(1, threads or torch.get_num_threads())
         self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
 
     @classmethod
     def from_generator(cls, generator: torch.Generator, threads: int | None = None) -> "ZigguratNormal":
