@@ -3,7 +3,7 @@
 Why: a sampler step on CPU adds one standard normal per parameter, and torch draws them with one
 Mersenne-twister stream on one thread (about 2.7 ns a value: 0.7 ms for the 266k weights of a
 784-300-100-10 MLP, half an SGD step). This generator has no sequential state, so it splits over
-threads, and its transform is mostly a table look-up and a multiply, so it vectorises.
+threads, and its transform is mostly a table look-up and a multiply.
 
 The bits: value ``i`` of draw ``d`` (a draw fills one flat buffer of ``n`` values) is built from
 the 64-bit integer ``splitmix64(key, c)`` at counter ``c = d * n + i``, SplitMix64's output
@@ -154,16 +154,22 @@ class ZigguratNormal:
         """Key drawn from a torch generator (seeded chains stay reproducible from their seed)."""
         return cls(int(torch.randint(0, 2**62, (), generator=generator)), threads)
 
-    def _keys(self):
-        key = _as_u64(self.key)
-        return key, _as_u64(int(_mix_py(self.key ^ int(_RETRY_SALT))))
+    @property
+    def key(self) -> int:
+        return self._key
+
+    @key.setter
+    def key(self, value: int) -> None:
+        # the kernel's two keys, derived once per key rather than on every draw
+        self._key = int(value) % 2**64
+        self._keys = (_as_u64(self._key), _as_u64(_mix_py(self._key ^ int(_RETRY_SALT))))
 
     def fill_(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"ZigguratNormal fills contiguous CPU float32 tensors; got {t.dtype} on {t.device}")
         n = t.numel()
         flat = t.view(-1).numpy()
-        key, key2 = self._keys()
+        key, key2 = self._keys
         start = self.counter
         pieces = min(self.threads, max(1, n // 16384))  # a slice per thread, none tiny
         if pieces == 1:
