@@ -8,7 +8,9 @@ block sparsity and blocks 16x16, 32x32, 32x1:
   preallocated output (or ``F.linear``, whichever is faster); sparse: the compiled kernel into a
   preallocated output, as the time loop calls it.
 * ``input_matmul``: the time-batched input product x (batch*T x in) @ W_ih^T + b (``torch.addmm``).
-* ``layer_inference``: ``nn.LSTM`` against ``BlockSparseLSTM(executor="numba")``, forward under no_grad.
+* ``layer_inference``: ``nn.LSTM`` against ``BlockSparseLSTM``, forward under no_grad; the sparse
+  side at its best executor: ``"numba"`` (time loop on one thread) or ``"numba_parallel"`` (every
+  step split over the threads), recorded as ``sparse_executor``.
 * ``layer_train``: forward + backward of the sum of the outputs (x requires grad; all gradients).
 
 Every variant of a group runs in one process, interleaved (dense, then each sparse variant, at 1
@@ -46,6 +48,16 @@ from sparse_ensembles.compact import block_lstm as bl  # noqa: E402
 
 STEPS = 35
 TARGETS = {"layer_inference_speedup_80": 2.0, "layer_train_speedup_80": 1.5, "matmul_speedup_80_batch1": 3.0}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def _keep(shape, block, density, g):
@@ -107,6 +119,7 @@ def _cpu_runners(hidden: int, batch: int, variants, seed: int = 0):
         d_hh = bl.gather_blocks(plan.hh, W_hh)
         d_ih = bl.gather_blocks(plan.ih, W_ih)
         name = f"{sp}_{block[0]}x{block[1]}"
+        mp = bl.BlockSparseLSTM.from_lstm(lstm, block, k_ih, k_hh, executor="numba_parallel")
 
         def rec(lay=plan.hh, d=d_hh):
             import numba
@@ -118,7 +131,8 @@ def _cpu_runners(hidden: int, batch: int, variants, seed: int = 0):
             bl._mm(xn, lay.rowptr, lay.cols, d, lay.bh, lay.bw, lay.R, lay.C, yi, bn, 2, lay.dot,
                    numba.get_num_threads() > 1)
         runners.update({("rec_matmul", name): rec, ("input_matmul", name): inp,
-                        ("layer_inference", name): infer(m), ("layer_train", name): train(m)})
+                        ("layer_inference", name): infer(m), ("layer_train", name): train(m),
+                        ("layer_inference", name + "|par"): infer(mp), ("layer_train", name + "|par"): train(mp)})
     return runners
 
 
@@ -156,13 +170,20 @@ def run_cpu(hiddens, batches, sparsities, blocks, repeats, threads):
                 dense_t, dense_thr, dense_name = min((med[(kind, d), t], t, d) for d in dense_names for t in threads)
                 for sp, block in variants:
                     name = f"{sp}_{block[0]}x{block[1]}"
-                    sp_t, sp_thr = min((med[(kind, name), t], t) for t in threads)
+                    # the sparse side at its best executor (time loop on one thread or split) and thread count
+                    names = [nm for nm in (name, name + "|par") if ((kind, nm), threads[0]) in med]
+                    sp_t, sp_thr, sp_name = min((med[(kind, nm), t], t, nm) for nm in names for t in threads)
                     rows.append({"measure": kind, "hidden": hidden, "input": hidden, "batch": batch, "steps": STEPS,
                                  "sparsity": sp, "block": list(block), "dense_ms": 1e3 * dense_t,
                                  "dense_threads": dense_thr, "dense_op": dense_name, "sparse_ms": 1e3 * sp_t,
                                  "sparse_threads": sp_thr, "speedup": dense_t / sp_t, "ideal": 100 / (100 - sp),
+                                 # at one thread both executors run the same code
+                                 "sparse_executor": "numba_parallel" if sp_name.endswith("|par") and sp_thr > 1
+                                 else "numba",
                                  "ms_by_threads": {"dense": {str(t): 1e3 * med[(kind, dense_name), t] for t in threads},
-                                                   "sparse": {str(t): 1e3 * med[(kind, name), t] for t in threads}}})
+                                                   **{("sparse" if nm == name else "sparse_parallel"):
+                                                      {str(t): 1e3 * med[(kind, nm), t] for t in threads}
+                                                      for nm in names}}})
             print(f"  hidden {hidden} batch {batch}: {len(variants)} variants x {len(threads)} thread counts done",
                   flush=True)
     return rows
@@ -228,8 +249,10 @@ def main():
         hiddens, batches, sparsities, blocks = [650, 1500], [1, 20], [50, 80, 90], [(16, 16), (32, 32), (32, 1)]
     t_start = time.perf_counter()
     import numba
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
-            "numba_version": numba.__version__, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    from sparse_ensembles._jit import vector_width
+    info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "torch_version": torch.__version__, "numba_version": numba.__version__,
+            "numba_vector_bits": vector_width(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": args.quick, "repeats": repeats, "steps": STEPS}
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -262,7 +285,7 @@ def main():
     for r in rows:
         print(f"{r['measure']:<16}{r['hidden']:>7}{r['batch']:>6}{r['sparsity']:>6}%{'x'.join(map(str, r['block'])):>7}"
               f"{r['dense_ms']:>10.3f}{r['dense_threads']:>4}{r['sparse_ms']:>10.3f}{r['sparse_threads']:>4}"
-              f"{r['speedup']:>8.2f}x{r['ideal']:>6.1f}")
+              f"{r['speedup']:>8.2f}x{r['ideal']:>6.1f}  {r['sparse_executor'] if 'layer' in r['measure'] else ''}")
     met = {k: (keys[k] is not None and keys[k] >= v) for k, v in TARGETS.items()}
     print("block_sparse: " + ", ".join(f"{k} {keys[k]:.2f}x (target >= {TARGETS[k]}: {'met' if met[k] else 'NOT met'})"
                                        for k in TARGETS) + f"; {out['seconds']:.0f} s -> {path.name}")

@@ -9,8 +9,20 @@ from sparse_ensembles.compact.block_lstm import BlockSparseLSTM, block_keep_from
 
 # (input, hidden, block, batch, steps): whole blocks, and shapes that blocks do not divide
 CASES = [(64, 64, (32, 32), 5, 4), (48, 40, (16, 16), 6, 3), (40, 48, (32, 1), 5, 3), (37, 50, (16, 16), 3, 5),
-         (33, 40, (5, 3), 2, 3)]
-IDS = ["32x32", "16x16", "32x1", "16x16_nondivisible_h50_in37", "5x3_odd"]
+         (33, 40, (5, 3), 2, 3), (64, 70, (32, 32), 17, 4)]
+IDS = ["32x32", "16x16", "32x1", "16x16_nondivisible_h50_in37", "5x3_odd",
+       "32x32_batch17_h70"]  # 8-row, 4-row and single-row tiles; 68 input rows = two panels; an edge block row
+EXECUTORS = ["numba", "numba_parallel"]
+
+
+@pytest.fixture
+def two_numba_threads():
+    """The parallel paths run where numba has more than one thread (restored afterwards)."""
+    import numba
+    old = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield numba.get_num_threads()
+    numba.set_num_threads(old)
 
 
 def _random_keep(shape, block, density, g):
@@ -18,14 +30,14 @@ def _random_keep(shape, block, density, g):
     return torch.rand(-(-shape[0] // bh), -(-shape[1] // bw), generator=g) < density
 
 
-def _pair(inp, hidden, block, density=0.5, seed=0):
+def _pair(inp, hidden, block, density=0.5, seed=0, executor="numba"):
     """A BlockSparseLSTM (numba) and the nn.LSTM with the same weights, pruned blocks zeroed."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     lstm = nn.LSTM(inp, hidden, batch_first=True)
     k_ih = _random_keep((4 * hidden, inp), block, density, g)
     k_hh = _random_keep((4 * hidden, hidden), block, density, g)
-    m = BlockSparseLSTM.from_lstm(lstm, block, k_ih, k_hh, executor="numba")
+    m = BlockSparseLSTM.from_lstm(lstm, block, k_ih, k_hh, executor=executor)
     ref = nn.LSTM(inp, hidden, batch_first=True)
     w_ih, w_hh = m.masked_weights()
     with torch.no_grad():
@@ -44,9 +56,10 @@ def _inputs(batch, steps, inp, hidden, seed=1):
     return x, h0, c0
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("inp,hidden,block,batch,steps", CASES, ids=IDS)
-def test_forward_outputs_and_states_equal_masked_nn_lstm(inp, hidden, block, batch, steps):
-    m, ref = _pair(inp, hidden, block)
+def test_forward_outputs_and_states_equal_masked_nn_lstm(inp, hidden, block, batch, steps, executor, two_numba_threads):
+    m, ref = _pair(inp, hidden, block, executor=executor)
     x, h0, c0 = _inputs(batch, steps, inp, hidden)
     out, (h, c) = m(x, (h0, c0))
     out_r, (h_r, c_r) = ref(x, (h0, c0))
@@ -58,9 +71,11 @@ def test_forward_outputs_and_states_equal_masked_nn_lstm(inp, hidden, block, bat
     torch.testing.assert_close(out0, ref(x)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("inp,hidden,block,batch,steps", CASES, ids=IDS)
-def test_gradients_equal_autograd_through_masked_nn_lstm_and_zero_on_pruned_blocks(inp, hidden, block, batch, steps):
-    m, ref = _pair(inp, hidden, block)
+def test_gradients_equal_autograd_through_masked_nn_lstm_and_zero_on_pruned_blocks(inp, hidden, block, batch, steps,
+                                                                                   executor, two_numba_threads):
+    m, ref = _pair(inp, hidden, block, executor=executor)
     x, h0, c0 = _inputs(batch, steps, inp, hidden)
     g = torch.Generator().manual_seed(2)
     out, (h, c) = m(x, (h0, c0))
@@ -80,8 +95,8 @@ def test_gradients_equal_autograd_through_masked_nn_lstm_and_zero_on_pruned_bloc
 
 
 @pytest.mark.parametrize("block", [(32, 32), (16, 16), (32, 1), (1, 32), (5, 3)])
-@pytest.mark.parametrize("rows", [1, 5, 20])
-def test_product_kernels_equal_torch_matmuls(block, rows):
+@pytest.mark.parametrize("rows", [1, 5, 20, 107])  # 107: 8-row tiles, three panels, leftovers
+def test_product_kernels_equal_torch_matmuls(block, rows, two_numba_threads):
     g = torch.Generator().manual_seed(3)
     R, C = 100, 70  # not multiples of any block
     W = torch.randn(R, C, generator=g)
@@ -153,7 +168,7 @@ def test_dense_and_bsr_executors_match_numba():
     x, h0, c0 = _inputs(4, 5, 30, 32)
     with torch.no_grad():
         expect = ref(x, (h0, c0))
-        for ex in ("dense", "bsr", "numba"):
+        for ex in ("dense", "bsr", "numba", "numba_parallel"):
             m.executor = ex
             out, (h, c) = m(x, (h0, c0))
             torch.testing.assert_close(out, expect[0], atol=1e-5, rtol=0, msg=ex)
@@ -163,7 +178,7 @@ def test_dense_and_bsr_executors_match_numba():
 def test_auto_executor_returns_a_candidate_and_caches_it_per_shape():
     bl._AUTO_CACHE.clear()
     choice = bl.choose_executor(16, 16, 2, steps=3, block=(16, 16), density=0.5, threads=1, training=False, repeats=1)
-    assert choice in ("numba", "dense", "bsr")
+    assert choice in ("numba", "numba_parallel", "dense", "bsr")
     assert list(bl._AUTO_CACHE.values()) == [choice]
     assert bl.choose_executor(16, 16, 2, steps=3, block=(16, 16), density=0.5, threads=1, training=False) == choice
     m, ref = _pair(16, 16, (16, 16))

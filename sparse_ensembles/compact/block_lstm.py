@@ -80,16 +80,17 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numba
 import numpy as np
 import torch
-from numba import njit, types
+from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 from torch import Tensor, nn
+
+from .. import _jit  # noqa: F401  (512-bit vectors on AVX-512 CPUs; before anything compiles)
 
 __all__ = ["BlockLayout", "block_keep_from_weight", "block_layout", "gather_blocks", "block_matmul",
            "block_grad", "BlockSparseLSTMFunction", "BlockSparseLSTM", "choose_executor", "expand_keep"]
@@ -132,20 +133,61 @@ def _sigmoid(x):
 # Y[:, :R] (=|+=) X[:, :C] @ W^T (+ bias) for one block row I. data[p] (axpy) = block^T (bw, bh).
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
-    """Block rows I0..I1-1 (full ones) of Y = X @ W^T: Y[:, I*32:(I+1)*32], or Y[:, :32] of a
-    scratch tile when ``scratch``. Every access to the accumulators has a constant index, so they
-    live in registers."""
-    M = X.shape[0]
+def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1, m_lo, m_hi):
+    """Block rows I0..I1-1 (full ones), rows m_lo..m_hi-1 of Y = X @ W^T: Y[m, I*32:(I+1)*32], or
+    Y[m - m_lo, :32] of a scratch tile when ``scratch``. Every access to the accumulators has a
+    constant index, so they live in registers: 8-row tiles (16 accumulators of 512 bits: enough
+    independent FMAs in flight to cover their latency), then 4-row tiles, then single rows."""
+    acc8 = numba.carray(_stack_f32(256), (8, 32))
     acc = numba.carray(_stack_f32(128), (4, 32))
     acc1 = numba.carray(_stack_f32(128), (4, 32))
+    ym = m_lo if scratch else 0
     for I in range(I0, I1):
         r0 = I * 32
         yc = 0 if scratch else r0
         p0 = rowptr[I]
         p1 = rowptr[I + 1]
-        m0 = 0
-        while m0 + 4 <= M:
+        m0 = m_lo
+        while bw > 1 and m0 + 8 <= m_hi:
+            for a in range(8):
+                for j in range(32):
+                    acc8[a, j] = 0.0
+            for p in range(p0, p1):
+                c0 = cols[p] * bw
+                cn = min(bw, C - c0)
+                for k in range(cn):
+                    x0 = X[m0, c0 + k]
+                    x1 = X[m0 + 1, c0 + k]
+                    x2 = X[m0 + 2, c0 + k]
+                    x3 = X[m0 + 3, c0 + k]
+                    x4 = X[m0 + 4, c0 + k]
+                    x5 = X[m0 + 5, c0 + k]
+                    x6 = X[m0 + 6, c0 + k]
+                    x7 = X[m0 + 7, c0 + k]
+                    for j in range(32):
+                        w = data[p, k, j]
+                        acc8[0, j] += x0 * w
+                        acc8[1, j] += x1 * w
+                        acc8[2, j] += x2 * w
+                        acc8[3, j] += x3 * w
+                        acc8[4, j] += x4 * w
+                        acc8[5, j] += x5 * w
+                        acc8[6, j] += x6 * w
+                        acc8[7, j] += x7 * w
+            if mode_init == 1:
+                for a in range(8):
+                    for j in range(32):
+                        Y[m0 - ym + a, yc + j] += acc8[a, j]
+            elif mode_init == 2:
+                for a in range(8):
+                    for j in range(32):
+                        Y[m0 - ym + a, yc + j] = acc8[a, j] + bias[r0 + j]
+            else:
+                for a in range(8):
+                    for j in range(32):
+                        Y[m0 - ym + a, yc + j] = acc8[a, j]
+            m0 += 8
+        while m0 + 4 <= m_hi:
             for a in range(4):
                 for j in range(32):
                     acc[a, j] = 0.0
@@ -180,17 +222,17 @@ def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
             if mode_init == 1:
                 for a in range(4):
                     for j in range(32):
-                        Y[m0 + a, yc + j] += acc[a, j]
+                        Y[m0 - ym + a, yc + j] += acc[a, j]
             elif mode_init == 2:
                 for a in range(4):
                     for j in range(32):
-                        Y[m0 + a, yc + j] = acc[a, j] + bias[r0 + j]
+                        Y[m0 - ym + a, yc + j] = acc[a, j] + bias[r0 + j]
             else:
                 for a in range(4):
                     for j in range(32):
-                        Y[m0 + a, yc + j] = acc[a, j]
+                        Y[m0 - ym + a, yc + j] = acc[a, j]
             m0 += 4
-        while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
+        while m0 < m_hi:  # single rows: 4 accumulators over k break the FMA latency chain
             for a in range(4):
                 for j in range(32):
                     acc1[a, j] = 0.0
@@ -237,31 +279,31 @@ def _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
                     k += 1
             if mode_init == 1:
                 for j in range(32):
-                    Y[m0, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+                    Y[m0 - ym, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
             elif mode_init == 2:
                 for j in range(32):
-                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
+                    Y[m0 - ym, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
             else:
                 for j in range(32):
-                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+                    Y[m0 - ym, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
             m0 += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
-    """Block rows I0..I1-1 (full ones) of Y = X @ W^T: Y[:, I*16:(I+1)*16], or Y[:, :16] of a
-    scratch tile when ``scratch``. Every access to the accumulators has a constant index, so they
-    live in registers."""
-    M = X.shape[0]
+def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1, m_lo, m_hi):
+    """Block rows I0..I1-1 (full ones), rows m_lo..m_hi-1 of Y = X @ W^T: Y[m, I*16:(I+1)*16], or
+    Y[m - m_lo, :16] of a scratch tile when ``scratch``. Every access to the accumulators has a
+    constant index, so they live in registers."""
     acc = numba.carray(_stack_f32(128), (8, 16))
     acc1 = numba.carray(_stack_f32(64), (4, 16))
+    ym = m_lo if scratch else 0
     for I in range(I0, I1):
         r0 = I * 16
         yc = 0 if scratch else r0
         p0 = rowptr[I]
         p1 = rowptr[I + 1]
-        m0 = 0
-        while m0 + 8 <= M:
+        m0 = m_lo
+        while m0 + 8 <= m_hi:
             for a in range(8):
                 for j in range(16):
                     acc[a, j] = 0.0
@@ -290,17 +332,17 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
             if mode_init == 1:
                 for a in range(8):
                     for j in range(16):
-                        Y[m0 + a, yc + j] += acc[a, j]
+                        Y[m0 - ym + a, yc + j] += acc[a, j]
             elif mode_init == 2:
                 for a in range(8):
                     for j in range(16):
-                        Y[m0 + a, yc + j] = acc[a, j] + bias[r0 + j]
+                        Y[m0 - ym + a, yc + j] = acc[a, j] + bias[r0 + j]
             else:
                 for a in range(8):
                     for j in range(16):
-                        Y[m0 + a, yc + j] = acc[a, j]
+                        Y[m0 - ym + a, yc + j] = acc[a, j]
             m0 += 8
-        while m0 < M:  # single rows: 4 accumulators over k break the FMA latency chain
+        while m0 < m_hi:  # single rows: 4 accumulators over k break the FMA latency chain
             for a in range(4):
                 for j in range(16):
                     acc1[a, j] = 0.0
@@ -326,25 +368,24 @@ def _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init,
                     k += 1
             if mode_init == 1:
                 for j in range(16):
-                    Y[m0, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+                    Y[m0 - ym, yc + j] += acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
             elif mode_init == 2:
                 for j in range(16):
-                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
+                    Y[m0 - ym, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j] + bias[r0 + j]
             else:
                 for j in range(16):
-                    Y[m0, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
+                    Y[m0 - ym, yc + j] = acc1[0, j] + acc1[1, j] + acc1[2, j] + acc1[3, j]
             m0 += 1
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I):
-    M = X.shape[0]
+def _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I, m_lo, m_hi):
     r0 = I * bh
     rn = min(bh, R - r0)
     p0 = rowptr[I]
     p1 = rowptr[I + 1]
     acc = np.empty(bh, np.float32)
-    for m in range(M):
+    for m in range(m_lo, m_hi):
         for j in range(bh):
             acc[j] = 0.0
         if mode_init == 1:
@@ -454,63 +495,68 @@ def _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g):
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, Y, scratch, bias, mode_init, I0, I1):
+def _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, Y, scratch, bias, mode_init, I0, I1, m_lo, m_hi):
     """The register kernel for bh = 32 or 16 (one call site each, so that LLVM compiles them once)."""
     if bh == 32:
-        _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1)
+        _rowblk_axpy32(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1, m_lo, m_hi)
     else:
-        _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1)
+        _rowblk_axpy16(X, rowptr, cols, data, bw, R, C, Y, scratch, bias, mode_init, I0, I1, m_lo, m_hi)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1):
-    """Block rows I0..I1-1 of Y = X @ W^T. A block row cut by R (the edge) must come alone
-    (I1 = I0 + 1): the register kernel then runs on a zero-padded scratch tile and the valid part
-    is copied out. Each kernel has ONE call site: numba links and re-optimises callees per entry
-    point, and more call sites multiplied the compile time."""
+def _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1, m_lo, m_hi):
+    """Block rows I0..I1-1, rows m_lo..m_hi-1 of Y = X @ W^T. A block row cut by R (the edge) must
+    come alone (I1 = I0 + 1): the register kernel then runs on a zero-padded scratch tile and the
+    valid part is copied out. Each kernel has ONE call site: numba links and re-optimises callees
+    per entry point, and more call sites multiplied the compile time."""
     if bh == 32 or bh == 16:
         r0 = I0 * bh
         edge = I1 * bh > R
-        M = X.shape[0]
         rn = min(bh, R - r0)
         if edge:
-            S = np.zeros((M, bh), np.float32)
-            for m in range(M):
+            S = np.zeros((m_hi - m_lo, bh), np.float32)
+            for m in range(m_lo, m_hi):
                 for j in range(rn):
                     if mode_init == 1:
-                        S[m, j] = Y[m, r0 + j]
+                        S[m - m_lo, j] = Y[m, r0 + j]
                     elif mode_init == 2:
-                        S[m, j] = bias[r0 + j]
+                        S[m - m_lo, j] = bias[r0 + j]
             dst = S
             mode = 1
         else:
             dst = Y
             mode = mode_init
-        _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, dst, edge, bias, mode, I0, I1)
+        _axpy_rows(X, rowptr, cols, data, bh, bw, R, C, dst, edge, bias, mode, I0, I1, m_lo, m_hi)
         if edge:
-            for m in range(M):
+            for m in range(m_lo, m_hi):
                 for j in range(rn):
-                    Y[m, r0 + j] = dst[m, j]
+                    Y[m, r0 + j] = dst[m - m_lo, j]
     else:
         for I in range(I0, I1):
-            _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I)
+            _rowblk_axpy_any(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I, m_lo, m_hi)
+
+
+_PANEL = 48  # rows of X per sweep over the block rows: their kept columns stay in L1 / L2
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
 def _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, J0, J1):
     """Part J0..J1-1 of Y (=|+=) X @ W^T (+ bias): block rows, or groups of 4 batch rows for the
-    dot layout (their rows of X stay in cache while the blocks stream by). No GIL: threads split
-    the parts (see :func:`_mm`)."""
+    dot layout (their rows of X stay in cache while the blocks stream by). Tall X (the time-batched
+    products) is swept in panels of ``_PANEL`` rows, each over all block rows of the part."""
     if dot:
         for g in range(J0, J1):
             _dot_group(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, g)
         return
+    M = X.shape[0]
     nfull = R // bh
-    for seg in range(2):  # the full block rows in one call (accumulators set up once), then the edge row
-        I0 = J0 if seg == 0 else max(J0, nfull)
-        I1 = min(J1, nfull) if seg == 0 else J1
-        if I1 > I0:
-            _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1)
+    for m_lo in range(0, M, _PANEL):
+        m_hi = min(M, m_lo + _PANEL)
+        for seg in range(2):  # the full block rows in one call (accumulators set up once), then the edge row
+            I0 = J0 if seg == 0 else max(J0, nfull)
+            I1 = min(J1, nfull) if seg == 0 else J1
+            if I1 > I0:
+                _rowblk(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, I0, I1, m_lo, m_hi)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True)
@@ -834,10 +880,50 @@ def _lstm_bwd(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot):
         _mm_serial(dG[t], rowptr, cols, data, bh, bw, n, 4 * n, dh, empty, 0, dot)
 
 
+@njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
+def _lstm_fwd_par(G, Hall, Call, TC, rowptr, cols, data, bh, bw, dot, edges):
+    """:func:`_lstm_fwd` with each step split over threads: the recurrent product by the parts
+    ``edges`` (block rows balanced by kept blocks, or batch-row groups for the dot layout), then
+    the gate math by batch rows. Two parallel regions per step (about 2 us each with numba's
+    OpenMP layer); they only pay where a step's product is large (hidden 650+, batch 20+)."""
+    T = G.shape[0]
+    B = G.shape[1]
+    n = Hall.shape[2]
+    k = edges.shape[0] - 1
+    empty = np.empty(0, np.float32)
+    for t in range(T):
+        for c in prange(k):
+            _mm_range(Hall[t], rowptr, cols, data, bh, bw, 4 * n, n, G[t], empty, 1, dot, edges[c], edges[c + 1])
+        for c in prange(k):
+            b0 = c * B // k
+            b1 = (c + 1) * B // k
+            _cell_fwd(G[t, b0:b1], Call[t, b0:b1], Call[t + 1, b0:b1], Hall[t + 1, b0:b1], TC[t, b0:b1])
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
+def _lstm_bwd_par(dH, A, Call, TC, dG, dh, dc, rowptr, cols, data, bh, bw, dot, edges):
+    """:func:`_lstm_bwd` with each step split over threads (the gate gradients by batch rows, then
+    the transposed product by ``edges``)."""
+    T = dH.shape[0]
+    B = dH.shape[1]
+    n = dH.shape[2]
+    k = edges.shape[0] - 1
+    empty = np.empty(0, np.float32)
+    for t in range(T - 1, -1, -1):
+        for c in prange(k):
+            b0 = c * B // k
+            b1 = (c + 1) * B // k
+            _cell_bwd(dH[t, b0:b1], A[t, b0:b1], TC[t, b0:b1], Call[t, b0:b1], dh[b0:b1], dc[b0:b1], dG[t, b0:b1])
+        for c in prange(k):
+            _mm_range(dG[t], rowptr, cols, data, bh, bw, n, 4 * n, dh, empty, 0, dot, edges[c], edges[c + 1])
+
+
+def _step_edges(lay: "BlockLayout", batch: int, k: int) -> np.ndarray:
+    """Part boundaries for a per-step product split over k threads (see :func:`_mm`)."""
+    return _edges(_splits(lay.rowptr, k, (batch + 3) // 4) if lay.dot else _splits(lay.rowptr, k))
+
+
 _EMPTY = np.empty(0, np.float32)
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
 
 
 def _threads() -> int:
@@ -855,20 +941,21 @@ def _splits(rowptr: np.ndarray, k: int, n: Optional[int] = None):
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
-def _threaded(fn, ranges) -> None:
-    """fn(J0, J1) over the ranges, the first on this thread and the others on a pool (the kernels
-    release the GIL). Python threads instead of ``prange``: no parfor to compile (10 s less)."""
-    global _POOL
-    if len(ranges) <= 1:
-        for a, b in ranges:
-            fn(a, b)
-        return
-    if _POOL is None or _POOL._max_workers < len(ranges) - 1:
-        _POOL = ThreadPoolExecutor(max_workers=max(1, len(ranges) - 1))
-    futures = [_POOL.submit(fn, a, b) for a, b in ranges[1:]]
-    fn(*ranges[0])
-    for f in futures:
-        f.result()
+def _edges(ranges) -> np.ndarray:
+    """The boundaries of contiguous ranges as one array (what the parallel kernels take)."""
+    return np.array([r[0] for r in ranges] + [ranges[-1][1]] if ranges else [0, 0], np.int64)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
+def _mm_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, edges):
+    for c in prange(edges.shape[0] - 1):
+        _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, edges[c], edges[c + 1])
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
+def _grad_blocks_par(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out, edges):
+    for c in prange(edges.shape[0] - 1):
+        _grad_blocks(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out, edges[c], edges[c + 1])
 
 
 def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
@@ -876,11 +963,11 @@ def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
     ``parallel``: split over ``numba.get_num_threads()`` threads (block rows, or batch-row groups
     for the dot layout)."""
     k = _threads() if parallel else 1
-    if dot:
-        ranges = _splits(rowptr, k, (X.shape[0] + 3) // 4)
-    else:
-        ranges = _splits(rowptr, k) if k > 1 else [(0, rowptr.shape[0] - 1)]
-    _threaded(lambda J0, J1: _mm_range(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, J0, J1), ranges)
+    if k == 1:
+        _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot)
+        return
+    ranges = _splits(rowptr, k, (X.shape[0] + 3) // 4) if dot else _splits(rowptr, k)
+    _mm_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, _edges(ranges))
 
 
 # --------------------------------------------------------------------------------------------- Python API
@@ -983,8 +1070,8 @@ def _dense_grad(lay: BlockLayout, dYT: np.ndarray, XT: np.ndarray) -> Tensor:
     out = np.zeros((lay.R, lay.C), np.float32)
     if lay.nnzb:
         blocks = np.empty((lay.nnzb, lay.bh, lay.bw), np.float32)
-        _threaded(lambda J0, J1: _grad_blocks(dYT, XT, lay.rowptr, lay.rows, lay.cols, lay.bh, lay.bw, lay.R,
-                                              lay.C, blocks, J0, J1), _splits(lay.rowptr, _threads()))
+        _grad_blocks_par(dYT, XT, lay.rowptr, lay.rows, lay.cols, lay.bh, lay.bw, lay.R, lay.C, blocks,
+                         _edges(_splits(lay.rowptr, _threads())))
         _scatter(blocks, lay.rows, lay.cols, lay.bh, lay.bw, False, out)
     return torch.from_numpy(out)
 
@@ -1013,7 +1100,7 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
     """(x (B, T, in), h0, c0 (B, n), W_ih, W_hh, b_ih, b_hh, plan) -> (out (B, T, n), h_n, c_n (B, n))."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, plan: _Plan):
+    def forward(ctx, x, h0, c0, w_ih, w_hh, b_ih, b_hh, plan: _Plan, parallel_steps: bool = False):
         _check(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         B, T, _ = x.shape
         n = w_hh.shape[1]
@@ -1031,13 +1118,20 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         Hall[0] = h0.detach().numpy()
         Call[0] = c0.detach().numpy()
         d_hh = gather_blocks(plan.hh, w_hh)
-        _lstm_fwd(G, Hall, Call, TC, plan.hh.rowptr, plan.hh.cols, d_hh, plan.hh.bh, plan.hh.bw, plan.hh.dot)
+        lh = plan.hh
+        steps_par = parallel_steps and par
+        if steps_par:
+            _lstm_fwd_par(G, Hall, Call, TC, lh.rowptr, lh.cols, d_hh, lh.bh, lh.bw, lh.dot,
+                          _step_edges(lh, B, numba.get_num_threads()))
+        else:
+            _lstm_fwd(G, Hall, Call, TC, lh.rowptr, lh.cols, d_hh, lh.bh, lh.bw, lh.dot)
         Ht = torch.from_numpy(Hall)
         out = Ht[1:].transpose(0, 1).contiguous()
         h_n = Ht[T].clone()
         c_n = torch.from_numpy(Call[T].copy())
         if any(ctx.needs_input_grad[:7]):
             ctx.plan = plan
+            ctx.steps_par = steps_par
             ctx.saved = (xn, G, Hall, Call, TC)
             ctx.save_for_backward(w_ih, w_hh)
         return out, h_n, c_n
@@ -1058,7 +1152,11 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         dG = np.empty((T, B, 4 * n), np.float32)
         lt = plan.hh_t
         d_hh_t = gather_blocks(lt, w_hh.detach().t())
-        _lstm_bwd(dH, A, Call, TC, dG, dh, dc, lt.rowptr, lt.cols, d_hh_t, lt.bh, lt.bw, lt.dot)
+        if ctx.steps_par and par:
+            _lstm_bwd_par(dH, A, Call, TC, dG, dh, dc, lt.rowptr, lt.cols, d_hh_t, lt.bh, lt.bw, lt.dot,
+                          _step_edges(lt, B, numba.get_num_threads()))
+        else:
+            _lstm_bwd(dH, A, Call, TC, dG, dh, dc, lt.rowptr, lt.cols, d_hh_t, lt.bh, lt.bw, lt.dot)
         dGm = dG.reshape(T * B, 4 * n)
         need = ctx.needs_input_grad
         dx = dw_ih = dw_hh = db = None
@@ -1080,11 +1178,12 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         dc0 = torch.from_numpy(dc) if need[2] else None
         db_ih = db if need[5] else None
         db_hh = (db.clone() if need[5] else db) if need[6] else None  # two tensors: .grad must not alias
-        return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None)
+        return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None)
 
 
 # --------------------------------------------------------------------------------------------- executors
 _AUTO_CACHE: dict = {}
+EXECUTORS = ("auto", "numba", "numba_parallel", "dense", "bsr")
 
 
 def _dense_lstm(x, hx, w_ih, w_hh, b_ih, b_hh, train):
@@ -1130,7 +1229,8 @@ def choose_executor(input_size: int, hidden: int, batch: int, steps: int = 35, b
                     density: float = 0.2, threads: Optional[int] = None, training: bool = True,
                     repeats: int = 3, seed: int = 0) -> str:
     """Time the candidates on random weights of this shape and keep density at this thread count
-    (numba and torch threads set alike) and return the fastest: ``"numba"``, ``"dense"`` (masked
+    (numba and torch threads set alike) and return the fastest: ``"numba"``, ``"numba_parallel"``
+    (more than one thread), ``"dense"`` (masked
     dense ``torch._VF.lstm``) or, for inference with square blocks, ``"bsr"``. Cached per shape."""
     bh, bw = _pair(block)
     threads = threads or numba.get_num_threads()
@@ -1148,7 +1248,8 @@ def choose_executor(input_size: int, hidden: int, batch: int, steps: int = 35, b
         k_hh = torch.rand(-(-shape_hh[0] // bh), -(-shape_hh[1] // bw), generator=g) < density
         mod = BlockSparseLSTM.from_lstm(lstm, block=(bh, bw), keep_ih=k_ih, keep_hh=k_hh, executor="numba")
         x = torch.randn(batch, steps, input_size, generator=g)
-        cands = ["numba", "dense"] + (["bsr"] if (not training and bh == bw) else [])
+        cands = ["numba", "dense"] + (["numba_parallel"] if threads > 1 else []) \
+            + (["bsr"] if (not training and bh == bw) else [])
         times = {c: [] for c in cands}
 
         def run(c):
@@ -1176,6 +1277,8 @@ def choose_executor(input_size: int, hidden: int, batch: int, steps: int = 35, b
 class BlockSparseLSTM(nn.Module):
     """Drop-in for a single-layer ``nn.LSTM(input_size, hidden_size, batch_first=True)`` whose
     weights are pruned in blocks. ``executor``: ``"numba"`` (compiled block-sparse loop, CPU
+    float32; the batched products on ``numba.get_num_threads()`` threads, the time loop on one),
+    ``"numba_parallel"`` (the same with every time step split over the threads too; CPU
     float32), ``"dense"`` (masked dense ``torch._VF.lstm``; any device / dtype), ``"bsr"``
     (torch BSR, inference, square blocks) or ``"auto"`` (:func:`choose_executor` per input shape
     and thread count, cached; CPU float32 only, elsewhere ``"dense"``)."""
@@ -1183,8 +1286,8 @@ class BlockSparseLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, block=(32, 32), keep_ih: Optional[Tensor] = None,
                  keep_hh: Optional[Tensor] = None, executor: str = "auto"):
         super().__init__()
-        if executor not in ("auto", "numba", "dense", "bsr"):
-            raise ValueError(f"executor must be auto, numba, dense or bsr, got {executor!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
         self.input_size, self.hidden_size = input_size, hidden_size
         self.block = _pair(block)
         self.executor = executor
@@ -1263,5 +1366,6 @@ class BlockSparseLSTM(nn.Module):
                 w_ih, w_hh = self.masked_weights()
                 return _bsr_inference(x, (h0, c0), w_ih, w_hh, self.bias_ih_l0, self.bias_hh_l0, self.block)
         out, h_n, c_n = BlockSparseLSTMFunction.apply(x, h0[0].contiguous(), c0[0].contiguous(), self.weight_ih_l0,
-                                                      self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.plan())
+                                                      self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, self.plan(),
+                                                      ex == "numba_parallel")
         return out, (h_n.unsqueeze(0), c_n.unsqueeze(0))

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from numba import njit
 
+from .. import _jit  # noqa: F401  (numba set-up shared by the kernels)
+
 _M53 = 2.0 ** 53
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
