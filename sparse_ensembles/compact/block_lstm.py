@@ -24,13 +24,17 @@ row the kept block columns (``rowptr``, ``cols``; ``rows`` the block row of each
 
 * ``"axpy"`` (block height >= 8, or not shorter than wide): ``data[p]`` is the block TRANSPOSED,
   (bw, bh), so the innermost loop runs over contiguous output features. For bh = 32 (16) the kernel
-  keeps a 4 x 32 (8 x 16) accumulator tile in a stack array (an ``alloca`` that LLVM promotes to
+  keeps an 8 x 32 (8 x 16) accumulator tile in a stack array (an ``alloca`` that LLVM promotes to
   vector registers; that needs every index into it to be a compile-time constant, hence the
   unrolled code, and an edge block row cut by R runs the same kernel on a zero-padded scratch tile),
-  reuses each block row it loads for 4 (8) batch rows and walks all kept blocks of a block row
-  before storing. Batch rows left over (batch 1) use 4 accumulators over k to hide the FMA latency;
-  one-column blocks (32x1) skip the k loop. About 90 GFLOP/s on one core of the Zen 4 (AVX-512)
-  machine it was tuned on, near its FMA peak. Other block heights run a generic loop.
+  reuses each block it loads for 8 batch rows and walks all kept blocks of a block row before
+  storing; 4-row tiles take what is left, then single rows (batch 1), which use 4 accumulators over
+  k to hide the FMA latency; one-column blocks (32x1) use 4-row tiles without the k loop. Tall
+  inputs (the time-batched products, B*T rows) are swept in panels of 48 rows, each over all block
+  rows, so that the panel's kept columns stay in cache. 115-150 GFLOP/s on one core of an Intel
+  Emerald Rapids (AVX-512, 512-bit vectors: see ``sparse_ensembles/_jit.py``; 45-100 GFLOP/s with
+  LLVM's default 256-bit tuning), MKL's dense GEMM reaching 150-225 on the same core. Other block
+  heights run a generic loop.
 * ``"dot"`` (short wide blocks, e.g. the 1x32 blocks of W^T when W has 32x1 blocks): ``data[p]``
   is the block as is, (bh, bw); 4 batch rows at a time, 32-wide blocks accumulate elementwise in a
   register tile summed once per output. The batch-row groups are the outer loop (their rows of X
@@ -51,12 +55,14 @@ zero-divisor check that stops vectorisation.
 
 Threads. The batched products (input projection, dx) and the weight gradient are split into
 contiguous ranges of block rows (balanced by kept blocks; batch-row groups for the dot layout) run
-on ``numba.get_num_threads()`` Python threads (``numba.set_num_threads``); the kernels are
-``nogil``, so the threads run in parallel, and there is no ``prange`` parfor to compile. The
-per-step recurrent product and the gate math run on the calling thread (a thread hand-off per step
-costs more than it saves at batch 20; on a 2-core machine shared with another job a parallel step
-was 10-40x slower). torch's threads (``torch.set_num_threads``) only matter for the dense executor
-and the small glue ops (transposes).
+as ``prange`` parts on numba's OpenMP threads (``numba.set_num_threads``). The time loop runs on one
+thread with ``executor="numba"``; ``"numba_parallel"`` splits every step too (the recurrent product
+by block rows, the gate math by batch rows: two parallel regions per step, about 2 us each). One
+thread pool for everything matters: Python threads for the products beside OpenMP's spinning
+workers for the steps cost 3-5 ms per layer call at hidden 650. A parallel step only pays where the
+cores are free: on a machine shared with another job it can be many times slower, which is why it
+is a separate executor that ``"auto"`` picks by measurement. torch's threads
+(``torch.set_num_threads``) only matter for the dense executor and the small glue ops.
 :func:`choose_executor` times the candidates for a shape and thread count and caches the winner.
 
 Limits. CPU float32 only: other dtypes / devices raise ``ValueError`` with ``executor="numba"``;
@@ -67,13 +73,13 @@ heights other than 16 / 32 run a generic loop with the accumulator in memory (ro
 32-row speed); the dot layout (the transposed products of 32x1 blocks, i.e. the backward) about
 1/3 to 1/2, so 32x1 training gains least (about 1.8x at 80% against about 2.5x for 32x32).
 Compilation: each kernel is compiled on first use and cached on disk (``cache=True``); with an empty
-cache that costs 30-40 s (numba re-optimises the callees inside every entry point: the register
-kernels therefore have exactly one call site each, which cut the compile time by half).
+cache that costs about 60 s (numba re-optimises the callees inside every entry point, the four
+parallel launchers included: the register kernels therefore have exactly one call site each).
 
 Measured (benchmarks/block_sparse.py, hidden = input = 650, batch 20, T = 35, 80% random block
-sparsity, 32x32 blocks, each side at its best of 1 / 2 threads, a 2-core machine shared with
-another job): layer inference about 2.3-3.3x ``nn.LSTM``, a training step about 2.5-2.8x, the
-recurrent product at batch 1 about 3-6x ``torch.mm``.
+sparsity, 32x32 blocks, each side at its best of 1 / 2 threads and executor, 2 vCPUs of an Intel
+Xeon (Emerald Rapids)): layer inference 2.25x ``nn.LSTM``, a training step 2.13x, the recurrent
+product at batch 1 4.22x ``torch.mm`` (docs/block_sparse.md).
 """
 from __future__ import annotations
 
