@@ -143,3 +143,44 @@ def test_an_unknown_sgd_grouping_is_a_config_error_before_any_training(tmp_path,
     assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress", "--set", "sgd.grouping=blocks"]) != 0
     assert "sgd.grouping" in capsys.readouterr().err
     assert not (out / "sgd").exists() or not list((out / "sgd").glob("member_*.pt"))
+
+
+def test_block_kernel_training_runs_the_kernel_and_matches_the_dense_path(tmp_path, monkeypatch):
+    """experiment.block_kernel: the SGD member (gradual block pruning) and the retrained block-pruned
+    members train on the compiled block-sparse layer and end where the dense path ends (float
+    reassociation only); members are saved as plain LSTMLMs either way."""
+    need_data("ptb")
+    from sparse_ensembles.compact import block_lstm as bl
+    calls = {"n": 0}
+    forward = bl.BlockSparseLSTMFunction.forward
+
+    def counted(*args, **kw):
+        calls["n"] += 1
+        return forward(*args, **kw)
+    monkeypatch.setattr(bl.BlockSparseLSTMFunction, "forward", staticmethod(counted))
+    runs = {}
+    for executor in ("off", "numba"):
+        out = tmp_path / executor
+        calls["n"] = 0
+        assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress", "--set",
+                     f"experiment.block_kernel='{executor}'", "--set", "sampler.samples=1"]) == 0
+        runs[executor] = (out, calls["n"], json.loads((out / "results.json").read_text()))
+    assert runs["off"][1] == 0
+    # 2 layers x (3 SGD epochs + 1 retraining epoch) x 50 minibatches of 20 x 20 tokens
+    assert runs["numba"][1] == 2 * 4 * 50
+    for stage in ("sgd/member_000.pt", "pruned_80/member_000.pt"):
+        a, b = (torch.load(runs[e][0] / stage, weights_only=True)["state_dict"] for e in ("off", "numba"))
+        assert a.keys() == b.keys() and not any("keep" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=2e-4, rtol=1e-3, msg=f"{stage}: {k}")
+    for ra, rb in zip(runs["off"][2], runs["numba"][2]):
+        assert rb["ppl_valid"] == pytest.approx(ra["ppl_valid"], rel=1e-3)
+
+
+def test_block_kernel_on_a_model_without_lstm_layers_or_an_unknown_value_is_a_config_error():
+    from sparse_ensembles.experiments import config as config_mod
+    with pytest.raises(config_mod.ConfigError, match="experiment.block_kernel.*lstm_lm"):
+        config_mod.load(ROOT / "configs" / "tiny.toml", ["experiment.block_kernel='auto'"])
+    with pytest.raises(config_mod.ConfigError, match="experiment.block_kernel.*'off'"):
+        config_mod.load(TINY_BLOCK, ["experiment.block_kernel='yes'"])
+    assert config_mod.load(TINY_BLOCK, ["experiment.block_kernel='auto'"]).experiment.block_kernel == "auto"

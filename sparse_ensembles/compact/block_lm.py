@@ -13,7 +13,8 @@ members: each member's LSTM cost is its own nonzero blocks; the decoders stay de
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,30 @@ def block_sparse_lm(model: LSTMLM, block: Optional[Sequence[int]] = None, execut
         layer.train(lstm.training)
         model.lstms[l] = layer
     return model
+
+
+@contextmanager
+def on_block_kernel(model: LSTMLM, executor: str = "auto") -> Iterator[LSTMLM]:
+    """Run ``model``'s LSTM layers on the block-sparse kernel inside the ``with`` block (training
+    included: forward and backward skip the blocks that are zero when it is entered) and put the
+    ``nn.LSTM`` layers back on exit, so that checkpoints and state dicts keep their format. The
+    layers share the Parameter objects, so an optimizer built before keeps working. Enter it again
+    after pruning changes the masks (the pipeline does so every epoch). numba's threads follow
+    torch's inside (``experiment.threads``): the kernel's OpenMP threads wait by spinning, and more
+    of them than free cores makes every parallel step wait for a descheduled thread."""
+    if not isinstance(model, LSTMLM):
+        raise ValueError(f"the block-sparse kernel runs LSTMLM layers, not {type(model).__name__}; "
+                         "set experiment.block_kernel = 'off'")
+    import numba
+    originals, threads = list(model.lstms), numba.get_num_threads()
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    block_sparse_lm(model, executor=executor)
+    try:
+        yield model
+    finally:
+        for l, lstm in enumerate(originals):
+            model.lstms[l] = lstm
+        numba.set_num_threads(threads)
 
 
 @torch.no_grad()

@@ -53,6 +53,10 @@ class ExperimentConfig:
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun, "cuda" is each rank's LOCAL_RANK)
     barrier_timeout: float = 21600.0  # seconds ranks of a torchrun job wait for each other (the longest unit)
+    # train and retrain block-pruned lstm_lm layers on the block-sparse kernel (compact.block_lstm):
+    # "off", "auto" (times the kernel against the dense layer per shape and keeps the faster) or an
+    # executor forced ("numba", "numba_parallel"); CPU float32 (elsewhere "auto" runs the dense layer)
+    block_kernel: str = "off"
 
     def validate(self, need) -> None:
         need(self.barrier_timeout > 0, "experiment.barrier_timeout", "must be > 0 seconds")
@@ -60,6 +64,8 @@ class ExperimentConfig:
         ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
         need(ok, "experiment.device", f"use 'auto', 'cpu', 'cuda' or 'cuda:N', not {d!r}")
         need(self.threads >= 0, "experiment.threads", "must be >= 0 (0 = torch's default)")
+        need(self.block_kernel in ("off", "auto", "numba", "numba_parallel"), "experiment.block_kernel",
+             "use 'off', 'auto' (the faster of the kernel and the dense layer, measured) or 'numba' / 'numba_parallel'")
 
 
 @dataclass
@@ -514,6 +520,9 @@ def from_dict(raw: dict) -> Config:
              "'sgd' starts the chains from the first SGD baseline: set sgd.members >= 1")
     need(cfg.distill.teacher != "self" or cfg.sgd.members >= 1, "distill.teacher",
          "'self' distils this run's first SGD member: set sgd.members >= 1")
+    need(cfg.experiment.block_kernel == "off" or cfg.kinds.get("model") == "lstm_lm", "experiment.block_kernel",
+         f"the block-sparse kernel runs lstm_lm layers; this config's model is {cfg.kinds.get('model')!r}: "
+         "set experiment.block_kernel = 'off'")
     return cfg
 
 

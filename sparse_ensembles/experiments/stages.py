@@ -10,6 +10,7 @@ epoch, resume bit for bit); every file is written atomically.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import math
@@ -135,6 +136,16 @@ def _sgd_groups(model: nn.Module, c) -> list:
         raise ConfigError(f"sgd.grouping: {e}") from None
 
 
+def block_kernel(ctx: Context, model: nn.Module):
+    """With ``experiment.block_kernel``: the model's LSTM layers on the block-sparse kernel for one
+    epoch (entered after the epoch's masks are set, so the kernel skips the blocks pruned so far)."""
+    executor = ctx.cfg.experiment.block_kernel
+    if executor == "off":
+        return contextlib.nullcontext()
+    from ..compact.block_lm import on_block_kernel  # numba is imported only where it is used
+    return on_block_kernel(model, executor)
+
+
 def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, loss_fn, **meta) -> None:
     """Member ``k`` of ``stage`` trained with the ``[sgd]`` schedule ``c`` (plain or momentum SGD,
     step decay; optionally a group / block Lasso and gradual or random pre-pruning of groups) on
@@ -183,8 +194,9 @@ def train_sgd_member(ctx: Context, c, stage: str, k: int, label: str, batches, l
                     chosen = pruning.group_masks(params, groups, sparsity=fraction)
                     masks.value = pruning.combine(masks.value, chosen)
                     pruning.apply_masks(model, masks.value)
-            return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
-                               where=f"{label} epoch {e + 1}")
+            with block_kernel(ctx, model):
+                return train_epoch(model, opt, batches(gen), loss_fn=loss_fn, max_grad_norm=c.max_grad_norm or None,
+                                   where=f"{label} epoch {e + 1}")
 
         if sparse and not norms_file.exists():
             record(0)
@@ -617,8 +629,9 @@ class PruneRetrain:
 
         def epoch(e):
             set_masks(e)
-            loss = train_epoch(model, opt, batches(gen), loss_fn=loss_fn,
-                               max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
+            with block_kernel(ctx, model):
+                loss = train_epoch(model, opt, batches(gen), loss_fn=loss_fn,
+                                   max_grad_norm=c.max_grad_norm or None, where=f"{label} epoch {e + 1}")
             sched.step()
             return loss
 
