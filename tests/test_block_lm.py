@@ -107,3 +107,27 @@ def test_block_softmax_tiles_the_softmax_weight_so_a_block_pruned_member_shrinks
     with torch.no_grad():
         after, _ = again(tokens)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_on_block_kernel_restores_layers_training_flags_threads_and_leaves_the_global_rng_alone():
+    import numba
+    from sparse_ensembles.compact.block_lm import on_block_kernel
+    torch.manual_seed(0)
+    model = LSTMLM(40, [32, 32], 32, block=(16, 16))
+    with torch.no_grad():
+        model.lstms[0].weight_hh_l0[:16, :16] = 0  # one zero block
+    originals = list(model.lstms)
+    threads = numba.get_num_threads()
+    tokens = torch.randint(0, 40, (3, 6))
+    rng = torch.get_rng_state()
+    with on_block_kernel(model, "auto"):  # "auto" times candidates on freshly initialised trial layers
+        assert all(isinstance(l, BlockSparseLSTM) for l in model.lstms)
+        model.eval()
+        model(tokens)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert list(model.lstms) == originals and not any(l.training for l in model.lstms)
+    assert numba.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="inside"):
+        with on_block_kernel(model, "numba"):
+            raise RuntimeError("inside")
+    assert list(model.lstms) == originals and numba.get_num_threads() == threads

@@ -37,7 +37,8 @@ def block_sparse_lm(model: LSTMLM, block: Optional[Sequence[int]] = None, execut
                 raise ValueError(f"layer {l} is block-sparse with blocks {lstm.block}, not {block}")
             refresh_keep(lstm)
             continue
-        layer = BlockSparseLSTM(lstm.input_size, lstm.hidden_size, block, executor=executor)
+        with torch.random.fork_rng(devices=[]):  # its throw-away initial weights must not move the global RNG
+            layer = BlockSparseLSTM(lstm.input_size, lstm.hidden_size, block, executor=executor)
         for name in _NAMES:  # the same Parameter objects: optimizers and samplers keep holding them
             setattr(layer, name, getattr(lstm, name))
         layer.to(lstm.weight_ih_l0.device)
@@ -61,12 +62,13 @@ def on_block_kernel(model: LSTMLM, executor: str = "auto") -> Iterator[LSTMLM]:
                          "set experiment.block_kernel = 'off'")
     import numba
     originals, threads = list(model.lstms), numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    block_sparse_lm(model, executor=executor)
     try:
+        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+        block_sparse_lm(model, executor=executor)
         yield model
     finally:
         for l, lstm in enumerate(originals):
+            lstm.train(model.lstms[l].training)  # train() / eval() called inside reached the swapped layer
             model.lstms[l] = lstm
         numba.set_num_threads(threads)
 

@@ -1132,7 +1132,10 @@ class BlockSparseLSTMFunction(torch.autograd.Function):
         else:
             _lstm_fwd(G, Hall, Call, TC, lh.rowptr, lh.cols, d_hh, lh.bh, lh.bw, lh.dot)
         Ht = torch.from_numpy(Hall)
-        out = Ht[1:].transpose(0, 1).contiguous()
+        # time-major memory, batch-first view: the strides nn.LSTM's output has, so that dropout after
+        # the layer (bernoulli_ fills an empty_like(out) in memory order) draws the same masks; a copy,
+        # so in-place ops on it cannot reach the states saved for backward
+        out = torch.from_numpy(Hall[1:].copy()).transpose(0, 1)
         h_n = Ht[T].clone()
         c_n = torch.from_numpy(Call[T].copy())
         if any(ctx.needs_input_grad[:7]):
@@ -1236,8 +1239,10 @@ def choose_executor(input_size: int, hidden: int, batch: int, steps: int = 35, b
                     repeats: int = 3, seed: int = 0) -> str:
     """Time the candidates on random weights of this shape and keep density at this thread count
     (numba and torch threads set alike) and return the fastest: ``"numba"``, ``"numba_parallel"``
-    (more than one thread), ``"dense"`` (masked
-    dense ``torch._VF.lstm``) or, for inference with square blocks, ``"bsr"``. Cached per shape."""
+    (more than one thread), ``"dense"`` (masked dense ``torch._VF.lstm``) or, for inference with
+    square blocks, ``"bsr"``. Cached per shape, thread count and density (to 0.01), so gradual
+    pruning re-times once per new density (about a second at hidden 650). The global RNG is left as
+    it was."""
     bh, bw = _pair(block)
     threads = threads or numba.get_num_threads()
     key = (input_size, hidden, batch, steps, bh, bw, round(density, 2), threads, training)
@@ -1247,32 +1252,33 @@ def choose_executor(input_size: int, hidden: int, batch: int, steps: int = 35, b
     torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        g = torch.Generator().manual_seed(seed)
-        lstm = nn.LSTM(input_size, hidden, batch_first=True)
-        shape_ih, shape_hh = (4 * hidden, input_size), (4 * hidden, hidden)
-        k_ih = torch.rand(-(-shape_ih[0] // bh), -(-shape_ih[1] // bw), generator=g) < density
-        k_hh = torch.rand(-(-shape_hh[0] // bh), -(-shape_hh[1] // bw), generator=g) < density
-        mod = BlockSparseLSTM.from_lstm(lstm, block=(bh, bw), keep_ih=k_ih, keep_hh=k_hh, executor="numba")
-        x = torch.randn(batch, steps, input_size, generator=g)
-        cands = ["numba", "dense"] + (["numba_parallel"] if threads > 1 else []) \
-            + (["bsr"] if (not training and bh == bw) else [])
-        times = {c: [] for c in cands}
+        with torch.random.fork_rng(devices=[]):  # the trial layer's initialisation must not move the global RNG
+            g = torch.Generator().manual_seed(seed)
+            lstm = nn.LSTM(input_size, hidden, batch_first=True)
+            shape_ih, shape_hh = (4 * hidden, input_size), (4 * hidden, hidden)
+            k_ih = torch.rand(-(-shape_ih[0] // bh), -(-shape_ih[1] // bw), generator=g) < density
+            k_hh = torch.rand(-(-shape_hh[0] // bh), -(-shape_hh[1] // bw), generator=g) < density
+            mod = BlockSparseLSTM.from_lstm(lstm, block=(bh, bw), keep_ih=k_ih, keep_hh=k_hh, executor="numba")
+            x = torch.randn(batch, steps, input_size, generator=g)
+            cands = ["numba", "dense"] + (["numba_parallel"] if threads > 1 else []) \
+                + (["bsr"] if (not training and bh == bw) else [])
+            times = {c: [] for c in cands}
 
-        def run(c):
-            mod.executor = c
-            if training:
-                xx = x.clone().requires_grad_()
-                mod(xx)[0].sum().backward()
-            else:
-                with torch.no_grad():
-                    mod(x)
-        for r in range(repeats + 1):
-            for c in cands:
-                t0 = time.perf_counter()
-                run(c)
-                if r:
-                    times[c].append(time.perf_counter() - t0)
-        best = min(cands, key=lambda c: sorted(times[c])[len(times[c]) // 2])
+            def run(c):
+                mod.executor = c
+                if training:
+                    xx = x.clone().requires_grad_()
+                    mod(xx)[0].sum().backward()
+                else:
+                    with torch.no_grad():
+                        mod(x)
+            for r in range(repeats + 1):
+                for c in cands:
+                    t0 = time.perf_counter()
+                    run(c)
+                    if r:
+                        times[c].append(time.perf_counter() - t0)
+            best = min(cands, key=lambda c: sorted(times[c])[len(times[c]) // 2])
     finally:
         torch.set_num_threads(old_t)
         numba.set_num_threads(old_n)

@@ -119,6 +119,10 @@ class Pipeline:
                 raise ConfigError(f"{'[variants.' + name + '] ' if name else ''}sampler.noise = 'gaussian_parallel' "
                                   f"draws on the CPU, but this run is on {self.device}: use sampler.noise = "
                                   "'gaussian' (torch's GPU generator is already parallel) or experiment.device = 'cpu'")
+        if self.cfg.experiment.block_kernel in ("numba", "numba_parallel") and self.device.type != "cpu":
+            raise ConfigError(f"experiment.block_kernel = {self.cfg.experiment.block_kernel!r} runs the compiled CPU "
+                              f"kernel, but this run is on {self.device}: use 'auto' (the dense layer on a GPU) "
+                              "or 'off'")
         ctx = self.context()
         self.log(f"task: {ctx.task.describe()}; device {self.device}")
         for name, variant in self.cfg.recipes():
