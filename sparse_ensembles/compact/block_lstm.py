@@ -53,9 +53,10 @@ arithmetic only, so the gate loops vectorise; numba has no vector ``exp`` withou
 ``error_model="numpy"``: with numba's default python error model a float division carries a
 zero-divisor check that stops vectorisation.
 
-Threads. The batched products (input projection, dx) and the weight gradient are split into
-contiguous ranges of block rows (balanced by kept blocks; batch-row groups for the dot layout) run
-as ``prange`` parts on numba's OpenMP threads (``numba.set_num_threads``). The time loop runs on one
+Threads. The batched products (input projection, dx) are split into equal bands of rows (tall
+inputs) or contiguous ranges of block rows balanced by kept blocks (batch-row groups for the dot
+layout), the weight gradient into ranges of block rows, run as ``prange`` parts on numba's OpenMP
+threads (``numba.set_num_threads``). The time loop runs on one
 thread with ``executor="numba"``; ``"numba_parallel"`` splits every step too (the recurrent product
 by block rows, the gate math by batch rows: two parallel regions per step, about 2 us each). One
 thread pool for everything matters: Python threads for the products beside OpenMP's spinning
