@@ -30,6 +30,13 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def set_threads(t: int) -> None:
+    """torch's and numba's threads alike (the block-sparse kernels run on numba's)."""
+    import numba
+    torch.set_num_threads(t)
+    numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
+
+
 def median(xs) -> float:
     return float(statistics.median(xs))
 

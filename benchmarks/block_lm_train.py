@@ -8,9 +8,9 @@ an SGD step = forward, cross-entropy, backward, ``optimizer.step()`` (lr 1). Eac
 1 and 2 threads and, for the kernel, of its executors (``numba``, ``numba_parallel``), interleaved,
 ``--repeats`` rounds, medians.
 
-    python benchmarks/block_lm_train.py [--hidden 650] [--sparsity 0.8] [--repeats 7]
+    python benchmarks/block_lm_train.py [--hidden 650] [--sparsity 0.8] [--repeats 7] [--quick]
 
-Writes benchmarks/results/block_lm_train_h<hidden>.json.
+Writes benchmarks/results/block_lm_train_h<hidden>.json (``--quick``: block_lm_train_quick.json).
 """
 from __future__ import annotations
 
@@ -23,17 +23,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import median, write  # noqa: E402
+from _common import machine, median, set_threads, write  # noqa: E402
 
 from sparse_ensembles import pruning  # noqa: E402
 from sparse_ensembles.compact.block_lm import on_block_kernel  # noqa: E402
 from sparse_ensembles.models import LSTMLM  # noqa: E402
-
-
-def _set_threads(t: int) -> None:
-    import numba
-    torch.set_num_threads(t)
-    numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
 
 
 def main() -> None:
@@ -42,7 +36,10 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--quick", action="store_true", help="hidden 64, one round (a smoke test, seconds)")
     args = ap.parse_args()
+    if args.quick:
+        args.hidden, args.repeats = 64, 1
     t_start = time.perf_counter()
     torch.manual_seed(0)
     vocab, n = 10_000, args.hidden
@@ -72,7 +69,7 @@ def main() -> None:
     times = {(side, kind, t): [] for side, _ in sides for kind in ("train_step", "inference") for t in threads}
     for r in range(args.repeats + 1):  # round 0 warms up and compiles
         for t in threads:
-            _set_threads(t)
+            set_threads(t)
             for side, executor in sides:
                 if executor == "numba_parallel" and t == 1:
                     continue
@@ -91,7 +88,7 @@ def main() -> None:
                     if r:
                         times[side, kind, t].append(dt)
     med = {k: 1e3 * median(v) for k, v in times.items() if v}
-    out = {"hidden": n, "vocab": vocab, "layers": 2, "block": [32, 32], "sparsity": args.sparsity,
+    out = {"machine": machine(), "hidden": n, "vocab": vocab, "layers": 2, "block": [32, 32], "sparsity": args.sparsity,
            "batch": 20, "steps": 35, "repeats": args.repeats, "threads_tried": threads,
            "ms": {f"{s}|{k}|{t}": v for (s, k, t), v in med.items()}}
     for kind in ("train_step", "inference"):
@@ -102,7 +99,7 @@ def main() -> None:
         print(f"{kind:<11} dense {dense_ms:8.2f} ms ({dense_t} thr)  kernel {kern_ms:8.2f} ms ({kern_t} thr, "
               f"{out[kind]['kernel_executor']})  speed-up {dense_ms / kern_ms:.2f}x")
     out["seconds"] = time.perf_counter() - t_start
-    path = write(f"block_lm_train_h{n}", out)
+    path = write("block_lm_train_quick" if args.quick else f"block_lm_train_h{n}", out)
     print(f"block_lm_train: hidden {n}, {100 * args.sparsity:g}% blocks of the LSTM weights: train step "
           f"{out['train_step']['speedup']:.2f}x, inference {out['inference']['speedup']:.2f}x; "
           f"{out['seconds']:.0f} s -> {path.name}")

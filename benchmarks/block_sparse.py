@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import median, write  # noqa: E402
+from _common import machine, median, set_threads, write  # noqa: E402
 
 from sparse_ensembles.compact import block_lstm as bl  # noqa: E402
 
@@ -50,24 +50,8 @@ STEPS = 35
 TARGETS = {"layer_inference_speedup_80": 2.0, "layer_train_speedup_80": 1.5, "matmul_speedup_80_batch1": 3.0}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _keep(shape, block, density, g):
     return torch.rand(-(-shape[0] // block[0]), -(-shape[1] // block[1]), generator=g) < density
-
-
-def _set_threads(t: int):
-    import numba
-    torch.set_num_threads(t)
-    numba.set_num_threads(min(t, numba.config.NUMBA_NUM_THREADS))
 
 
 def _cpu_runners(hidden: int, batch: int, variants, seed: int = 0):
@@ -159,7 +143,7 @@ def run_cpu(hiddens, batches, sparsities, blocks, repeats, threads):
             times = {(k, t): [] for k in runners for t in threads}
             for r in range(repeats + 1):  # round 0 compiles and warms up
                 for t in threads:
-                    _set_threads(t)
+                    set_threads(t)
                     for key, fn in runners.items():
                         dt = _time(fn)
                         if r:
@@ -250,7 +234,7 @@ def main():
     t_start = time.perf_counter()
     import numba
     from sparse_ensembles._jit import vector_width
-    info = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+    info = {"platform": platform.platform(), "cpu": machine()["cpu"], "cpu_count": os.cpu_count(),
             "torch_version": torch.__version__, "numba_version": numba.__version__,
             "numba_vector_bits": vector_width(), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": args.quick, "repeats": repeats, "steps": STEPS}

@@ -86,3 +86,12 @@ def test_block_sparse_quick_writes_the_layer_and_product_speedups_at_80_percent(
         assert r[key] > 0, key
     assert all(row["sparsity"] == 80 and row["block"] == [32, 32] for row in r["rows"])
     assert out.strip()
+
+
+def test_block_lm_train_quick_writes_the_whole_model_step_and_inference_speedups(tmp_path):
+    out = run_quick("block_lm_train.py", tmp_path)
+    r = json.loads((tmp_path / "block_lm_train_quick.json").read_text())
+    for kind in ("train_step", "inference"):
+        assert r[kind]["speedup"] > 0 and r[kind]["dense_ms"] > 0 and r[kind]["kernel_ms"] > 0, kind
+        assert r[kind]["kernel_executor"] in ("numba", "numba_parallel")
+    assert r["sparsity"] == 0.8 and "block_lm_train" in out
