@@ -56,10 +56,9 @@ zero-divisor check that stops vectorisation.
 Threads. The batched products (input projection, dx) are split into equal bands of rows (tall
 inputs) or contiguous ranges of block rows balanced by kept blocks (batch-row groups for the dot
 layout), the weight gradient into ranges of block rows, run as ``prange`` parts on numba's OpenMP
-threads (``numba.set_num_threads``). The time loop runs on one
-thread with ``executor="numba"``; ``"numba_parallel"`` splits every step too (the recurrent product
-by block rows, the gate math by batch rows: two parallel regions per step, about 2 us each). One
-thread pool for everything matters: Python threads for the products beside OpenMP's spinning
+threads (``numba.set_num_threads``). The time loop runs on one thread with ``executor="numba"``;
+``"numba_parallel"`` splits every step too (the recurrent product by block rows, the gate math by
+batch rows: two parallel regions per step, about 2 us each). One thread pool for everything matters: Python threads for the products beside OpenMP's spinning
 workers for the steps cost 3-5 ms per layer call at hidden 650. A parallel step only pays where the
 cores are free: on a machine shared with another job it can be many times slower, which is why it
 is a separate executor that ``"auto"`` picks by measurement. torch's threads
