@@ -78,8 +78,8 @@ parallel launchers included: the register kernels therefore have exactly one cal
 
 Measured (benchmarks/block_sparse.py, hidden = input = 650, batch 20, T = 35, 80% random block
 sparsity, 32x32 blocks, each side at its best of 1 / 2 threads and executor, 2 vCPUs of an Intel
-Xeon (Emerald Rapids)): layer inference 2.25x ``nn.LSTM``, a training step 2.13x, the recurrent
-product at batch 1 4.22x ``torch.mm`` (docs/block_sparse.md).
+Xeon (Emerald Rapids)): layer inference 2.34x ``nn.LSTM``, a training step 2.03x, the recurrent
+product at batch 1 4.23x ``torch.mm`` (docs/block_sparse.md).
 """
 from __future__ import annotations
 
