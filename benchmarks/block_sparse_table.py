@@ -19,8 +19,9 @@ row is ptb_lstm_block_dense and SGD x1 / x4 come from ptb_lstm_sse_small, the sa
 
 The gradual row's Lasso strength is the grid point with the lowest *validation* perplexity; the
 test column is read for the table only. Missing rows are listed as such. Speed: each model's two LSTM
-layers on the block-sparse layer (``executor="numba"``) against the same layers as dense
-``nn.LSTM``, batch 20 x 35 steps, inference (no_grad) and one training step (forward + backward),
+layers on the block-sparse layer against the same layers as dense ``nn.LSTM``, batch 20 x 35 steps,
+inference (no_grad) and one training step (forward + backward), each side at its best of
+``--threads`` (default 1 and 2; the kernel also of its executors ``numba`` / ``numba_parallel``),
 interleaved, medians of ``--repeats``; and the whole model's inference (embedding and the dense
 10k-word softmax included, which bound it at hidden 200). The seed's training-cost formula for
 gradual pruning, ``sum_t (1 - rho_t) / T``, is given beside it.
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import RESULTS, median, timed, write  # noqa: E402
+from _common import RESULTS, median, set_threads, timed, write  # noqa: E402
 
 from sparse_ensembles import checkpoint  # noqa: E402
 from sparse_ensembles.compact.block_lm import block_density, block_sparse_lm  # noqa: E402
@@ -57,13 +58,12 @@ def load_rows(label: str) -> list[dict] | None:
     return json.loads(f.read_text())["rows"] if f.exists() else None
 
 
-def timing(model, repeats: int, threads: int) -> dict:
-    """Speed-up of the model's LSTM layers (and of the whole model) on the block-sparse layer."""
-    torch.set_num_threads(threads)
-    import numba
-    numba.set_num_threads(threads)
+def timing(model, repeats: int, threads: list[int]) -> dict:
+    """Speed-up of the model's LSTM layers (and of the whole model) on the block-sparse layer; each
+    side at its best of ``threads`` (and the kernel of its executors ``numba`` / ``numba_parallel``),
+    interleaved, medians of ``repeats``."""
     dense = copy.deepcopy(model).eval()
-    sparse = block_sparse_lm(copy.deepcopy(model), executor="numba").eval()
+    sparse = {ex: block_sparse_lm(copy.deepcopy(model), executor=ex).eval() for ex in ("numba", "numba_parallel")}
     torch.manual_seed(0)
     tokens = torch.randint(0, model.vocab, (20, 35))
     x = model.embedding(tokens).detach()
@@ -83,15 +83,24 @@ def timing(model, repeats: int, threads: int) -> dict:
         with torch.no_grad():
             m(tokens)
 
-    cases = {"layers_inference": (infer,), "layers_train_step": (lambda m: layers(m, True),), "model_inference": (whole,)}
+    cases = {"layers_inference": infer, "layers_train_step": lambda m: layers(m, True), "model_inference": whole}
+    sides = {"dense": dense, **sparse}
     out = {}
-    for key, (fn,) in cases.items():
-        fn(dense), fn(sparse)  # warm up (and compile)
-        td, ts = [], []
-        for _ in range(repeats):
-            td.append(timed(lambda: fn(dense)))
-            ts.append(timed(lambda: fn(sparse)))
-        out[key] = {"dense_ms": 1e3 * median(td), "block_ms": 1e3 * median(ts), "speedup": median(td) / median(ts)}
+    for key, fn in cases.items():
+        times = {(side, t): [] for side in sides for t in threads if not (side == "numba_parallel" and t == 1)}
+        for r in range(repeats + 1):  # round 0 warms up (and compiles)
+            for t in threads:
+                set_threads(t)
+                for side, m in sides.items():
+                    if (side, t) in times:
+                        dt = timed(lambda: fn(m))
+                        if r:
+                            times[side, t].append(dt)
+        med = {k: median(v) for k, v in times.items()}
+        td, t_d = min((v, t) for (side, t), v in med.items() if side == "dense")
+        ts, t_s, ex = min((v, t, side) for (side, t), v in med.items() if side != "dense")
+        out[key] = {"dense_ms": 1e3 * td, "dense_threads": t_d, "block_ms": 1e3 * ts, "block_threads": t_s,
+                    "block_executor": ex, "speedup": td / ts}
     return out
 
 
@@ -121,7 +130,7 @@ def gradual_cost(cfg) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--train-ppl", action="store_true", help="also evaluate each model on the training split")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", default="1,2", help="thread counts tried for each side of the speed columns")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--train", action="store_true", help="run the missing rows first (resumable)")
     ap.add_argument("--rows", default="grid,seed,sse",
@@ -134,6 +143,7 @@ def main():
                     help="config override for the sse row only (e.g. sgd.members=4: train SGD x1 / x4 there)")
     args = ap.parse_args()
     suffix = f"_{args.tag}" if args.tag else ""
+    threads = [int(t) for t in args.threads.split(",")]
     lassos = args.lassos.split(",")
 
     def label(row: str, lasso: str = "") -> str:
@@ -198,7 +208,7 @@ def main():
         if cfg.sgd.prune == "gradual":
             row["seed_training_cost"] = gradual_cost(cfg)
         # the dense row is the baseline itself (its blocks are all kept: "auto" runs it dense)
-        row["speed"] = timing(model, args.repeats, args.threads) if row["block_sparsity"] > 0 else None
+        row["speed"] = timing(model, args.repeats, threads) if row["block_sparsity"] > 0 else None
         rows.append(row)
         norms = run / "sgd" / "group_norms_000.json"
         if norms.exists():
@@ -233,7 +243,7 @@ def main():
         perplexity_vs_sparsity(points, RESULTS / f"ppl_vs_block_sparsity{suffix}.png")
     path = write("block_sparse_lstm" + suffix, {"overrides": args.set, "lasso_grid_valid_ppl": {k: v["ppl_valid"] for k, v in candidates.items()},
                                         "lasso_chosen_on_valid": chosen, "rows": rows, "ensembles": ensembles,
-                                        "missing": missing, "threads": args.threads})
+                                        "missing": missing, "threads_tried": threads})
     for e in ensembles:
         print(f"{e['method']}: valid {e['ppl_valid']:.2f} test {e['ppl_test']:.2f} PPL at {e['params_ratio']:.2f}x params")
     if missing:
