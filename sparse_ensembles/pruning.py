@@ -163,8 +163,11 @@ def masks_from_zeros(params: Mapping[str, Tensor]) -> Masks:
 
 
 def sparsity_of(masks: Mapping[str, Tensor]) -> float:
+    """The fraction of masked entries that are pruned; no masks prune nothing (0.0)."""
     total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+    if total == 0:
+        return 0.0
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
 
 
 def _masked(params: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:

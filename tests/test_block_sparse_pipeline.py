@@ -121,6 +121,28 @@ def test_tiny_block_config_trains_gradually_pruned_sgd_and_block_sparse_sse_memb
     assert all(r["ppl_test"] < 10000 for r in rows)
 
 
+def test_gradual_retraining_of_block_pruned_samples_ramps_from_no_pruned_blocks_to_the_target(tmp_path, monkeypatch):
+    """retrain.ramp_epochs with prune.structure = "blocks": the block sparsity rises along the cubic
+    schedule from the sample's (none pruned) to the target; it used to start at the target (one-shot),
+    because the empty mask set of a sample counted as fully pruned."""
+    need_data("ptb")
+    from sparse_ensembles.experiments.stages import PruneRetrain
+    asked = []
+    masks = PruneRetrain.masks
+
+    def recorded(self, ctx, model, sparsity, *args, **kw):
+        asked.append(sparsity)
+        return masks(self, ctx, model, sparsity, *args, **kw)
+    monkeypatch.setattr(PruneRetrain, "masks", recorded)
+    out = tmp_path / "ramp"
+    assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress", "--set", "sgd.members=0",
+                 "--set", "sampler.samples=1", "--set", "retrain.epochs=3", "--set", "retrain.ramp_epochs=2"]) == 0
+    # the sample's own masks, then epochs 0, 1, 2 at cubic_sparsity(t, 0, 0.8, 2) = 0, 0.7, 0.8
+    assert asked == pytest.approx([0.0, 0.0, 0.7, 0.8])
+    meta = torch.load(out / "pruned_80" / "member_000.pt", weights_only=True)["meta"]
+    assert meta["block_sparsity"] >= 0.79
+
+
 def test_mlp_block_grouping_tiles_every_weight_matrix_once_with_smaller_edge_blocks():
     from sparse_ensembles.models import MLP
     torch.manual_seed(0)

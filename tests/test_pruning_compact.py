@@ -24,6 +24,7 @@ def test_magnitude_masks_remove_exactly_the_requested_fraction_of_smallest_weigh
     params = {"a": torch.arange(1.0, 11.0).reshape(2, 5), "b": -torch.arange(11.0, 21.0).reshape(5, 2)}
     masks = pruning.magnitude_masks(params, 0.3)
     assert pruning.sparsity_of(masks) == pytest.approx(0.3)
+    assert pruning.sparsity_of({}) == 0.0  # no masks: nothing pruned
     assert not masks["a"].flatten()[:6].any() and masks["a"].flatten()[6:].all() and masks["b"].all()
     per_layer = pruning.magnitude_masks(params, 0.5, scope="layer")
     assert int(per_layer["a"].sum()) == 5 and int(per_layer["b"].sum()) == 5
