@@ -109,6 +109,29 @@ def test_block_softmax_tiles_the_softmax_weight_so_a_block_pruned_member_shrinks
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
+def test_softmax_block_of_whole_columns_prunes_the_softmax_input_and_survives_save_and_shrink():
+    """model.softmax_block = [vocab, 1]: the softmax's blocks are whole columns (each reads one hidden
+    unit), covering the matrix once; pruning 80% of them leaves 20% of the columns, the LSTM keeps its
+    own blocks, and the option survives spec round trips and shrinking."""
+    torch.manual_seed(0)
+    model = LSTMLM(160, [40, 40], 40, block=(16, 16), block_softmax=True, softmax_block=(160, 1)).eval()
+    fams = model.groups("block")
+    softmax = fams[-1]
+    assert softmax.param == "decoder.weight" and softmax.size == 40  # one group per column
+    assert [f.size for f in fams[:-1]] == [f.size for f in LSTMLM(160, [40, 40], 40, block=(16, 16)).groups("block")]
+    params = dict(model.named_parameters())
+    masks = pruning.group_masks(params, [softmax], sparsity=0.8)
+    keep = masks["decoder.weight"]
+    assert torch.equal(keep, keep[:1].expand_as(keep))  # whole columns
+    assert int(keep[0].sum()) == 8
+    again = LSTMLM.from_spec(model.spec())
+    assert again.softmax_block == [160, 1] and again.groups("block")[-1].size == 40
+    small = model.shrink(model.live_units())
+    assert small.softmax_block == [160, 1]
+    with pytest.raises(ValueError, match="softmax_block"):
+        LSTMLM(160, [40, 40], 40, block_softmax=True, softmax_block=(160,))
+
+
 def test_on_block_kernel_restores_layers_training_flags_threads_and_leaves_the_global_rng_alone():
     import numba
     from sparse_ensembles.compact.block_lm import on_block_kernel

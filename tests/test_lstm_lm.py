@@ -215,6 +215,8 @@ def test_presets_resolve_zaremba_hidden_dropout_and_init_and_overrides_win():
     ({"hidden": -5}, "model.hidden"),
     ({"init_scale": -0.1}, "model.init_scale"),
     ({"grouping": "rows"}, "model.grouping must be one of"),
+    ({"softmax_block": [100, 1]}, "model.softmax_block needs model.block_softmax = true"),
+    ({"softmax_block": [0, 1], "block_softmax": True}, r"model.softmax_block must be \[\]"),
 ])
 def test_bad_config_values_are_rejected_naming_the_key_and_allowed_values(change, match):
     with pytest.raises(ValueError, match=match):

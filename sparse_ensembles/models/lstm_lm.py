@@ -101,12 +101,15 @@ class LSTMLM(nn.Module):
         grouping: str = "iss"  # default grouping of groups(): untied / tied / iss / block
         block: list[int] = field(default_factory=lambda: [32, 32])  # (rows, cols) of a block ("block" grouping)
         block_softmax: bool = False  # the "block" grouping also tiles the softmax weight (76% of a small model's)
+        # (rows, cols) of the softmax weight's blocks with block_softmax; [] = model.block. [10000, 1]
+        # makes whole columns the blocks: pruning them narrows the softmax's input (ISS-like)
+        softmax_block: list[int] = field(default_factory=list)
 
     groupings = ("untied", "tied", "iss", "block")
 
     def __init__(self, vocab: int, hidden: Sequence[int], emb: int, dropout: float = 0.0, tie: bool = False,
                  init_scale: float = 0.1, grouping: str = "iss", block: Sequence[int] = (32, 32),
-                 block_softmax: bool = False):
+                 block_softmax: bool = False, softmax_block: Sequence[int] = ()):
         super().__init__()
         self.vocab = _positive_int("vocab", vocab)
         if isinstance(hidden, (int, str)) or len(hidden) < 1:
@@ -131,6 +134,10 @@ class LSTMLM(nn.Module):
         if not isinstance(block_softmax, bool):
             raise ValueError(f"lstm_lm block_softmax must be a bool; got {block_softmax!r}")
         self.block_softmax = block_softmax
+        if len(softmax_block) not in (0, 2) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                                   for b in softmax_block):
+            raise ValueError(f"lstm_lm softmax_block must be [] or two positive ints (rows, cols); got {list(softmax_block)!r}")
+        self.softmax_block = [int(b) for b in softmax_block]
 
         self.embedding = nn.Embedding(self.vocab, self.emb)
         self.drop = nn.Dropout(self.dropout)
@@ -168,23 +175,29 @@ class LSTMLM(nn.Module):
             raise ValueError(f"model.tie_embeddings must be true or false; got {cfg.tie_embeddings!r}")
         if not isinstance(cfg.block_softmax, bool):
             raise ValueError(f"model.block_softmax must be true or false; got {cfg.block_softmax!r}")
+        if len(cfg.softmax_block) not in (0, 2) or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                                       for b in cfg.softmax_block):
+            raise ValueError(f"model.softmax_block must be [] (= model.block) or [rows, cols], both >= 1; "
+                             f"got {cfg.softmax_block!r}")
+        if cfg.softmax_block and not cfg.block_softmax:
+            raise ValueError("model.softmax_block needs model.block_softmax = true (it shapes the softmax's blocks)")
         hidden = cfg.hidden or preset["hidden"]
         dropout = preset["dropout"] if cfg.dropout < 0 else cfg.dropout
         init_scale = cfg.init_scale or preset["init_scale"]
         # Zaremba et al. use the hidden size as the embedding width (required when tied)
         return cls(dims["vocab"], [hidden] * cfg.layers, hidden, dropout, cfg.tie_embeddings, init_scale, cfg.grouping,
-                   cfg.block, cfg.block_softmax)
+                   cfg.block, cfg.block_softmax, cfg.softmax_block)
 
     def spec(self) -> dict:
         return {"kind": "lstm_lm", "vocab": self.vocab, "hidden": list(self.hidden), "emb": self.emb,
                 "dropout": self.dropout, "tie": self.tie, "grouping": self.grouping, "init_scale": self.init_scale,
-                "block": list(self.block), "block_softmax": self.block_softmax}
+                "block": list(self.block), "block_softmax": self.block_softmax, "softmax_block": list(self.softmax_block)}
 
     @classmethod
     def from_spec(cls, spec: dict) -> "LSTMLM":
         return cls(spec["vocab"], spec["hidden"], spec["emb"], spec["dropout"], spec["tie"],
                    spec.get("init_scale", 0.1), spec.get("grouping", "iss"), spec.get("block", (32, 32)),
-                   spec.get("block_softmax", False))
+                   spec.get("block_softmax", False), spec.get("softmax_block", ()))
 
     # ----- computation ----------------------------------------------------------------------------
 
@@ -252,8 +265,9 @@ class LSTMLM(nn.Module):
         """Block-sparse LSTMs: W_ih and W_hh of each layer tiled in ``block`` = (rows, cols) blocks
         (default ``self.block``; smaller blocks at ragged edges), one family per matrix. Blocks
         cut across the four stacked gates' rows as the matrices are stored (torch's i, f, g, o). With
-        ``block_softmax`` the softmax weight (vocab x hidden) is tiled too, last: it holds most of a
-        small model's parameters, so without it block-sparse members stay near the dense size."""
+        ``block_softmax`` the softmax weight (vocab x hidden) is tiled too (in ``softmax_block`` blocks if
+        set), last: it holds most of a small model's parameters, so without it block-sparse members
+        stay near the dense size."""
         block = self.block if block is None else block
         families = []
         for l, n in enumerate(self.hidden):
@@ -262,7 +276,8 @@ class LSTMLM(nn.Module):
                          block_family(f"layer{l}.hh_blocks", w_hh, (4 * n, n), block)]
         if self.block_softmax:
             name = "embedding.weight" if self.tie else "decoder.weight"  # the tied matrix has the embedding's name
-            families.append(block_family("softmax_blocks", name, (self.vocab, self.hidden[-1]), block))
+            families.append(block_family("softmax_blocks", name, (self.vocab, self.hidden[-1]),
+                                         self.softmax_block or block))
         return families
 
     def unit_groups(self) -> list[SliceFamily]:
@@ -349,7 +364,7 @@ class LSTMLM(nn.Module):
         features = features.to(device)
 
         small = type(self)(self.vocab, [len(u) for u in units], len(features), self.dropout, self.tie,
-                           self.init_scale, self.grouping, self.block, self.block_softmax)
+                           self.init_scale, self.grouping, self.block, self.block_softmax, self.softmax_block)
         small.to(device=device, dtype=self.decoder.weight.dtype)
         small.embedding.weight.copy_(self.embedding.weight[:, features])
         for l, (big, lstm) in enumerate(zip(self.lstms, small.lstms)):
