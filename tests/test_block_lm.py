@@ -1,12 +1,14 @@
 """Block-pruned LSTM LMs run on the block-sparse layer: same outputs, same parameters, saved and
 reloaded members, and the block-sparse ensemble."""
+import copy
 import math
 
 import pytest
 import torch
 
 from sparse_ensembles import checkpoint, pruning
-from sparse_ensembles.compact.block_lm import BlockSparseLMEnsemble, block_density, block_sparse_lm
+from sparse_ensembles.compact.block_lm import (BlockSparseLMEnsemble, NarrowSoftmax, block_density, block_sparse_lm,
+                                               narrow_softmax)
 from sparse_ensembles.compact.block_lstm import BlockSparseLSTM
 from sparse_ensembles.models import LSTMLM
 
@@ -128,6 +130,19 @@ def test_softmax_block_of_whole_columns_prunes_the_softmax_input_and_survives_sa
     assert again.softmax_block == [160, 1] and again.groups("block")[-1].size == 40
     small = model.shrink(model.live_units())
     assert small.softmax_block == [160, 1]
+    # inference reads only the kept columns, with the same logits; the ensemble runs members so
+    pruning.apply_masks(model, masks)
+    tokens = torch.randint(0, 160, (3, 6))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        narrowed = narrow_softmax(copy.deepcopy(model))
+        assert isinstance(narrowed.decoder, NarrowSoftmax) and narrowed.decoder.kept_fraction == pytest.approx(0.2)
+        assert narrowed.state_dict().keys() == model.state_dict().keys()
+        torch.testing.assert_close(narrowed(tokens)[0], full, atol=1e-5, rtol=1e-5)
+        ens = BlockSparseLMEnsemble([copy.deepcopy(model)], executor="numba")
+        assert isinstance(ens.members[0].decoder, NarrowSoftmax)
+        torch.testing.assert_close(ens(tokens)[0], torch.log_softmax(full, -1), atol=1e-5, rtol=1e-5)
+    assert not isinstance(narrow_softmax(LSTMLM(160, [40, 40], 40)).decoder, NarrowSoftmax)  # nothing pruned
     with pytest.raises(ValueError, match="softmax_block"):
         LSTMLM(160, [40, 40], 40, block_softmax=True, softmax_block=(160,))
 

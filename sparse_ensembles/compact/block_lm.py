@@ -9,7 +9,9 @@ and backward passes. Parameter names do not change (``lstms.0.weight_ih_l0`` ...
 
 :class:`BlockSparseLMEnsemble` runs M such members one after another and returns
 ``log mean_m softmax(logits_m)`` (members differ in their block masks, so nothing is fused across
-members: each member's LSTM cost is its own nonzero blocks; the decoders stay dense).
+members: each member's LSTM cost is its own nonzero blocks). Each member's softmax reads only the
+hidden units whose softmax column holds a nonzero (:class:`NarrowSoftmax`; ``model.softmax_block =
+[vocab, 1]`` prunes whole columns), so a column-pruned softmax costs its kept fraction.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..models.lstm_lm import LSTMLM
 from .block_lstm import BlockSparseLSTM, block_keep_from_weight
@@ -90,6 +93,41 @@ def block_density(model: LSTMLM) -> float:
     return kept / max(total, 1)
 
 
+class NarrowSoftmax(nn.Module):
+    """Inference-time softmax layer of a member whose softmax weight has zero columns: logits =
+    h[..., cols] @ W[:, cols]^T + b over the kept columns only (equal to the full product, the
+    dropped columns being zero). Holds the original Parameters (state dicts keep their keys) and a
+    copy of the narrowed weight taken at construction: build it again after the weights change."""
+
+    def __init__(self, decoder: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = decoder.weight, decoder.bias
+        with torch.no_grad():
+            cols = decoder.weight.ne(0).any(0).nonzero().flatten()
+            self.register_buffer("cols", cols, persistent=False)
+            self.register_buffer("narrow", decoder.weight[:, cols].contiguous(), persistent=False)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.cols.numel() / self.weight.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.index_select(-1, self.cols), self.narrow, self.bias)
+
+
+def narrow_softmax(model: LSTMLM, min_pruned: float = 0.25) -> LSTMLM:
+    """``model`` with its softmax as :class:`NarrowSoftmax` when at least ``min_pruned`` of the
+    softmax weight's columns are zero (below that, the gather costs more than it saves); for
+    inference only: training keeps the ``nn.Linear`` (and a tied softmax stays as it is)."""
+    decoder = model.decoder
+    if isinstance(decoder, NarrowSoftmax) or model.tie:
+        return model
+    zero_columns = float(decoder.weight.detach().eq(0).all(0).float().mean())
+    if zero_columns >= min_pruned:
+        model.decoder = NarrowSoftmax(decoder)
+    return model
+
+
 class BlockSparseLMEnsemble(nn.Module):
     """M block-sparse LSTM LMs averaged in probability: ``forward(tokens, state)`` returns the
     ensemble's log-probabilities (B, T, vocab) and the members' states (a list, one per member)."""
@@ -101,7 +139,7 @@ class BlockSparseLMEnsemble(nn.Module):
         vocab = {m.vocab for m in members}
         if len(vocab) != 1:
             raise ValueError(f"members have different vocabularies {sorted(vocab)}")
-        self.members = nn.ModuleList(block_sparse_lm(m, executor=executor).eval() for m in members)
+        self.members = nn.ModuleList(narrow_softmax(block_sparse_lm(m, executor=executor)).eval() for m in members)
 
     def init_state(self, batch_size: int) -> list:
         return [m.init_state(batch_size) for m in self.members]
