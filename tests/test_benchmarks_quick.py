@@ -95,3 +95,23 @@ def test_block_lm_train_quick_writes_the_whole_model_step_and_inference_speedups
         assert r[kind]["speedup"] > 0 and r[kind]["dense_ms"] > 0 and r[kind]["kernel_ms"] > 0, kind
         assert r[kind]["kernel_executor"] in ("numba", "numba_parallel")
     assert r["sparsity"] == 0.8 and "block_lm_train" in out
+
+
+def test_block_sse_recipes_reports_member_and_ensemble_valid_perplexity_of_a_run(tmp_path):
+    need_data("ptb")
+    import math
+
+    from sparse_ensembles.experiments.cli import main
+    run = tmp_path / "tiny_block"
+    assert main(["run", str(ROOT / "configs" / "tiny_lm_block.toml"), "--out", str(run), "--no-progress",
+                 "--set", "sgd.members=0", "--set", "retrain.epochs=2", "--set", "retrain.ramp_epochs=1"]) == 0
+    env = {**os.environ, "SPARSE_ENSEMBLES_RESULTS": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "block_sse_recipes.py"), str(run)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "block_sse_recipes.json").read_text())["runs"][0]
+    assert r["recipe"]["retrain_epochs"] == 2 and r["recipe"]["ramp_epochs"] == 1
+    ppls = [m["ppl_valid"] for m in r["members"]]
+    assert len(ppls) == 2 and all(m["block_sparsity"] >= 0.79 for m in r["members"])
+    # averaging probabilities: the ensemble is no worse than the members' geometric mean (Jensen)
+    assert r["ensemble_ppl_valid"] <= math.exp(sum(math.log(p) for p in ppls) / 2) + 1e-6
