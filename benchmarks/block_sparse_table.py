@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import RESULTS, median, set_threads, timed, write  # noqa: E402
 
 from sparse_ensembles import checkpoint  # noqa: E402
-from sparse_ensembles.compact.block_lm import block_density, block_sparse_lm, narrow_softmax  # noqa: E402
+from sparse_ensembles.compact.block_lm import (BlockSparseLMEnsemble, block_density, block_sparse_lm,  # noqa: E402
+                                               narrow_softmax)
 from sparse_ensembles.experiments import config as config_mod  # noqa: E402
 from sparse_ensembles.experiments.pipeline import Pipeline  # noqa: E402
 from sparse_ensembles.experiments.plots import block_norm_heatmaps, perplexity_vs_sparsity  # noqa: E402
@@ -104,6 +105,36 @@ def timing(model, repeats: int, threads: list[int]) -> dict:
         out[key] = {"dense_ms": 1e3 * td, "dense_threads": t_d, "block_ms": 1e3 * ts, "block_threads": t_s,
                     "block_executor": ex, "speedup": td / ts}
     return out
+
+
+def ensemble_timing(files: list[Path], repeats: int, threads: list[int]) -> dict:
+    """Whole-model inference (batch 20 x 35 tokens, no_grad) of the block-sparse ensemble of the
+    members in ``files`` (``BlockSparseLMEnsemble``: LSTM layers on the kernel, a column-pruned
+    softmax narrowed) against one dense model of the same shape (member 0 with its zeros run dense);
+    each side at its best of ``threads`` (the kernel also of its executors), interleaved, medians."""
+    members = [checkpoint.load_member(f)[0].eval() for f in files]
+    dense = type(members[0]).from_spec(members[0].spec()).eval()  # the architecture, dense weights
+    sides = {"dense": dense, **{ex: BlockSparseLMEnsemble([copy.deepcopy(m) for m in members], executor=ex)
+                                for ex in ("numba", "numba_parallel")}}
+    torch.manual_seed(0)
+    tokens = torch.randint(0, dense.vocab, (20, 35))
+    times = {(side, t): [] for side in sides for t in threads if not (side == "numba_parallel" and t == 1)}
+    for r in range(repeats + 1):  # round 0 warms up (and compiles)
+        for t in threads:
+            set_threads(t)
+            for side, m in sides.items():
+                if (side, t) in times:
+                    with torch.no_grad():
+                        dt = timed(lambda: m(tokens))
+                    if r:
+                        times[side, t].append(dt)
+    med = {k: median(v) for k, v in times.items()}
+    td, t_d = min((v, t) for (side, t), v in med.items() if side == "dense")
+    te, t_e, ex = min((v, t, side) for (side, t), v in med.items() if side != "dense")
+    softmax = [getattr(m.decoder, "kept_fraction", 1.0) for m in sides[ex].members]
+    return {"members": len(members), "dense_ms": 1e3 * td, "dense_threads": t_d, "ensemble_ms": 1e3 * te,
+            "ensemble_threads": t_e, "ensemble_executor": ex, "ensemble_vs_one_dense": te / td,
+            "softmax_columns_kept": softmax}
 
 
 def train(label: str, config: str, overrides: list[str]) -> None:
@@ -229,10 +260,14 @@ def main():
                           **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio", "train_seconds")}})
     pruned = ROOT / "runs" / label("sse") / "pruned_80"
     if pruned.exists():
-        metas = [checkpoint.load(f)["meta"] for f in sorted(pruned.glob("member_*.pt"))]
+        files = sorted(pruned.glob("member_*.pt"))
+        metas = [checkpoint.load(f)["meta"] for f in files]
         for e in ensembles:
             if "+PR" in e["method"] and metas:
                 e["block_sparsity"] = sum(m.get("block_sparsity", 0) for m in metas) / len(metas)
+                e["speed"] = ensemble_timing(files, args.repeats, threads)
+                print(f"{e['method']}: whole-model inference of the ensemble {e['speed']['ensemble_vs_one_dense']:.2f}x "
+                      f"one dense model ({e['speed']['ensemble_ms']:.1f} vs {e['speed']['dense_ms']:.1f} ms)")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     if histories:
