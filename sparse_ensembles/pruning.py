@@ -61,23 +61,48 @@ def magnitude_masks(params: Mapping[str, Tensor], sparsity: float, *, scope: str
     return out
 
 
+def _keep_by_weight(scores: Sequence[Tensor], sizes: Sequence[Tensor], sparsity: float) -> list[Tensor]:
+    """One threshold over the groups of all families: remove the lowest-scored groups until
+    ``sparsity`` of all their entries are removed (the group that crosses the target is removed
+    if that lands closer to it); ties by position."""
+    flat, size = torch.cat([s.flatten() for s in scores]), torch.cat([z.flatten() for z in sizes]).double()
+    order = torch.argsort(flat, stable=True)
+    removed = torch.cumsum(size[order], 0)
+    target = sparsity * float(size.sum())
+    n = int(torch.searchsorted(removed, torch.tensor(target, dtype=removed.dtype)))  # removed[n-1] < target <= removed[n]
+    if n < len(order) and abs(float(removed[n]) - target) < abs(target - (float(removed[n - 1]) if n else 0.0)):
+        n += 1
+    keep = torch.ones(len(flat), dtype=torch.bool, device=flat.device)
+    keep[order[:n]] = False
+    return list(keep.split([s.numel() for s in scores]))
+
+
 def group_masks(params: Mapping[str, Tensor], groups: Sequence[GroupFamily], *,
                 sparsity: Optional[float] = None, threshold: Optional[float] = None,
-                keep: Optional[Sequence[int]] = None) -> Masks:
+                keep: Optional[Sequence[int]] = None, scope: str = "family") -> Masks:
     """Structured pruning of whole groups (neurons, LSTM units, blocks) by group norm.
 
     Scores are RMS norms ``||theta_g|| / sqrt(dim_g)`` so families of different group sizes are
     comparable. Exactly one of: remove the ``sparsity`` fraction of groups with the lowest score
-    in each family; remove every group whose score is below ``threshold``; or ``keep[i]`` groups
-    with the highest scores in family ``i`` (e.g. the widths of a structured MLP).
+    in each family (``scope="family"``), or, with ``scope="global"``, the lowest-scored groups of
+    all families together until ``sparsity`` of their entries are gone (so the families' own
+    sparsities differ; entries in groups of two families count twice); remove every group whose
+    score is below ``threshold``; or ``keep[i]`` groups with the highest scores in family ``i``
+    (e.g. the widths of a structured MLP).
     """
     if sum(a is not None for a in (sparsity, threshold, keep)) != 1:
         raise ValueError("group_masks needs exactly one of sparsity=, threshold= or keep=")
     if keep is not None and len(keep) != len(groups):
         raise ValueError(f"keep= gives {len(keep)} group counts for {len(groups)} group families; give one per family")
+    if scope not in ("family", "global"):
+        raise ValueError(f"group_masks(scope=...) is 'family' or 'global', not {scope!r}")
+    scores = [norms(fam, params) / math.sqrt(fam.group_dim(params)) for fam in groups]
+    if sparsity is not None and scope == "global":
+        sizes = [fam.sq_norms({n: torch.ones_like(params[n]) for n in fam.params}) for fam in groups]
+        return keep_masks(params, groups, _keep_by_weight(scores, sizes, _check_sparsity(sparsity)))
     out: Masks = {}
     for i, fam in enumerate(groups):
-        score = norms(fam, params) / math.sqrt(fam.group_dim(params))
+        score = scores[i]
         if sparsity is not None:
             keep_g = _keep_largest(score, _check_sparsity(sparsity))
         elif keep is not None:

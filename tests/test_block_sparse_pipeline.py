@@ -209,3 +209,52 @@ def test_block_kernel_on_a_model_without_lstm_layers_or_an_unknown_value_is_a_co
     with pytest.raises(config_mod.ConfigError, match="experiment.block_kernel.*'off'"):
         config_mod.load(TINY_BLOCK, ["experiment.block_kernel='yes'"])
     assert config_mod.load(TINY_BLOCK, ["experiment.block_kernel='auto'"]).experiment.block_kernel == "auto"
+
+
+def test_global_block_scope_removes_the_weakest_blocks_of_all_matrices_until_the_weight_fraction_is_reached():
+    """scope="global": one norm threshold over every matrix's blocks (edge blocks counted by their own
+    entries), removing the target fraction of all weights; the families' own sparsities differ."""
+    torch.manual_seed(0)
+    model = LSTMLM(50, [40], 40, block=(16, 16), block_softmax=True, softmax_block=(8, 8))
+    params = dict(model.named_parameters())
+    fams = model.groups("block")
+    with torch.no_grad():  # the softmax weight 10x smaller than the LSTM's: global pruning takes it first
+        params["decoder.weight"].mul_(0.1)
+    masks = pruning.group_masks(params, fams, sparsity=0.6, scope="global")
+    total = sum(params[f.param].numel() for f in fams)
+    removed = sum(int((~masks[f.param]).sum()) for f in fams)
+    biggest = max(min(f.tile[0], f.shape[0]) * min(f.tile[1], f.shape[1]) for f in fams)
+    assert abs(removed - 0.6 * total) <= biggest / 2  # within half a block of the target
+    masked = {n: p * masks[n] if n in masks else p for n, p in params.items()}
+    kept_score = {f.param: f.sq_norms(masked) > 0 for f in fams}
+    rms = {f.param: f.sq_norms(params).sqrt() / (f.tile[0] * f.tile[1]) ** 0.5 for f in fams}  # the pruning score
+    lowest_kept = min(float(rms[n][k].min().detach()) for n, k in kept_score.items() if k.any())
+    highest_removed = max(float(rms[n][~k].max().detach()) for n, k in kept_score.items() if (~k).any())
+    assert highest_removed <= lowest_kept  # one threshold over all matrices
+    frac = {f.param: 1 - float(kept_score[f.param].float().mean()) for f in fams}
+    assert frac["decoder.weight"] > 0.9 and frac["lstms.0.weight_hh_l0"] < 0.6
+    per_matrix = pruning.group_masks(params, fams, sparsity=0.6)  # the default: 60% of each matrix's blocks
+    for f in fams:
+        zero = (f.sq_norms({f.param: params[f.param] * per_matrix[f.param]}) == 0).float().mean().item()
+        assert zero == pytest.approx(round(0.6 * f.size) / f.size)
+    with pytest.raises(ValueError, match="scope"):
+        pruning.group_masks(params, fams, sparsity=0.6, scope="layer")
+
+
+def test_prune_block_scope_reaches_block_pruning_of_samples_and_is_refused_for_weight_pruning(tmp_path, monkeypatch):
+    need_data("ptb")
+    scopes = []
+    group_masks = pruning.group_masks
+
+    def recorded(*args, **kw):
+        scopes.append(kw.get("scope"))
+        return group_masks(*args, **kw)
+    monkeypatch.setattr(pruning, "group_masks", recorded)
+    out = tmp_path / "global"
+    assert main(["run", TINY_BLOCK, "--out", str(out), "--no-progress", "--set", "sgd.members=0",
+                 "--set", "sampler.samples=1", "--set", "retrain.epochs=1", "--set", "prune.block_scope=global"]) == 0
+    assert "global" in scopes and "family" not in scopes
+    meta = torch.load(out / "pruned_80" / "member_000.pt", weights_only=True)["meta"]
+    assert 0.7 < meta["sparsity"] < 0.9
+    assert main(["run", TINY_BLOCK, "--out", str(tmp_path / "bad"), "--no-progress", "--set", "prune.structure=weights",
+                 "--set", "prune.block_scope=global"]) == 2

@@ -258,9 +258,15 @@ class SSEPruneConfig:
     # what `sparsities` count: "weights" (magnitude pruning, the SSE paper) or "blocks" (the lowest-
     # norm fraction of each matrix's blocks of the model's block grouping, for block-sparse execution)
     structure: str = "weights"
+    # with structure = "blocks": "matrix" = that fraction of each matrix's blocks; "global" = the
+    # lowest-norm blocks of all matrices together until that fraction of their weights is gone
+    block_scope: str = "matrix"
 
     def validate(self, need) -> None:
         need(all(0 <= s < 1 for s in self.sparsities), "prune.sparsities", "each is the fraction removed, in [0, 1)")
+        need(self.block_scope in ("matrix", "global"), "prune.block_scope", "use 'matrix' or 'global'")
+        need(self.block_scope == "matrix" or self.structure == "blocks", "prune.block_scope",
+             "applies to prune.structure = 'blocks' only (weights: prune.scope)")
         need(self.structure in ("weights", "blocks"), "prune.structure", "use 'weights' or 'blocks'")
         need(self.structure == "weights" or not self.widths, "prune.widths",
              "structured widths and block pruning do not combine; use one of them")

@@ -570,9 +570,11 @@ class PruneRetrain:
         return n > 0 and all((out / self.name / f"member_{k:03d}.pt").exists() for k in range(n))
 
     def masks(self, ctx: Context, model: nn.Module, sparsity: float, masks=None, widths=None) -> dict:
-        if self.p.structure == "blocks":  # the sparsity fraction of each matrix's blocks, lowest norm first
+        if self.p.structure == "blocks":  # the lowest-norm blocks, per matrix or over all (prune.block_scope)
             params = dict(model.named_parameters())
-            chosen = pruning.group_masks(params, model.groups("block"), sparsity=sparsity) if sparsity > 0 else {}
+            scope = "family" if self.p.block_scope == "matrix" else "global"
+            chosen = pruning.group_masks(params, model.groups("block"), sparsity=sparsity, scope=scope) \
+                if sparsity > 0 else {}
             return pruning.combine(masks or {}, chosen)
         return pruning.sse_masks(dict(model.named_parameters()), ctx.groups(model), model.unit_groups(),
                                  list(model.prunable_weights()), sparsity,
