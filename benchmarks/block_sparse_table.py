@@ -222,7 +222,7 @@ def main():
         table = load_rows(run_label) if run_label else None
         run = ROOT / "runs" / (run_label or "")
         member = run / "sgd" / "member_000.pt"
-        if table and not member.exists() and run_label in previous and method != "dense (SGD)":
+        if table and not member.exists() and run_label in previous:
             rows.append({**previous[run_label], "carried_over": "from the previous table; its run directory is not here"})
             print(f"{method}: carried over from {last.name} (no run directory)")
             continue

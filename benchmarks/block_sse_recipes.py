@@ -7,7 +7,7 @@ read here: the recipe is chosen on valid, and the table (block_sparse_table.py) 
     python benchmarks/block_sse_recipes.py runs/ptb_lstm_block_sse_v1 runs/ptb_lstm_block_sse_r8g \\
         runs/ptb_lstm_block_sse
 
-Writes benchmarks/results/block_sse_recipes.json.
+Writes benchmarks/results/block_sse_recipes.json (``--label`` another name).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main():
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--stage", default="pruned_80")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--label", default="block_sse_recipes", help="results file name (benchmarks/results/LABEL.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task, out = None, []
@@ -66,7 +67,7 @@ def main():
         out.append(row)
         print(f"{run}: {row['recipe']}\n  members valid " + ", ".join(f"{m['ppl_valid']:.2f}" for m in members)
               + f"; ensemble of {len(members)} valid {row['ensemble_ppl_valid']:.2f}", flush=True)
-    path = write("block_sse_recipes", {"chosen_on": "valid perplexity (test not read)", "runs": out})
+    path = write(args.label, {"chosen_on": "valid perplexity (test not read)", "runs": out})
     print(f"-> {path}")
 
 
