@@ -147,6 +147,31 @@ def test_softmax_block_of_whole_columns_prunes_the_softmax_input_and_survives_sa
         LSTMLM(160, [40, 40], 40, block_softmax=True, softmax_block=(160,))
 
 
+def test_a_softmax_pruned_in_32x1_blocks_runs_on_the_block_sparse_product_with_the_same_logits():
+    """BlockSparseSoftmax: logits over the kept blocks only equal the dense product (edge blocks
+    included: 650 rows are not a multiple of 32); narrow_softmax picks it or the dense layer by
+    speed, with the same outputs and state-dict keys either way."""
+    from sparse_ensembles.compact.block_lm import BlockSparseSoftmax
+    torch.manual_seed(0)
+    model = LSTMLM(650, [40], 40, block=(16, 16), block_softmax=True, softmax_block=(32, 1)).eval()
+    params = dict(model.named_parameters())
+    pruning.apply_masks(model, pruning.group_masks(params, model.groups("block"), sparsity=0.8))
+    tokens = torch.randint(0, 650, (3, 7))
+    with torch.no_grad():
+        full, _ = model(tokens)
+        layer = BlockSparseSoftmax(model.decoder, (32, 1))
+        assert layer.kept_fraction == pytest.approx(0.2, abs=0.02)
+        h = torch.randn(5, 7, 40)
+        torch.testing.assert_close(layer(h), torch.nn.functional.linear(h, model.decoder.weight, model.decoder.bias),
+                                   atol=1e-5, rtol=1e-5)
+        fast = narrow_softmax(copy.deepcopy(model))
+        assert isinstance(fast.decoder, (BlockSparseSoftmax, torch.nn.Linear))
+        assert fast.state_dict().keys() == model.state_dict().keys()
+        torch.testing.assert_close(fast(tokens)[0], full, atol=1e-5, rtol=1e-5)
+        ens = BlockSparseLMEnsemble([copy.deepcopy(model), copy.deepcopy(model)], executor="numba")
+        torch.testing.assert_close(ens(tokens)[0], torch.log_softmax(full, -1), atol=1e-5, rtol=1e-5)
+
+
 def test_on_block_kernel_restores_layers_training_flags_threads_and_leaves_the_global_rng_alone():
     import numba
     from sparse_ensembles.compact.block_lm import on_block_kernel

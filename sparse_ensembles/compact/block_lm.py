@@ -11,7 +11,9 @@ and backward passes. Parameter names do not change (``lstms.0.weight_ih_l0`` ...
 ``log mean_m softmax(logits_m)`` (members differ in their block masks, so nothing is fused across
 members: each member's LSTM cost is its own nonzero blocks). Each member's softmax reads only the
 hidden units whose softmax column holds a nonzero (:class:`NarrowSoftmax`; ``model.softmax_block =
-[vocab, 1]`` prunes whole columns), so a column-pruned softmax costs its kept fraction.
+[vocab, 1]`` prunes whole columns), so a column-pruned softmax costs its kept fraction; a softmax
+pruned in smaller blocks runs on the compiled block-sparse product where that is faster
+(:class:`BlockSparseSoftmax`).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..models.lstm_lm import LSTMLM
-from .block_lstm import BlockSparseLSTM, block_keep_from_weight
+from .block_lstm import BlockSparseLSTM, block_keep_from_weight, block_layout, block_matmul, gather_blocks
 from .lstm import _log_mean_softmax
 
 _NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -115,16 +117,68 @@ class NarrowSoftmax(nn.Module):
         return F.linear(x.index_select(-1, self.cols), self.narrow, self.bias)
 
 
-def narrow_softmax(model: LSTMLM, min_pruned: float = 0.25) -> LSTMLM:
-    """``model`` with its softmax as :class:`NarrowSoftmax` when at least ``min_pruned`` of the
-    softmax weight's columns are zero (below that, the gather costs more than it saves); for
-    inference only: training keeps the ``nn.Linear`` (and a tied softmax stays as it is)."""
+class BlockSparseSoftmax(nn.Module):
+    """Inference-time softmax layer of a member whose softmax weight is block-sparse (e.g.
+    ``model.softmax_block = [32, 1]``): logits = h @ W^T + b over the kept (bh x bw) blocks only,
+    with the compiled block-sparse product of :mod:`.block_lstm` (CPU float32). Holds the original
+    Parameters and a copy of the kept blocks taken at construction: build it again after the
+    weights change."""
+
+    def __init__(self, decoder: nn.Linear, block):
+        super().__init__()
+        self.weight, self.bias = decoder.weight, decoder.bias
+        keep = block_keep_from_weight(decoder.weight, block)
+        self.layout = block_layout(keep, tuple(decoder.weight.shape), block)
+        self.data = gather_blocks(self.layout, decoder.weight.detach().float().cpu())
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.layout.density
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        y = block_matmul(self.layout, self.data, x.reshape(-1, x.shape[-1]), self.bias)
+        return y.view(*lead, -1)
+
+
+def _faster(a: nn.Module, b: nn.Module, x: Tensor, repeats: int = 5) -> nn.Module:
+    """The one of two equal layers that runs ``x`` faster (medians of interleaved calls)."""
+    import statistics
+    import time
+    times = {0: [], 1: []}
+    with torch.no_grad():
+        for f in (a, b):
+            f(x)
+        for _ in range(repeats):
+            for i, f in enumerate((a, b)):
+                t0 = time.perf_counter()
+                f(x)
+                times[i].append(time.perf_counter() - t0)
+    return a if statistics.median(times[0]) <= statistics.median(times[1]) else b
+
+
+def narrow_softmax(model: LSTMLM, min_pruned: float = 0.25, rows: int = 700) -> LSTMLM:
+    """``model`` with a cheaper softmax layer, for inference only (training keeps the ``nn.Linear``;
+    a tied softmax stays as it is): :class:`NarrowSoftmax` when at least ``min_pruned`` of the
+    softmax weight's columns are zero (below that, the gather costs more than it saves); else, when
+    the softmax is tiled in blocks (``model.block_softmax``) and at least half of them are zero,
+    :class:`BlockSparseSoftmax` if it is faster than the dense product on ``rows`` hidden states
+    (timed once, at the current thread count)."""
     decoder = model.decoder
-    if isinstance(decoder, NarrowSoftmax) or model.tie:
+    if isinstance(decoder, (NarrowSoftmax, BlockSparseSoftmax)) or model.tie:
         return model
-    zero_columns = float(decoder.weight.detach().eq(0).all(0).float().mean())
+    weight = decoder.weight.detach()
+    zero_columns = float(weight.eq(0).all(0).float().mean())
     if zero_columns >= min_pruned:
         model.decoder = NarrowSoftmax(decoder)
+    elif getattr(model, "block_softmax", False) and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        block = tuple(model.softmax_block or model.block)
+        if float(block_keep_from_weight(weight, block).float().mean()) <= 0.5:
+            sparse = BlockSparseSoftmax(decoder, block)
+            x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            model.decoder = _faster(sparse, decoder, x)
     return model
 
 
