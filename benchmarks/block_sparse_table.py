@@ -108,14 +108,17 @@ def timing(model, repeats: int, threads: list[int]) -> dict:
 
 
 def ensemble_timing(files: list[Path], repeats: int, threads: list[int]) -> dict:
-    """Whole-model inference (batch 20 x 35 tokens, no_grad) of the block-sparse ensemble of the
+    """Whole-model inference to log-probabilities (batch 20 x 35 tokens, no_grad) of the block-sparse ensemble of the
     members in ``files`` (``BlockSparseLMEnsemble``: LSTM layers on the kernel, a column-pruned
     softmax narrowed) against one dense model of the same shape (member 0 with its zeros run dense);
     each side at its best of ``threads`` (the kernel also of its executors), interleaved, medians."""
     members = [checkpoint.load_member(f)[0].eval() for f in files]
     dense = type(members[0]).from_spec(members[0].spec()).eval()  # the architecture, dense weights
-    sides = {"dense": dense, **{ex: BlockSparseLMEnsemble([copy.deepcopy(m) for m in members], executor=ex)
-                                for ex in ("numba", "numba_parallel")}}
+    # both sides return next-word log-probabilities (B, T, vocab): the ensemble's mixture costs the
+    # exponentials of every member's 10,000 logits, which one model's log_softmax pays once
+    dense_logp = lambda tokens, state=None: (torch.log_softmax(dense(tokens, state)[0], -1), None)  # noqa: E731
+    sides = {"dense": dense_logp, **{ex: BlockSparseLMEnsemble([copy.deepcopy(m) for m in members], executor=ex)
+                                     for ex in ("numba", "numba_parallel")}}
     torch.manual_seed(0)
     tokens = torch.randint(0, dense.vocab, (20, 35))
     times = {(side, t): [] for side in sides for t in threads if not (side == "numba_parallel" and t == 1)}
