@@ -12,7 +12,8 @@ from sparse_ensembles.models import model_class
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
 DIMS = {"mnist": {"in_features": 784, "classes": 10}, "fashion-mnist": {"in_features": 784, "classes": 10},
-        "cifar10": {"in_features": 3072, "classes": 10}, "ptb": {"vocab": 10000}}
+        "cifar10": {"in_features": 3072, "classes": 10}, "ptb": {"vocab": 10000},
+        "wikitext2": {"vocab": 33278}}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -1,5 +1,6 @@
 """The WikiText-2 loader on small files the tests write (the real corpus cannot be had here)."""
 import dataclasses
+import json
 import gzip
 import hashlib
 
@@ -61,3 +62,35 @@ def test_a_truncated_gzipped_wikitext2_file_is_a_clear_error(tmp_path, monkeypat
     (tmp_path / "wiki.test.tokens.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match=r"wiki\.test\.tokens\.gz: cannot read .*truncated or corrupt"):
         load_corpus("wikitext2", str(tmp_path))
+
+
+def test_the_shipped_wikitext2_config_runs_gradual_block_pruning_end_to_end_on_written_files(tmp_path, monkeypatch):
+    import torch
+    from pathlib import Path
+
+    from sparse_ensembles import checkpoint
+    from sparse_ensembles.experiments.cli import main
+
+    torch.manual_seed(0)
+    data = tmp_path / "wt2"
+    data.mkdir()
+    # enough text for 2 x 3-token segments per batch row; valid / test words seen in train
+    words = "the tower of the chronicles is a game = = gameplay = = <unk> .".split()
+    lines = [" ".join(words[(i * 3) % len(words):] + words[: (i * 3) % len(words)]) for i in range(12)]
+    train, heldout = "\n".join(lines) + "\n", "\n".join(lines[:3]) + "\n"
+    sums = {}
+    for split, content in (("train", train), ("valid", heldout), ("test", heldout)):
+        (data / f"wiki.{split}.tokens").write_text(content)
+        sums[split] = hashlib.sha1(content.encode()).hexdigest()
+    _with_checksums(monkeypatch, sums)
+    config = Path(__file__).resolve().parents[1] / "configs" / "wt2_lstm_block_gradual.toml"
+    out = tmp_path / "run"
+    tiny = ["task.path=" + str(data), "task.batch_size=2", "task.bptt=3", "model.hidden=40", "model.block=[8, 8]",
+            "sgd.epochs=3", "sgd.decay_start=1", "sgd.prune_start=0", "sgd.prune_ramp=2"]
+    assert main(["run", str(config), "--out", str(out), "--no-progress", *[a for t in tiny for a in ("--set", t)]]) == 0
+    model, _ = checkpoint.load_member(out / "sgd" / "member_000.pt")
+    w = model.lstms[0].weight_hh_l0.detach()
+    blocks = w.reshape(w.shape[0] // 8, 8, w.shape[1] // 8, 8).pow(2).sum((1, 3))
+    assert (blocks == 0).float().mean().item() == pytest.approx(0.8, abs=0.02)  # 80% of its 8x8 blocks
+    row = json.loads((out / "results.json").read_text())[0]
+    assert row["method"] == "SGD x1" and all(1 < row[k] < 1e3 for k in ("ppl_valid", "ppl_test"))  # scored, finite
