@@ -261,8 +261,8 @@ def main():
     for r in sse_rows:
         ensembles.append({"method": r["method"], "source": label("sse"), "members": r["members"],
                           **{k: r[k] for k in ("ppl_valid", "ppl_test", "params_ratio", "train_seconds")}})
-    pruned = ROOT / "runs" / label("sse") / "pruned_80"
-    if pruned.exists():
+    pruned = next(iter(sorted((ROOT / "runs" / label("sse")).glob("pruned_*"))), None)  # pruned_<sparsity %>
+    if pruned is not None:
         files = sorted(pruned.glob("member_*.pt"))
         metas = [checkpoint.load(f)["meta"] for f in files]
         for e in ensembles:

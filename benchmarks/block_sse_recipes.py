@@ -37,7 +37,7 @@ def recipe(cfg) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--stage", default="pruned_80")
+    ap.add_argument("--stage", default="pruned_*", help="the retrained members' folder (a shell pattern)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--label", default="block_sse_recipes", help="results file name (benchmarks/results/LABEL.json)")
     args = ap.parse_args()
@@ -47,7 +47,7 @@ def main():
         t0 = time.perf_counter()
         cfg = config_mod.load(run / "config.current.toml" if (run / "config.current.toml").exists() else run / "config.toml")
         task = task or LanguageModel.from_config(cfg.task)
-        files = sorted((run / args.stage).glob("member_*.pt"))
+        files = sorted(run.glob(f"{args.stage}/member_*.pt"))
         if not files:
             print(f"{run}: no retrained members in {args.stage}/ yet")
             continue
