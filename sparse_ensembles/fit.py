@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ._timing import median_ms
 from . import checkpoint, metrics, pruning
 from .models.mlp import CompactMLP, _mlp_layers, compact_mlp
 from .models.sequential import as_sequential, blocks_of, compact_sequential, sequential_cost, sequential_unit_groups
@@ -320,20 +321,6 @@ def _params(model: nn.Module) -> int:
     return metrics.nonzero_params(model)
 
 
-def _median_ms(calls: dict, repeats: int) -> dict:
-    """Median milliseconds of each zero-argument call, after one warm-up call each, in interleaved
-    rounds (so drifts of a shared machine hit every call alike)."""
-    for f in calls.values():
-        f()
-    times = {k: [] for k in calls}
-    for _ in range(repeats):
-        for k, f in calls.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _tag(lam: float, temperature: float) -> str:
     return f"lam{lam:g}_T{temperature:g}"
 
@@ -565,7 +552,7 @@ class SparseEnsemble(nn.Module):
         for row in rows:
             members = found["dense"] if row["chain"] is None else found[(row["chain"], row["sparsity"], row["members"])]
             modules.append(_graph_of(members, self.objective).to(self.device))
-        ms = _median_ms({i: (lambda f=f: f(x)) for i, f in enumerate(modules)}, r.latency_repeats)
+        ms = median_ms({i: (lambda f=f: f(x)) for i, f in enumerate(modules)}, r.latency_repeats)
         for i, row in enumerate(rows):
             row["latency_ms"] = ms[i]
             row["latency_ratio"] = ms[i] / ms[0]
@@ -715,7 +702,7 @@ class SparseEnsemble(nn.Module):
         self.eval()
         dense = copy.deepcopy(self.template).eval()
         fused = self.graph_module()
-        ms = _median_ms({"ensemble": lambda: self(x), "fused": lambda: fused(x), "dense": lambda: dense(x)}, repeats)
+        ms = median_ms({"ensemble": lambda: self(x), "fused": lambda: fused(x), "dense": lambda: dense(x)}, repeats)
         out = {f"{k}_ms": v for k, v in ms.items()}
         out["ratio"] = out["ensemble_ms"] / out["dense_ms"]
         out["fused_ratio"] = out["fused_ms"] / out["dense_ms"]
@@ -821,7 +808,7 @@ class SparseEnsemble(nn.Module):
         if not diff <= atol:
             raise RuntimeError(f"the exported graph differs from the eager ensemble by {diff:g} (> {atol:g}) on "
                                f"example_inputs; {path} was written but should not be used")
-        ms = _median_ms({"eager": lambda: eager(x), "exported": got_fn}, repeats)
+        ms = median_ms({"eager": lambda: eager(x), "exported": got_fn}, repeats)
         return {"path": str(path), "max_abs_diff": diff, "eager_ms": ms["eager"], "exported_ms": ms["exported"]}
 
     @classmethod

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._timing import median_ms
 from ..models.lstm_lm import LSTMLM
 from .block_lstm import BlockSparseLSTM, block_keep_from_weight, block_layout, block_matmul, gather_blocks
 from .lstm import _log_mean_softmax
@@ -145,18 +146,9 @@ class BlockSparseSoftmax(nn.Module):
 
 def _faster(a: nn.Module, b: nn.Module, x: Tensor, repeats: int = 5) -> nn.Module:
     """The one of two equal layers that runs ``x`` faster (medians of interleaved calls)."""
-    import statistics
-    import time
-    times = {0: [], 1: []}
     with torch.no_grad():
-        for f in (a, b):
-            f(x)
-        for _ in range(repeats):
-            for i, f in enumerate((a, b)):
-                t0 = time.perf_counter()
-                f(x)
-                times[i].append(time.perf_counter() - t0)
-    return a if statistics.median(times[0]) <= statistics.median(times[1]) else b
+        ms = median_ms({0: lambda: a(x), 1: lambda: b(x)}, repeats)
+    return a if ms[0] <= ms[1] else b
 
 
 def narrow_softmax(model: LSTMLM, min_pruned: float = 0.25, rows: int = 700) -> LSTMLM:
