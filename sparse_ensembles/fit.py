@@ -13,7 +13,9 @@
    group sparse prior ``lam * sum_g sqrt(dim_g) ||theta_g||`` on the model's neuron groups, one
    sample every ``thin`` epochs after ``burn_in``;
 3. every sample pruned at every sparsity (magnitude, after the groups the prior switched off),
-   retrained with its mask fixed, and shrunk physically (:func:`~sparse_ensembles.compact.compact_mlp`);
+   retrained with its mask fixed, and shrunk physically (a built-in kind by its own ``shrink``; an
+   ``nn.Sequential`` MLP or CNN by :func:`~sparse_ensembles.compact.compact_mlp` /
+   :func:`~sparse_ensembles.models.sequential.compact_sequential`);
 4. every candidate ``(lam, T, sparsity, m)`` -- the ensemble of the first ``m`` members -- scored on
    the validation loader; the one with the lowest valid NLL (or error) whose cost is within the
    ``budget`` (relative to the dense model) is chosen.
@@ -117,7 +119,54 @@ class Recipe:
         return max(self.members)
 
 
-class _MLPStructure:
+class _Structure:
+    """How ``fit`` groups, prunes and shrinks one family of models. ``groups_of`` (None: no groups)
+    gives the group prior's families, ``unit_groups_of`` those whose empty groups remove a unit,
+    ``prunable_of`` the weights magnitude pruning may touch; ``compact`` shrinks a pruned model."""
+    groups_of = None
+
+    def unit_groups_of(self, model: nn.Module) -> list:
+        return self.groups_of(model) if self.groups_of else []
+
+    def prunable_of(self, model: nn.Module) -> list[str]:
+        return [n for n, p in model.named_parameters() if p.dim() >= 2]
+
+
+class _KindStructure(_Structure):
+    """A built-in model kind (``sparse_ensembles.models``: ``mlp``, ``cnn``, ``resnet20``, or one a
+    user registered): the kind's own groups, prunable weights, cost and ``shrink``, exactly as the
+    config pipeline prunes and shrinks it."""
+
+    @staticmethod
+    def applies(model: nn.Module) -> bool:
+        return all(callable(getattr(model, a, None)) for a in ("spec", "unit_groups", "live_units", "shrink", "cost"))
+
+    def __init__(self, model: nn.Module):
+        if getattr(model, "stateful", False):
+            raise ValueError(f"{type(model).__name__} carries a state between batches (a language model): fit "
+                             "takes models that map a batch of inputs to outputs; run language models through "
+                             "the config pipeline (sparse-ensembles run configs/ptb_lstm_sse_small.toml)")
+        kind = model.spec()["kind"]
+        names = ", ".join(f.name for f in model.unit_groups())
+        self.reason = f"the built-in kind {kind!r}: its own groups (units: {names}), shrunk by {kind}.shrink"
+
+    def groups_of(self, model: nn.Module) -> list:
+        return model.groups() if hasattr(model, "groups") else model.unit_groups()
+
+    def unit_groups_of(self, model: nn.Module) -> list:
+        return model.unit_groups()
+
+    def prunable_of(self, model: nn.Module) -> list[str]:
+        return list(model.prunable_weights())
+
+    def compact(self, model: nn.Module, input_shape) -> nn.Module:
+        return model.shrink(model.live_units())
+
+    def flops(self, model: nn.Module, input_shape) -> int:
+        return model.cost()["flops"]
+
+
+class _MLPStructure(_Structure):
     """An ``nn.Sequential`` MLP: neuron groups (a neuron's outgoing weights), shrunk by
     :func:`~sparse_ensembles.compact.compact_mlp`."""
     reason = "an MLP: neuron groups, shrunk to smaller dense layers"
@@ -133,7 +182,7 @@ class _MLPStructure:
         return metrics.cost([model])["flops"]
 
 
-class _CNNStructure:
+class _CNNStructure(_Structure):
     """An ``nn.Sequential`` CNN: channel / neuron groups (each unit's filter or incoming row),
     shrunk by :func:`~sparse_ensembles.models.sequential.compact_sequential`."""
     reason = "a CNN: channel and neuron groups, shrunk to fewer channels and neurons"
@@ -149,9 +198,8 @@ class _CNNStructure:
         return sequential_cost(model, input_shape)["flops"]
 
 
-class _Unstructured:
+class _Unstructured(_Structure):
     """Anything else: magnitude masks under a Gaussian prior, members kept at full size."""
-    groups_of = None
 
     def __init__(self, reason: str):
         self.reason = f"not compacted ({reason}): unstructured magnitude masks, members kept at full size"
@@ -166,6 +214,8 @@ class _Unstructured:
 def _structure_of(model: nn.Module):
     """(structure, the model as fit trains it): an ``nn.Sequential`` as given; another module as
     the ``nn.Sequential`` of its submodules when torch.fx traces its forward as a chain."""
+    if _KindStructure.applies(model):
+        return _KindStructure(model), model
     traced = ""
     if not isinstance(model, nn.Sequential):
         try:
@@ -185,6 +235,7 @@ def _structure_of(model: nn.Module):
 
 def prunability(model: nn.Module) -> dict:
     """What ``fit`` can do with ``model``: ``{"compacts": bool, "groups": [...], "reason": str}``.
+    A built-in model kind (``mlp``, ``cnn``, ``resnet20``, ...) uses its own groups and ``shrink``.
     An ``nn.Sequential`` MLP (``Linear``, activations, ``Flatten`` first, ``Dropout``) gets neuron
     groups; an ``nn.Sequential`` CNN (``Conv2d``, ``BatchNorm``, activations, pooling, one
     ``Flatten``, ``Linear``, ``Dropout``; see :mod:`sparse_ensembles.models.sequential`) channel and
@@ -485,9 +536,10 @@ class SparseEnsemble(nn.Module):
         model = copy.deepcopy(dense)
         model.load_state_dict(checkpoint.load(sample, fix="delete the chain folder to sample it again")["state"])
         params = dict(model.named_parameters())
-        prunable = [n for n, p in params.items() if p.dim() >= 2]
-        groups = self._structure.groups_of(model) if self.structure["compacts"] else []
-        masks = pruning.sse_masks(params, groups, groups, prunable, sparsity, group_threshold=r.group_threshold)
+        st = self._structure
+        groups = st.groups_of(model) if self.structure["compacts"] else []
+        masks = pruning.sse_masks(params, groups, st.unit_groups_of(model), st.prunable_of(model), sparsity,
+                                  group_threshold=r.group_threshold)
         pruning.apply_masks(model, masks)
         hooks = pruning.keep_pruned_at_zero(model, masks)
         opt = Constrained(torch.optim.SGD(model.parameters(), lr=r.retrain_lr), params, masks=Holder(masks))

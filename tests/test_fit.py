@@ -343,3 +343,33 @@ def test_a_fit_killed_mid_chain_and_resumed_ends_bit_for_bit_like_an_uninterrupt
     resumed = SparseEnsemble(_net(), recipe=recipe, workdir=tmp_path / "cut", progress=False).fit(loader(), valid)
     assert torch.equal(resumed(x[:50]), whole(x[:50]))
     assert [r["valid_nll"] for r in resumed.candidates] == [r["valid_nll"] for r in whole.candidates]
+
+
+@pytest.mark.filterwarnings("ignore::sparse_ensembles.fit.CollapseWarning")
+def test_fit_on_the_built_in_resnet20_kind_shrinks_members_to_fewer_channels_and_reloads_them(tmp_path):
+    from sparse_ensembles.models.resnet20 import ResNet20
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()
+    train = DataLoader(TensorDataset(x[:200], y[:200]), batch_size=50, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    valid = DataLoader(TensorDataset(x[200:], y[200:]), batch_size=100)
+    torch.manual_seed(0)
+    net = ResNet20([1, 8, 8], 2, [4, 8, 8])  # residual: not a chain, so only the kind's own structure shrinks it
+    report = prunability(net)
+    assert report["compacts"] and "resnet20" in report["reason"]
+    rec = Recipe(**{**SMALL, "sparsities": (0.8,), "members": (2,), "lams": (30.0,), "group_threshold": 0.05})
+    ens = SparseEnsemble(net, budget=None, recipe=rec, workdir=tmp_path / "w", progress=False).fit(train, valid)
+    members = ens._member(None, tmp_path / "w" / "chain_lam30_T0.01" / "sample_000.pt", 0.8, 0, train)
+    assert isinstance(members, ResNet20) and sum(members.inner) < sum(net.inner)  # conv1 channels removed
+    row = next(r for r in ens.candidates if r["chain"])
+    assert row["params_ratio"] < 2.0 and row["flops_ratio"] < 2.0
+    ens.save(tmp_path / "ens")
+    again = SparseEnsemble.load(tmp_path / "ens")
+    torch.testing.assert_close(again(x[200:]), ens.eval()(x[200:]), atol=1e-6, rtol=0)
+
+
+def test_fit_refuses_a_language_model_naming_the_config_pipeline():
+    from sparse_ensembles.models.lstm_lm import LSTMLM
+    with pytest.raises(ValueError, match="config pipeline"):
+        SparseEnsemble(LSTMLM(50, [8], 8), progress=False)

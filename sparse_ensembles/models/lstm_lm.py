@@ -106,6 +106,7 @@ class LSTMLM(nn.Module):
         softmax_block: list[int] = field(default_factory=list)
 
     groupings = ("untied", "tied", "iss", "block")
+    stateful = True  # forward(tokens, state) -> (logits, state): batches carry the hidden state (BPTT)
 
     def __init__(self, vocab: int, hidden: Sequence[int], emb: int, dropout: float = 0.0, tie: bool = False,
                  init_scale: float = 0.1, grouping: str = "iss", block: Sequence[int] = (32, 32),
