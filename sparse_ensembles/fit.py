@@ -52,10 +52,12 @@ from .models.sequential import as_sequential, blocks_of, compact_sequential, seq
 from .models.registry import from_spec
 from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
+from .samplers.sgmcmc import SGMCMC
 from .structure import sequential_groups
 from .training import Constrained, Holder, derive_seed, run_epochs, seed_epoch, train_epoch
 
-__all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability"]
+__all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability", "Classification", "Regression",
+           "LanguageModelling"]
 
 
 # Recipe fields that may change between calls on one workdir: the grids add or reuse folders keyed
@@ -75,6 +77,8 @@ class Recipe:
     sgd_lr: float = 0.5
     sgd_decay_every: int = 5         # the SGD step is multiplied by sgd_lr_decay every this many epochs
     sgd_lr_decay: float = 0.5
+    sgd_decay_start: int = 0         # first epoch with a decayed step (0: sgd_decay_every), as [sgd] decay_start
+    max_grad_norm: float = 0.0       # clip the likelihood gradient's norm (SGD, chains, retraining); 0: never
     chain_lr: float = 0.1
     lams: Sequence[float] = (3.0,)   # group-Lasso strength
     temperatures: Sequence[float] = (0.01,)
@@ -95,7 +99,7 @@ class Recipe:
         def need(ok, key, why):
             if not ok:
                 raise ValueError(f"Recipe.{key}: {why}")
-        for key in ("sgd_epochs", "burn_in", "retrain_epochs"):
+        for key in ("sgd_epochs", "burn_in", "retrain_epochs", "sgd_decay_start"):
             need(isinstance(getattr(self, key), int) and getattr(self, key) >= 0, key, "must be an int >= 0")
         need(isinstance(self.thin, int) and self.thin >= 1, "thin", "must be an int >= 1")
         need(isinstance(self.sgd_decay_every, int) and self.sgd_decay_every >= 1, "sgd_decay_every", "must be an int >= 1")
@@ -113,6 +117,8 @@ class Recipe:
         need(self.select in ("nll", "error"), "select", "use 'nll' or 'error'")
         need(isinstance(self.group_threshold, (int, float)) and 0 <= self.group_threshold < math.inf,
              "group_threshold", "must be a finite number >= 0")
+        need(isinstance(self.max_grad_norm, (int, float)) and 0 <= self.max_grad_norm < math.inf,
+             "max_grad_norm", "must be a finite number >= 0 (0: no clipping)")
 
     @property
     def samples(self) -> int:
@@ -142,10 +148,6 @@ class _KindStructure(_Structure):
         return all(callable(getattr(model, a, None)) for a in ("spec", "unit_groups", "live_units", "shrink", "cost"))
 
     def __init__(self, model: nn.Module):
-        if getattr(model, "stateful", False):
-            raise ValueError(f"{type(model).__name__} carries a state between batches (a language model): fit "
-                             "takes models that map a batch of inputs to outputs; run language models through "
-                             "the config pipeline (sparse-ensembles run configs/ptb_lstm_sse_small.toml)")
         kind = model.spec()["kind"]
         names = ", ".join(f.name for f in model.unit_groups())
         self.reason = f"the built-in kind {kind!r}: its own groups (units: {names}), shrunk by {kind}.shrink"
@@ -275,10 +277,25 @@ def _num_data(loader) -> int:
             return len(getattr(loader, source))
         except (AttributeError, TypeError):
             pass
-    return sum(len(_xy(b)[1]) for b in loader)
+    return sum(_xy(b)[1].numel() for b in loader)  # targets: one per example, or per token of a segment
 
 
-class Classification:
+class _Objective:
+    """What ``fit`` optimises and scores. ``loss(model, batch, state) -> (loss, state)`` trains;
+    ``predictions`` gives a member's valid predictions (what ``combine`` mixes and ``scores`` reads);
+    ``predict`` maps one forward output to what ``ens(x)`` mixes. ``stateful``: the model carries a
+    state from batch to batch (a language model)."""
+    stateful = False
+
+    def predictions(self, model: nn.Module, batches) -> tuple[Tensor, Tensor]:
+        out, ys = [], []
+        for x, y in batches:
+            out.append(self.predict(model(x)).float())
+            ys.append(y)
+        return torch.cat(out), torch.cat(ys)
+
+
+class Classification(_Objective):
     """Cross-entropy on logits; a member predicts log-probabilities, the ensemble the log of the
     mean of its members' probabilities. Scores: top-1 ``error`` and ``nll``."""
     name, error_name = "classification", "error"
@@ -305,7 +322,7 @@ class Classification:
         return float((a.argmax(-1) != b.argmax(-1)).float().mean())
 
 
-class Regression:
+class Regression(_Objective):
     """Gaussian likelihood. A model with 2 outputs predicts the mean and ``log var`` (learned,
     per-example noise); a model with 1 output predicts the mean under a fixed ``noise_std``. The
     loss is the mean Gaussian NLL ``0.5 (log 2 pi var + (y - mu)^2 / var)``; the ensemble is the
@@ -353,19 +370,58 @@ class Regression:
         return float((a[:, 0, 0] - b[:, 0, 0]).pow(2).mean().sqrt())
 
 
-OBJECTIVES = {"classification": Classification, "regression": Regression}
+class LanguageModelling(Classification):
+    """Next-word prediction by a model that carries a state, ``forward(tokens, state) -> (logits,
+    state)`` (the built-in ``lstm_lm``). Batches are BPTT segments ``(x, y)`` (rows x positions) of
+    contiguous token streams, given in stream order: the state flows from each segment to the next,
+    detached (Zaremba et al. 2014), so pass a list of segments rather than a shuffling loader
+    (``sparse_ensembles.data.text.bptt_segments``). Members are scored on the target word only: the
+    ensemble's ``log p(y_t) = log mean_m p_m(y_t)``; scores ``ppl`` and ``nll`` per token. ``ens(x)``
+    returns the log of the mean of the members' next-word distributions ``(rows, positions, vocab)``,
+    each member starting from a zero state."""
+    name, error_name = "language_model", "nll"
+    metric_names = ("ppl", "nll")
+    stateful = True
+
+    def loss(self, model, batch, state=None):
+        x, y = batch
+        state = None if state is None else [tuple(t.detach() for t in layer) for layer in state]
+        logits, state = model(x, state)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state
+
+    def predictions(self, model: nn.Module, batches) -> tuple[Tensor, Tensor]:
+        """log p(y_t) of every target token, flattened in stream order, and the targets."""
+        state, out, ys = None, [], []
+        for x, y in batches:
+            logits, state = model(x, state)
+            out.append(torch.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).reshape(-1))
+            ys.append(y.reshape(-1))
+        return torch.cat(out), torch.cat(ys)
+
+    def predict(self, out) -> Tensor:
+        return torch.log_softmax(out[0], -1)
+
+    def scores(self, combined: Tensor, y: Tensor) -> dict:
+        nll = float(-combined.double().mean())
+        return {"ppl": math.exp(nll), "nll": nll}
+
+    def disagreement(self, a: Tensor, b: Tensor) -> float:
+        """The mean absolute difference of two members' log p(y_t), in nats (comparable to ``nll``)."""
+        return float((a - b).abs().mean())
 
 
+OBJECTIVES = {"classification": Classification, "regression": Regression, "language_model": LanguageModelling}
+
+
+@torch.no_grad()
 @torch.no_grad()
 def _predict(objective, model: nn.Module, loader, device) -> tuple[Tensor, Tensor]:
     was = model.training
     model.eval()
-    out, ys = [], []
-    for x, y in _batches(loader, device):
-        out.append(objective.predict(model(x)).float())
-        ys.append(y)
-    model.train(was)
-    return torch.cat(out), torch.cat(ys)
+    try:
+        return objective.predictions(model, _batches(loader, device))
+    finally:
+        model.train(was)
 
 
 def _params(model: nn.Module) -> int:
@@ -407,7 +463,8 @@ class SparseEnsemble(nn.Module):
     Args:
         model: the network (left untouched; ``fit`` trains copies). Its forward returns logits.
         task: ``"classification"`` (cross-entropy; members averaged as probabilities), ``"regression"``
-            (Gaussian likelihood; see :class:`Regression`), or an objective such as ``Regression(noise_std=0.5)``.
+            (Gaussian likelihood; see :class:`Regression`), ``"language_model"`` (next word, a stateful model
+            on BPTT segments; see :class:`LanguageModelling`), or an objective such as ``Regression(noise_std=0.5)``.
         budget: the chosen ensemble's cost relative to one dense model: ``{"params": 1.0}`` (nonzero
             parameters), ``{"flops": 2.0}`` (sub-matrix FLOPs), or both; ``None``: no limit.
         recipe: a :class:`Recipe` (or a dict of its fields).
@@ -424,6 +481,13 @@ class SparseEnsemble(nn.Module):
                 raise ValueError(f"task {task!r} is not supported; use one of {sorted(OBJECTIVES)}")
             task = OBJECTIVES[task]()
         self.objective = task
+        if getattr(model, "stateful", False) and not getattr(task, "stateful", False):
+            raise ValueError(f"{type(model).__name__} carries a state from batch to batch (a language model): use "
+                             "task=\"language_model\" with BPTT segments (x, y) as batches")
+        if getattr(task, "stateful", False) and not getattr(model, "stateful", False):
+            raise ValueError(f"task {task.name!r} needs a model whose forward(tokens, state) returns (logits, state) "
+                             f"and that says so (stateful = True), such as sparse_ensembles.models.LSTMLM; "
+                             f"{type(model).__name__} does not")
         budget = {"params": 1.0} if budget is None else dict(budget)
         unknown = set(budget) - {"params", "flops", "latency"}
         if unknown or not all(isinstance(v, (int, float)) and v > 0 for v in budget.values()):
@@ -466,8 +530,9 @@ class SparseEnsemble(nn.Module):
             # every epoch's batches (order, dropout, workers' seeds) are a function of (seed, unit,
             # epoch) alone, so a fit resumed from any checkpoint continues bit for bit
             seed_epoch(loader, derive_seed(self.recipe.seed, label, e))
+            clip = 0 if isinstance(opt, SGMCMC) else self.recipe.max_grad_norm  # a sampler clips by itself
             loss = train_epoch(model, opt, _batches(loader, self.device), where=f"{label} epoch {e + 1}",
-                               loss_fn=self.objective.loss)
+                               loss_fn=self.objective.loss, max_grad_norm=clip or None)
             if sched is not None:
                 sched.step()
             return loss
@@ -485,7 +550,9 @@ class SparseEnsemble(nn.Module):
             model.load_state_dict(checkpoint.load(path, fix="delete it to train the dense model again")["state"])
             return model
         opt = torch.optim.SGD(model.parameters(), lr=r.sgd_lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=r.sgd_decay_every, gamma=r.sgd_lr_decay)
+        start = r.sgd_decay_start or r.sgd_decay_every  # lr * decay^k, k = 0 before start, then one more every `every`
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: r.sgd_lr_decay ** (
+            0 if e < start else (e - start) // r.sgd_decay_every + 1))
         seconds = self._train(model, opt, train_loader, r.sgd_epochs, self.workdir / "dense.ckpt", "dense SGD", sched=sched)
         checkpoint.atomic_save({"state": checkpoint.cpu_state(model), "train_seconds": seconds}, path)
         (self.workdir / "dense.ckpt").unlink(missing_ok=True)
@@ -509,7 +576,8 @@ class SparseEnsemble(nn.Module):
         model = copy.deepcopy(dense)
         gen = torch.Generator(device=self.device).manual_seed(r.seed + 1)
         sampler = SGLD(model.named_parameters(), lr=r.chain_lr, num_data=_num_data(train_loader),
-                       temperature=temperature, prior=self._prior(model, lam), generator=gen)
+                       temperature=temperature, prior=self._prior(model, lam), generator=gen,
+                       max_grad_norm=r.max_grad_norm or None)  # the sampler clips the likelihood's gradient itself
         epochs = r.burn_in + r.thin * r.samples
 
         def after(done: int):

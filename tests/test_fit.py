@@ -1,4 +1,5 @@
 """The one-call API (issue 25): SparseEnsemble(model, budget).fit(train, valid) on a user's own model."""
+import math
 import warnings
 
 import pytest
@@ -369,7 +370,44 @@ def test_fit_on_the_built_in_resnet20_kind_shrinks_members_to_fewer_channels_and
     torch.testing.assert_close(again(x[200:]), ens.eval()(x[200:]), atol=1e-6, rtol=0)
 
 
-def test_fit_refuses_a_language_model_naming_the_config_pipeline():
+def _token_segments(seed=0, vocab=12, n=6000, rows=10, bptt=10):
+    """A stream where each word mostly follows from the last (w -> 3w + 1 mod vocab), in BPTT segments."""
+    from sparse_ensembles.data.text import batchify, bptt_segments
+    g = torch.Generator().manual_seed(seed)
+    words = [0]
+    for _ in range(n - 1):
+        words.append((3 * words[-1] + 1) % vocab if torch.rand(1, generator=g) < 0.8
+                     else int(torch.randint(vocab, (1,), generator=g)))
+    stream = torch.tensor(words)
+    return (list(bptt_segments(batchify(stream[:5000], rows), bptt)),
+            list(bptt_segments(batchify(stream[5000:], rows), bptt)))
+
+
+@pytest.mark.filterwarnings("ignore::sparse_ensembles.fit.CollapseWarning")
+def test_fit_on_an_lstm_language_model_scores_perplexity_and_shrinks_members_by_iss(tmp_path):
     from sparse_ensembles.models.lstm_lm import LSTMLM
-    with pytest.raises(ValueError, match="config pipeline"):
+    train, valid = _token_segments()
+    torch.manual_seed(0)
+    net = LSTMLM(12, [16, 16], 8, init_scale=0.1, grouping="iss")
+    rec = Recipe(**{**SMALL, "sgd_epochs": 8, "sgd_lr": 5.0, "sgd_decay_every": 100, "chain_lr": 5.0, "retrain_lr": 2.5,
+                    "max_grad_norm": 5.0, "lams": (0.3,), "sparsities": (0.5,), "members": (2,), "group_threshold": 0.06})
+    ens = SparseEnsemble(net, task="language_model", budget=None, recipe=rec, workdir=tmp_path / "w",
+                         progress=False).fit(train, valid)
+    dense, sparse = ens.candidates[0], next(r for r in ens.candidates if r["chain"])
+    assert dense["valid_ppl"] < 4.0  # learnt the rule: a uniform guess is 12, the stream's entropy about 2.5
+    assert sparse["valid_ppl"] == pytest.approx(math.exp(sparse["valid_nll"]))
+    member = ens._member(None, tmp_path / "w" / "chain_lam0.3_T0.01" / "sample_000.pt", 0.5, 0, train)
+    assert isinstance(member, LSTMLM) and sum(member.hidden) < 32  # ISS removed whole LSTM units
+    x = valid[0][0]
+    out = ens.eval()(x)  # log mean_m p_m(w) over the vocabulary, each member from a zero state
+    assert out.shape == (10, 10, 12) and torch.allclose(out.exp().sum(-1), torch.ones(10, 10), atol=1e-5)
+    ens.save(tmp_path / "ens")
+    torch.testing.assert_close(SparseEnsemble.load(tmp_path / "ens")(x), out, atol=1e-6, rtol=0)
+
+
+def test_a_stateful_model_and_a_stateless_task_are_refused_naming_the_fix():
+    from sparse_ensembles.models.lstm_lm import LSTMLM
+    with pytest.raises(ValueError, match="task=\"language_model\""):
         SparseEnsemble(LSTMLM(50, [8], 8), progress=False)
+    with pytest.raises(ValueError, match="stateful"):
+        SparseEnsemble(_net(), task="language_model", progress=False)
