@@ -137,6 +137,10 @@ class _Structure:
     def prunable_of(self, model: nn.Module) -> list[str]:
         return [n for n, p in model.named_parameters() if p.dim() >= 2]
 
+    def params(self, model: nn.Module) -> int:
+        """What the parameter budget counts: nonzero weights and biases."""
+        return metrics.nonzero_params(model)
+
 
 class _KindStructure(_Structure):
     """A built-in model kind (``sparse_ensembles.models``: ``mlp``, ``cnn``, ``resnet20``, or one a
@@ -163,6 +167,11 @@ class _KindStructure(_Structure):
 
     def compact(self, model: nn.Module, input_shape) -> nn.Module:
         return model.shrink(model.live_units())
+
+    def params(self, model: nn.Module) -> int:
+        """The kind's own count, as the config pipeline's tables: nonzero weights and biases, except
+        that a language model's untied embedding table (a lookup, not a product) is not counted."""
+        return model.cost()["params"]
 
     def flops(self, model: nn.Module, input_shape) -> int:
         return model.cost()["flops"]
@@ -424,8 +433,6 @@ def _predict(objective, model: nn.Module, loader, device) -> tuple[Tensor, Tenso
         model.train(was)
 
 
-def _params(model: nn.Module) -> int:
-    return metrics.nonzero_params(model)
 
 
 def _tag(lam: float, temperature: float) -> str:
@@ -649,7 +656,7 @@ class SparseEnsemble(nn.Module):
                 if len(logps[s]) < m:
                     continue
                 scores = self.objective.scores(self.objective.combine(logps[s][:m]), y)
-                cost = {"params": sum(_params(x) for x in members[s][:m]),
+                cost = {"params": sum(self._structure.params(x) for x in members[s][:m]),
                         "flops": sum(self._flops(x) for x in members[s][:m])}
                 rows.append({"name": f"SGLD+GSP+PR {_pct(s)}% x{m}", "chain": tag, "lam": lam, "temperature": temperature,
                              "sparsity": s, "members": m, **{f"valid_{k}": v for k, v in scores.items()},
@@ -702,7 +709,7 @@ class SparseEnsemble(nn.Module):
         dense = self._dense(train_loader)
         obj = self.objective
         dense_pred, y = _predict(obj, dense, valid_loader, self.device)
-        dense_cost = {"params": _params(dense), "flops": self._flops(dense)}
+        dense_cost = {"params": self._structure.params(dense), "flops": self._flops(dense)}
         dense_scores = obj.scores(obj.combine([dense_pred]), y)
         rows = [{"name": "SGD x1 (dense)", "chain": None, "lam": None, "temperature": None, "sparsity": 0.0,
                  "members": 1, **{f"valid_{k}": v for k, v in dense_scores.items()},
@@ -853,6 +860,15 @@ class SparseEnsemble(nn.Module):
         if print_table:
             print(text)
         return text
+
+    def evaluate(self, loader, members: Optional[Sequence[nn.Module]] = None) -> dict:
+        """The objective's scores of the chosen ensemble (or of ``members``) on ``loader``, such as a
+        test split read after the choice: error and NLL; RMSE, NLL and coverage; or perplexity and NLL."""
+        members = list(self.members if members is None else members)
+        if not members:
+            raise RuntimeError("nothing to evaluate: call fit() or load() first")
+        preds = [_predict(self.objective, m, loader, self.device) for m in members]
+        return self.objective.scores(self.objective.combine([p for p, _ in preds]), preds[0][1])
 
     def save(self, path) -> Path:
         """The chosen members as a JSON spec plus a tensors-only file (no pickled code):

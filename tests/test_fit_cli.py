@@ -55,3 +55,22 @@ def test_fit_command_refuses_bad_options_with_an_error_line(tmp_path, capsys, ar
     need_data("mnist")
     assert main(["fit", TINY, "--out", str(tmp_path / "x"), "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_fit_command_on_a_language_model_config_scores_test_perplexity_and_saves_lstm_members(tmp_path, capsys):
+    import math
+
+    from sparse_ensembles.fit import SparseEnsemble
+    from sparse_ensembles.models import LSTMLM
+    from test_cli import TINY_LM
+    need_data("ptb")
+    out = tmp_path / "fit_lm"
+    assert main(["fit", TINY_LM, "--budget", "none", "--out", str(out), "--no-progress"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    result = json.loads((out / "fit_test.json").read_text())
+    for scores in result["test"].values():
+        assert math.isclose(scores["ppl"], math.exp(scores["nll"]), rel_tol=1e-9) and scores["ppl"] < 10000
+    ens = SparseEnsemble.load(out / "ensemble")
+    assert all(isinstance(m, LSTMLM) for m in ens.members)
+    sparse = [r for r in json.loads((out / "work" / "fit.json").read_text())["candidates"] if r["chain"]]
+    assert sparse and all(r["params_ratio"] < 0.2 * r["members"] for r in sparse)  # pruned to 90% of the weights
