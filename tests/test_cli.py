@@ -180,6 +180,9 @@ def test_tiny_lm_config_runs_the_whole_sse_pipeline_on_ptb_and_shrinks_lstm_memb
         assert blob["spec"]["kind"] == "lstm_lm" and blob["meta"]["sparsity"] >= 0.9
         model, _ = checkpoint.load_member(f)
         assert isinstance(model, LSTMLM) and all(h <= 32 for h in model.hidden)
+        weights = torch.cat([w.detach().flatten() for w in model.prunable_weights().values()])
+        assert float(weights.eq(0).float().mean()) >= 0.85  # the saved tensors are sparse, not just the meta
+
 
 
 def test_resume_with_an_override_keeps_the_original_config_and_records_the_change(tiny_run, tmp_path):
