@@ -403,6 +403,8 @@ def test_fit_on_an_lstm_language_model_scores_perplexity_and_shrinks_members_by_
     assert out.shape == (10, 10, 12) and torch.allclose(out.exp().sum(-1), torch.ones(10, 10), atol=1e-5)
     ens.save(tmp_path / "ens")
     torch.testing.assert_close(SparseEnsemble.load(tmp_path / "ens")(x), out, atol=1e-6, rtol=0)
+    for suffix in (".pt2", ".onnx"):  # the members' LSTMs unrolled into one graph, batch rows dynamic
+        assert ens.export(tmp_path / f"lm{suffix}", x, repeats=3)["max_abs_diff"] <= 1e-5
 
 
 def test_a_stateful_model_and_a_stateless_task_are_refused_naming_the_fix():
