@@ -57,6 +57,7 @@ def test_fit_command_refuses_bad_options_with_an_error_line(tmp_path, capsys, ar
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::sparse_ensembles.fit.CollapseWarning")  # two samples one epoch apart
 def test_fit_command_on_a_language_model_config_scores_test_perplexity_and_saves_lstm_members(tmp_path, capsys):
     import math
 
