@@ -6,6 +6,9 @@
     ens.report()        # every candidate's valid metrics and cost; the chosen one marked
     ens.save("ens"); SparseEnsemble.load("ens")
 
+The task is an objective beside the others: :class:`Classification`, :class:`Regression` (Gaussian
+likelihood) or :class:`LanguageModelling` (a stateful LSTM on BPTT segments, scored by perplexity).
+
 ``fit`` runs the SSE recipe (Zhang & Ou 2018) on the model as given:
 
 1. the model trained densely by SGD: the reference of the budget, and itself a candidate;
