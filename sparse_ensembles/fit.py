@@ -917,7 +917,9 @@ class SparseEnsemble(nn.Module):
         want = eager(x)
         batch = torch.export.Dim("batch", min=1)
         if path.suffix == ".pt2":
-            program = torch.export.export(graph, (x,), dynamic_shapes=({0: batch},))
+            with warnings.catch_warnings():  # nn.LSTM re-assigns its flat weight list while traced (harmless: parity is checked)
+                warnings.filterwarnings("ignore", message=".*were assigned during export")
+                program = torch.export.export(graph, (x,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(path))
             run = torch.export.load(str(path)).module()
             got_fn = lambda: run(x)  # noqa: E731
