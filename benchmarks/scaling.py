@@ -102,7 +102,7 @@ def main() -> None:
         vec = max(r["vectorised_steps_per_s"] for r in mine)
         best[str(M)] = {"sequential_steps_per_s": seq, "vectorised_steps_per_s": vec, "speedup_best_vs_best": vec / seq}
         print(f"M={M}: best vs best {vec / seq:.2f}x")
-    path = write("scaling", {"device": str(device), "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
+    path = write("scaling" + ("" if device.type == "cpu" else f"_{device.type}"), {"device": str(device), "batch": args.batch, "steps": args.steps, "rounds": args.rounds,
                              "model": "MLP 784-300-100-10, SGLD + group Lasso (lam 3) + Gaussian", "rows": rows,
                              "best_vs_best": best})
     print(f"wrote {path}")

@@ -115,3 +115,16 @@ def test_block_sse_recipes_reports_member_and_ensemble_valid_perplexity_of_a_run
     assert len(ppls) == 2 and all(m["block_sparsity"] >= 0.79 for m in r["members"])
     # averaging probabilities: the ensemble is no worse than the members' geometric mean (Jensen)
     assert r["ensemble_ppl_valid"] <= math.exp(sum(math.log(p) for p in ppls) / 2) + 1e-6
+
+
+def test_gpu_checks_script_runs_its_steps_on_cpu_and_writes_the_lstm_and_scaling_ratios(tmp_path):
+    env = {**os.environ, "SPARSE_ENSEMBLES_RESULTS": str(tmp_path), "PYTHON": sys.executable, "DEVICE": "cpu",
+           "HIDDEN": "32", "QUICK": "1"}
+    env.pop("OUT", None)
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "gpu_checks: 0 step(s) failed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    lstm = json.loads((tmp_path / "lstm_sampler_overhead_cpu_h32.json").read_text())
+    assert lstm["sgld_group_lasso_vs_sgd"] > 0 and set(lstm["median_ms_per_step"]) >= {"sgd", "sgld", "sgld_group_lasso"}
+    scaling = json.loads((tmp_path / "scaling.json").read_text())
+    assert {r["chains"] for r in scaling["rows"]} == {4, 18}
