@@ -270,3 +270,41 @@ def test_the_prior_update_overlapped_in_a_worker_thread_gives_the_same_chain_and
     sa, sb = sync.ssgl.state_dict(), overlapped.state_dict()["prior"]["0"]
     assert sa["sigma"] == sb["sigma"] and all(torch.equal(sa["rho"][n], sb["rho"][n]) for n in sa["rho"])
     overlapped.close()
+
+
+def test_estep_latent_start_sets_rho_to_eq5_of_the_starting_weights_and_the_kappas_from_it():
+    w = torch.tensor([[0.0, 1e-5, 5e-4], [0.01, 0.05, -0.2]])
+    params = {"w": w}
+    prior = SpikeSlabGL(["w"], v0=1e-3, v1=1.0, sigma0=0.1, delta0=0.5, latent_start="estep")
+    grads = {"w": torch.zeros_like(w)}
+    prior.add_grad_(grads, params, num_data=100)
+    rho = prior.rho["w"]
+    torch.testing.assert_close(rho, prior.rho_tilde(params)["w"])
+    torch.testing.assert_close(prior.kappa0["w"], (1 - rho) / 1e-3)
+    torch.testing.assert_close(prior.kappa1["w"], rho / 1.0)
+    assert bool((rho[0, :2] < 0.01).all()) and bool((rho[1] > 0.99).all())  # near zero: spike; large: slab
+    # the large weights carry (almost) no L1: their gradient is the slab's L2 alone
+    l2 = prior.kappa1["w"][1] * w[1] / (0.1 ** 2 * 100)
+    torch.testing.assert_close(grads["w"][1], l2, atol=1e-6, rtol=1e-4)
+    rho0 = SpikeSlabGL(["w"], v0=1e-3, v1=1.0, sigma0=0.1, rho0=0.999)
+    rho0.add_grad_({"w": torch.zeros_like(w)}, params, num_data=100)
+    torch.testing.assert_close(rho0.kappa0["w"], torch.full_like(w, 1.0))  # the constant start: an L1 on every weight
+
+
+def test_estep_latent_start_refuses_explicit_kappas_and_unknown_names():
+    with pytest.raises(ValueError, match="latent_start='estep' sets the starting kappas"):
+        SpikeSlabGL(["w"], v0=1e-3, v1=1.0, latent_start="estep", kappa0=5e-4)
+    with pytest.raises(ValueError, match="latent_start must be 'rho0' or 'estep'"):
+        SpikeSlabGL(["w"], v0=1e-3, v1=1.0, latent_start="mean")
+
+
+def test_config_names_prior_latent_start_when_it_is_unknown_or_clashes_with_explicit_kappas():
+    from pathlib import Path
+
+    from sparse_ensembles.experiments import config as config_mod
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "mnist_cnn_sa.toml"
+    assert config_mod.load(cfg, ["prior.latent_start=estep"]).prior.latent_start == "estep"
+    with pytest.raises(config_mod.ConfigError, match="prior.latent_start"):
+        config_mod.load(cfg, ["prior.latent_start=mean"])
+    with pytest.raises(config_mod.ConfigError, match="prior.latent_start"):
+        config_mod.load(cfg, ["prior.latent_start=estep", "prior.kappa0=5e-4"])

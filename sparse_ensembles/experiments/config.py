@@ -328,9 +328,13 @@ class SSGLConfig:
     kappa1: float = -1.0
     scale_by_sigma: bool = True  # rho's densities with sigma (the paper) or without (the authors' code)
     sa_on: str = "sigma"  # the SA average of the scale: sigma (ours) or sigma2 (the authors' code)
+    latent_start: str = "rho0"  # rho starts at rho0, or "estep": at eq. (5) of the chain's starting weights
 
     def validate(self, need) -> None:
         need(self.sa_on in ("sigma", "sigma2"), "prior.sa_on", "use 'sigma' or 'sigma2'")
+        need(self.latent_start in ("rho0", "estep"), "prior.latent_start", "use 'rho0' or 'estep'")
+        need(self.latent_start == "rho0" or (self.kappa0 < 0 and self.kappa1 < 0), "prior.latent_start",
+             "'estep' sets the starting kappas from rho: leave prior.kappa0 and prior.kappa1 unset")
         for key in ("v0", "v1", "a", "b", "nu", "lam", "sigma0", "precision", "omega_c", "omega_A", "omega_alpha"):
             need(getattr(self, key) > 0, f"prior.{key}", "must be > 0")
         need(0 < self.delta0 < 1, "prior.delta0", "must be in (0, 1)")

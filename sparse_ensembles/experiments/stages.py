@@ -278,7 +278,7 @@ def _ssgl_prior(ctx: Context, model: nn.Module) -> Prior:
     ssgl = SpikeSlabGL(names, v0=c.v0, v1=c.v1, a=c.a, b=c.b, nu=c.nu, lam=c.lam, omega=omega, sigma0=c.sigma0,
                        delta0=c.delta0, rho0=c.rho0, per_layer=c.per_layer, scale_by_sigma=c.scale_by_sigma,
                        kappa0=c.kappa0 if c.kappa0 > 0 else None, kappa1=c.kappa1 if c.kappa1 > 0 else None,
-                       sa_on=c.sa_on)
+                       sa_on=c.sa_on, latent_start=c.latent_start)
     rest = [n for n, _ in model.named_parameters() if n not in set(names)]
     return Sum(ssgl, Gaussian(c.precision, names=rest))
 

@@ -57,6 +57,10 @@ class SpikeSlabGL(Prior):
         form: "classification" or "regression" (needs :meth:`observe_rss` before each step).
         num_data: N, for the regression form's A.
         sigma0, delta0, rho0: starting latents (kappa0 and kappa1 start at their rho0 values).
+        latent_start: ``"rho0"`` (every weight's rho starts at ``rho0``) or ``"estep"`` (rho starts at
+            eq. (5) of the starting weights, at sigma0 and delta0 -- the E-step EM would take first --
+            and the kappas at its values): a weight the chain starts in the slab is not held under the
+            spike's L1 while the slow SA weight moves rho.
         per_layer: one delta per covered tensor (True) or one shared.
         sa_on: ``"sigma"`` (sigma <- (1-w) sigma + w sigma~) or ``"sigma2"`` (the authors' code:
             sigma^2 <- (1-w) sigma^2 + w sigma~^2); the same fixed point, different paths.
@@ -68,11 +72,16 @@ class SpikeSlabGL(Prior):
                  nu: float = 1.0, lam: float = 1.0, omega: Weight = 1.0, form: str = "classification",
                  num_data: Optional[int] = None, sigma0: float = 1.0, delta0: float = 0.5, rho0: float = 0.5,
                  per_layer: bool = True, kappa0: Optional[float] = None, kappa1: Optional[float] = None,
-                 scale_by_sigma: bool = True, sa_on: str = "sigma"):
+                 scale_by_sigma: bool = True, sa_on: str = "sigma", latent_start: str = "rho0"):
         self.names = list(names)
         if sa_on not in ("sigma", "sigma2"):
             raise ValueError(f"SpikeSlabGL sa_on must be 'sigma' or 'sigma2' (what the SA step averages), got {sa_on!r}")
         self.sa_on = sa_on
+        if latent_start not in ("rho0", "estep"):
+            raise ValueError(f"SpikeSlabGL latent_start must be 'rho0' or 'estep', got {latent_start!r}")
+        if latent_start == "estep" and (kappa0 is not None or kappa1 is not None):
+            raise ValueError("SpikeSlabGL latent_start='estep' sets the starting kappas from rho; drop kappa0 / kappa1")
+        self.latent_start = latent_start
         if not self.names:
             raise ValueError("SpikeSlabGL covers no parameters; pass the names of the weights it should cover")
         self.v0, self.v1 = _check_positive("SpikeSlabGL v0", v0), _check_positive("SpikeSlabGL v1", v1)
@@ -114,11 +123,16 @@ class SpikeSlabGL(Prior):
                            "pass model.named_parameters() so names match the model's")
         delta0, rho0 = self._start
         for n in self.names:
-            p = params[n]
-            self.rho[n] = torch.full_like(p, rho0)
-            self.kappa0[n] = torch.full_like(p, self._kappa_start[0])
-            self.kappa1[n] = torch.full_like(p, self._kappa_start[1])
+            p = params[n].detach()
             self.delta[n] = delta0
+            if self.latent_start == "estep":
+                self.rho[n] = self._rho_tilde(p, delta0)
+                self.kappa0[n] = (1 - self.rho[n]) / self.v0
+                self.kappa1[n] = self.rho[n] / self.v1
+            else:
+                self.rho[n] = torch.full_like(p, rho0)
+                self.kappa0[n] = torch.full_like(p, self._kappa_start[0])
+                self.kappa1[n] = torch.full_like(p, self._kappa_start[1])
 
     def observe_rss(self, rss: float) -> None:
         """Regression form: the residual sum of squares scaled to the data set, N/n * sum of the
