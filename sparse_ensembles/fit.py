@@ -57,6 +57,7 @@ from .priors import Gaussian, GroupLasso, Sum
 from .samplers import SGLD
 from .samplers.sgmcmc import SGMCMC
 from .structure import sequential_groups
+from .tasks.language_model import next_word_loss, segment_target_logprobs
 from .training import Constrained, Holder, derive_seed, run_epochs, seed_epoch, train_epoch
 
 __all__ = ["SparseEnsemble", "Recipe", "CollapseWarning", "prunability", "Classification", "Regression",
@@ -396,19 +397,13 @@ class LanguageModelling(Classification):
     stateful = True
 
     def loss(self, model, batch, state=None):
-        x, y = batch
-        state = None if state is None else [tuple(t.detach() for t in layer) for layer in state]
-        logits, state = model(x, state)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state
+        return next_word_loss(model, batch, state)
 
     def predictions(self, model: nn.Module, batches) -> tuple[Tensor, Tensor]:
-        """log p(y_t) of every target token, flattened in stream order, and the targets."""
-        state, out, ys = None, [], []
-        for x, y in batches:
-            logits, state = model(x, state)
-            out.append(torch.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).reshape(-1))
-            ys.append(y.reshape(-1))
-        return torch.cat(out), torch.cat(ys)
+        """log p(y_t) of every target token, flattened segment by segment in stream order, and the targets."""
+        batches = list(batches)
+        out = [lp.reshape(-1) for lp in segment_target_logprobs(model, batches)]
+        return torch.cat(out), torch.cat([y.reshape(-1) for _, y in batches])
 
     def predict(self, out) -> Tensor:
         return torch.log_softmax(out[0], -1)

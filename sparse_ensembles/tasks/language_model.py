@@ -18,6 +18,22 @@ def _detach(state):
     return None if state is None else [(h.detach(), c.detach()) for h, c in state]
 
 
+def next_word_loss(model: nn.Module, batch, state=None):
+    """(mean next-word cross-entropy of a BPTT segment ``(x, y)``, the new state); the incoming state
+    is detached, so gradients stop at segment borders."""
+    x, y = batch
+    logits, state = model(x, _detach(state))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state
+
+
+def segment_target_logprobs(model: nn.Module, segments) -> Iterator[Tensor]:
+    """log p(y_t) of every target of each segment ``(x, y)`` in turn, (rows, positions), the state carried."""
+    state = None
+    for x, y in segments:
+        logits, state = model(x, state)
+        yield torch.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
 @register_task("language_model")
 class LanguageModel:
     """Each split is one token stream cut into ``batch_size`` contiguous rows (batch-first) and read
@@ -92,9 +108,7 @@ class LanguageModel:
         return -(-(self.batched["train"].shape[1] - 1) // self.bptt)
 
     def loss(self, model: nn.Module, batch, state=None):
-        x, y = batch
-        logits, state = model(x, _detach(state))
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)), state
+        return next_word_loss(model, batch, state)
 
     # -- distillation (issue 12): the cache's rows are the tokens of each segment, in order -------
     def distill_inputs(self) -> list[Tensor]:
@@ -116,11 +130,7 @@ class LanguageModel:
 
     def target_logprobs(self, model: nn.Module, split: str) -> Tensor:
         """log p(next word) for every predicted token of ``split``, in stream order (rows x positions)."""
-        batched, state, out = self.batched[split], None, []
-        for x, y in bptt_segments(batched, self.bptt):
-            logits, state = model(x, state)
-            out.append(torch.log_softmax(logits.float(), -1).gather(-1, y.unsqueeze(-1)).squeeze(-1))
-        return torch.cat(out, dim=1)
+        return torch.cat(list(segment_target_logprobs(model, bptt_segments(self.batched[split], self.bptt))), dim=1)
 
     def stream(self, split: str) -> EnsembleStream:
         def lm_metrics(logp: Tensor) -> dict:
