@@ -17,6 +17,16 @@ most 1% of the nulls, on each of 5 data seeds.
     python benchmarks/regression_sa.py                 # 5 seeds x 3 methods, 100k steps (the authors: 500k)
     python benchmarks/regression_sa.py --steps 500000  # the authors' length
     python benchmarks/regression_sa.py --quick         # 1 seed, 5k steps (< 60 s)
+    python benchmarks/regression_sa.py --protocol authors --steps 500000   # the authors' notebook, below
+
+Two protocols. ``ours`` (the first table): beta starts at 0, the kappas at the values rho0 = 0.5
+implies (kappa0 = 5, kappa1 = 0.05), SA on sigma, gradient noise of standard deviation 0.1 on the
+summed scale, the first half of the draws dropped. ``authors``: what Deng's released notebook
+(large-p-small-n-linear-regression.pdf in WayneDW/Bayesian-Sparse-Deep-Learning) does: beta starts
+at N(0, 0.1^2), d_star0 = d_star1 = 1 (kappa0 = kappa1 = 1), SA on sigma^2, ``rnorm(p, 0, 0.01)``
+gradient noise (R's third argument is the standard deviation), the first 20% of the thinned draws
+dropped (their ``output[1000:5000, ]``). One difference is left: their sigma update reads the
+residual after the step, ours (``observe_rss``) the one before it, a lag of one step.
 
 Writes benchmarks/results/regression_sa.json and regression_sa.png (traces and histograms of
 beta_1..3, seed 0); another ``--steps`` writes ``regression_sa_<steps/1000>k.*`` beside them. Each
@@ -43,6 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 from sparse_ensembles.samplers import SGLDSA  # noqa: E402
 
 METHODS = {"sgld": lambda k: 0.0, "sgld_sa": lambda k: min(0.1, 1000 / (100 + k) ** 0.7), "sgld_em": lambda k: 1.0}
+# where the chains start and what the benchmark's two readings of the protocol differ in (module docstring)
+PROTOCOLS = {
+    "ours": {"start_sd": 0.0, "kappa": None, "sa_on": "sigma", "grad_noise_sd": 0.1, "burn_in": 0.5},
+    "authors": {"start_sd": 0.1, "kappa": 1.0, "sa_on": "sigma2", "grad_noise_sd": 0.01, "burn_in": 0.2},
+}
 
 
 def simulate(seed: int, n: int = 100, p: int = 1000, n_test: int = 100):
@@ -56,12 +71,16 @@ def simulate(seed: int, n: int = 100, p: int = 1000, n_test: int = 100):
     return (x[:n], y[:n]), (x[n:], y[n:]), beta
 
 
-def run(method: str, train, steps: int, thin: int, seed: int):
+def run(method: str, train, steps: int, thin: int, seed: int, protocol: str = "ours"):
     x, y = train
     n, p = x.shape
-    beta = torch.nn.Parameter(torch.zeros(p, dtype=torch.float64))
+    proto = PROTOCOLS[protocol]
+    start = proto["start_sd"] * torch.randn(p, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
+    beta = torch.nn.Parameter(start)
+    kappas = {} if proto["kappa"] is None else {"kappa0": proto["kappa"], "kappa1": proto["kappa"]}
     opt = SGLDSA([("beta", beta)], lambda k: 0.001 * (k + 1) ** (-1 / 3) * n, num_data=n, sparse=["beta"],
                  form="regression", v0=0.1, v1=10.0, a=1.0, b=float(p), nu=1.0, lam=1.0, sigma0=1.0, delta0=0.5,
+                 sa_on=proto["sa_on"], **kappas,
                  omega=METHODS[method], temperature=1.0, generator=torch.Generator().manual_seed(seed + 1))
     gnoise = torch.Generator().manual_seed(seed + 2)
     prior = opt.ssgl
@@ -72,11 +91,12 @@ def run(method: str, train, steps: int, thin: int, seed: int):
             residual = y - x @ beta
             prior.observe_rss(float(residual.pow(2).sum()))
             # gradient of mean_nll = sum r^2 / (2 sigma^2 n), by hand (full batch), plus the injected
-            # N(0, 0.01) noise of the authors on the summed-scale gradient (/ n in mean units)
+            # gradient noise of the authors on the summed-scale gradient (/ n in mean units)
             sigma2 = prior.sigma ** 2
-            beta.grad = -(x.T @ residual) / (n * sigma2) + 0.1 * torch.randn(p, generator=gnoise, dtype=torch.float64) / n
+            noise = torch.randn(p, generator=gnoise, dtype=torch.float64)
+            beta.grad = -(x.T @ residual) / (n * sigma2) + proto["grad_noise_sd"] * noise / n
         opt.step()
-        if (k + 1) % thin == 0 and k + 1 > steps // 2:
+        if (k + 1) % thin == 0 and k + 1 > int(steps * proto["burn_in"]):
             draws.append(beta.detach().clone())
             if method == "sgld":
                 rho_tilde += prior.rho_tilde({"beta": beta.detach()})["beta"]
@@ -111,7 +131,7 @@ def plot(traces: dict, draws: dict, beta, path: Path) -> None:
         axes[0, j].axhline(float(beta[j]), color="k", ls="--", lw=0.8)
         axes[1, j].axvline(float(beta[j]), color="k", ls="--", lw=0.8)
         axes[0, j].set(title=f"beta_{j + 1} trace (every thin-th step)", xlabel="draw")
-        axes[1, j].set(title=f"beta_{j + 1} posterior (second half)")
+        axes[1, j].set(title=f"beta_{j + 1} posterior (after burn-in)")
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -124,13 +144,15 @@ def main():
     ap.add_argument("--thin", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--protocol", choices=sorted(PROTOCOLS), default="ours",
+                    help="ours (zero start, implied kappas, SA on sigma) or the authors' notebook (module docstring)")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds, args.thin = 5000, 1, 10
     torch.set_num_threads(1)
     # the shipped length keeps its name; another length is a separate record beside it
-    name = "regression_sa" + ("" if args.steps == 100_000 or args.quick else f"_{args.steps // 1000}k") \
-        + ("_quick" if args.quick else "")
+    name = "regression_sa" + ("" if args.protocol == "ours" else f"_{args.protocol}") \
+        + ("" if args.steps == 100_000 or args.quick else f"_{args.steps // 1000}k") + ("_quick" if args.quick else "")
     # each finished (seed, method) is kept in runs/<name>/, so a killed run resumes where it stopped
     done_dir = Path(tempfile.mkdtemp()) if args.quick else ROOT / "runs" / f"{name}_thin{args.thin}"
     done_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +163,8 @@ def main():
         traces, all_draws = {}, {}
         for method in METHODS:
             cached = done_dir / f"seed{seed}_{method}.pt"
-            settings = json.dumps({"steps": args.steps, "thin": args.thin, "seed": seed, "method": method})
+            settings = json.dumps({"steps": args.steps, "thin": args.thin, "seed": seed, "method": method,
+                                   **({} if args.protocol == "ours" else {"protocol": args.protocol})})
             blob = torch.load(cached, weights_only=True) if cached.exists() else None
             if blob is not None and blob.get("settings") != settings:
                 raise SystemExit(f"{cached} holds a run with other settings ({blob.get('settings')}); delete "
@@ -151,7 +174,7 @@ def main():
                 print(f"seed {seed} {method:<8} done earlier ({cached})", flush=True)
             else:
                 t = time.perf_counter()
-                draws, rho, trace = run(method, train, args.steps, args.thin, seed)
+                draws, rho, trace = run(method, train, args.steps, args.thin, seed, args.protocol)
                 row = {"seed": seed, **summarize(draws, rho, beta, train, test), "seconds": time.perf_counter() - t}
                 torch.save({"settings": settings, "row": json.dumps(row),
                             "trace": torch.tensor(trace, dtype=torch.float64), "draws": draws}, cached)
@@ -165,6 +188,7 @@ def main():
     sa = results["sgld_sa"]
     met = all(r["covered"] == 3 and r["null_flagged"] <= 9 for r in sa)
     out = {"steps": args.steps, "thin": args.thin, "seeds": args.seeds, "quick": args.quick,
+           "protocol": args.protocol, "protocol_settings": PROTOCOLS[args.protocol],
            "wall_seconds_this_invocation": time.perf_counter() - t0,
            "seconds_per_run": {m: [r["seconds"] for r in rs] for m, rs in results.items()}, "methods": results,
            "target": "sgld_sa covers beta_1..3 and flags <= 1% (9) of the 997 nulls on every seed", "target_met": met}

@@ -95,3 +95,16 @@ def test_the_authors_plain_baseline_omega_zero_keeps_its_kappas_at_their_start_v
     assert torch.equal(prior.kappa0["w"], torch.full_like(w, 5e-4))
     assert torch.equal(prior.kappa1["w"], torch.full_like(w, 5e-4))
     assert prior.sigma == 1.0
+
+
+def test_sgld_sa_passes_sa_on_and_latent_start_to_its_spike_slab_prior():
+    from sparse_ensembles.samplers import SGLDSA
+    w = nn.Parameter(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)))
+    opt = SGLDSA([("w", w)], lr=0.0, num_data=10, sparse=["w"], v0=0.1, v1=10.0, omega=0.0, sa_on="sigma2",
+                 latent_start="estep", generator=torch.Generator().manual_seed(1))
+    assert opt.ssgl.sa_on == "sigma2" and opt.ssgl.latent_start == "estep"
+    w.grad = torch.zeros_like(w)
+    opt.step()  # lr 0 and omega 0: w and the latents stay where they started
+    # the estep start: rho is eq. (5) of the starting weights, not rho0 = 0.5 everywhere
+    assert torch.allclose(opt.ssgl.rho["w"], opt.ssgl.rho_tilde({"w": w.detach()})["w"])
+    assert not torch.allclose(opt.ssgl.rho["w"], torch.full_like(w, 0.5))

@@ -24,7 +24,7 @@ from .schedules import Polynomial
 from .sgmcmc import SGHMC, SGLD
 
 SSGL_KEYS = ("v0", "v1", "a", "b", "nu", "lam", "omega", "form", "sigma0", "delta0", "rho0", "per_layer",
-             "kappa0", "kappa1", "scale_by_sigma")
+             "kappa0", "kappa1", "scale_by_sigma", "sa_on", "latent_start")
 
 
 def _ssgl_prior(params: list, sparse: Iterable[str], num_data: int, precision: float, ssgl: dict):
