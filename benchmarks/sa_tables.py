@@ -6,6 +6,7 @@
     python benchmarks/sa_tables.py resnet20 --quick   # same rows on a 500-image subset, 1 epoch per chain (2 min on a loaded 2-core machine)
     python benchmarks/sa_tables.py resnet20 --lr-grid 1e-4,5e-4,2.5e-3   # choose each method's step on valid
     python benchmarks/sa_tables.py cnn --configs fmnist_cnn_sa --lr-grid 0.05,0.01,0.002 --grid-variants dense_init
+    python benchmarks/sa_tables.py cnn --suffix _estep --only sghmc --only '*estep*'   # runs/<name>_estep -> cnn_sa_estep.json
 
 ``--lr-grid`` runs the variants named by ``--grid-variants`` (default: the 90% ones; ``'*'`` all) and
 the plain chain (where the config has one) once per step size
@@ -51,15 +52,16 @@ QUICK = {"cnn": ["task.train_subset=1000", "task.test_subset=500", "task.valid_s
 CONFIGS = {"cnn": ["mnist_cnn_sa", "fmnist_cnn_sa"], "resnet20": ["fmnist_resnet20_sa"]}
 
 
-def rows_of(name: str, overrides: list[str], quick: bool, evaluate_only: bool):
-    out = ROOT / "runs" / (name + ("_quick" if quick else ""))
+def rows_of(name: str, overrides: list[str], quick: bool, evaluate_only: bool, suffix: str = "",
+            only: list[str] | None = None):
+    out = ROOT / "runs" / (name + suffix + ("_quick" if quick else ""))
     t0 = time.perf_counter()
     if evaluate_only:  # the config the run directory was last run with
         cfg = run_config(out)
         rows = evaluate_run(out, cfg)
     else:
         cfg = config_mod.load(ROOT / "configs" / f"{name}.toml", overrides)
-        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides).run()
+        rows = Pipeline(cfg, out, resume=True, progress=False, overrides=overrides, only=only or ()).run()
     return cfg, out, rows, time.perf_counter() - t0
 
 
@@ -230,6 +232,9 @@ def main():
     ap.add_argument("--lr-grid", default="", help="comma-separated sampler step sizes: choose each method's on valid")
     ap.add_argument("--grid-variants", default="*_90", help="comma-separated patterns of the variants in the grid")
     ap.add_argument("--configs", default="", help="comma-separated config names to keep (default: all of each group)")
+    ap.add_argument("--suffix", default="", help="run directories runs/<name><suffix>, results <table><suffix>.json")
+    ap.add_argument("--only", action="append", default=[],
+                    help="run only these stages (shell patterns, as the CLI's --only); repeatable")
     args = ap.parse_args()
     keep = set(args.configs.split(",")) if args.configs else None
     for which in CONFIGS:
@@ -245,12 +250,13 @@ def main():
         overrides = QUICK[which] if args.quick else []
         entries = {}
         for name in CONFIGS[which]:
-            cfg, out, rows, wall = rows_of(name, overrides, args.quick, args.evaluate_only)
+            cfg, out, rows, wall = rows_of(name, overrides, args.quick, args.evaluate_only, args.suffix, args.only)
             entries[name] = (cnn_entry(cfg, rows, wall) if which == "cnn"
                              else resnet_entry(cfg, out, rows, wall, threads, 3 if args.quick else args.rounds))
-        label = ("cnn_sa" if which == "cnn" else "resnet20_sa") + ("_quick" if args.quick else "")
+        label = ("cnn_sa" if which == "cnn" else "resnet20_sa") + args.suffix + ("_quick" if args.quick else "")
         path = write(label, {"configs": [f"configs/{n}.toml" for n in CONFIGS[which]], "overrides": overrides,
-                             "evaluate_only": args.evaluate_only, "entries": entries})
+                             "evaluate_only": args.evaluate_only, "run_dirs": [f"runs/{n}{args.suffix}" for n in CONFIGS[which]],
+                             "only": args.only, "entries": entries})
         for name, e in entries.items():
             if which == "cnn":
                 acc = e["accuracy_test"]
