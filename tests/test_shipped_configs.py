@@ -66,3 +66,17 @@ def test_cpu_resnet20_config_pruning_schedule_reaches_its_target_within_the_chai
     for name in cfg.variants:
         p = cfg.variant(name).prune
         assert 1 - p.decay ** (steps / p.every) >= 0.99, (name, steps, p.every)
+
+
+@pytest.mark.parametrize("name", ["mnist_cnn_sa", "fmnist_cnn_sa"])
+def test_cnn_estep_short_variant_keeps_the_sum_of_the_authors_sa_weights_over_its_shorter_chain(name):
+    # the authors' CNN chain: 1000 epochs x 50 steps of 0.02 / (1000 + k)^0.75; ours: 50,000 images / batch
+    # 100 per epoch for epochs_per_chain epochs, with omega_c and omega_A compressed (docs/adaptive.md)
+    cfg = config_mod.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    v = cfg.variant("estep_short")
+    steps = v.sampler.epochs_per_chain * (60_000 - cfg.task.valid_size) // cfg.task.batch_size
+    ours = sum(v.prior.omega_c / (v.prior.omega_A + k) ** v.prior.omega_alpha for k in range(steps))
+    theirs = sum(0.02 / (1000 + k) ** 0.75 for k in range(50_000))
+    uncompressed = sum(0.02 / (1000 + k) ** 0.75 for k in range(steps))
+    assert v.prior.omega < 0 and v.prior.latent_start == "estep"
+    assert ours == pytest.approx(theirs, rel=0.02) and uncompressed < 0.35 * theirs
