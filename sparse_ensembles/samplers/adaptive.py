@@ -60,8 +60,9 @@ def _split(kwargs: dict) -> tuple[dict, dict]:
 
 class SGLDSA(_Adaptive, SGLD):
     """SGLD-SA: ``SGLDSA(model.named_parameters(), lr, num_data=N, sparse=[names], v0=..., v1=...,
-    omega=..., precision=...)``; the SSGL keywords (v0, v1, a, b, nu, lam, omega, form, sigma0,
-    delta0, rho0, per_layer) go to :class:`SpikeSlabGL`, the rest to :class:`SGLD`.
+    omega=..., precision=...)``; the SSGL keywords (``SSGL_KEYS``: v0, v1, a, b, nu, lam, omega, form,
+    sigma0, delta0, rho0, per_layer, kappa0, kappa1, scale_by_sigma, sa_on, latent_start) go to
+    :class:`SpikeSlabGL`, the rest to :class:`SGLD`.
     ``precision``: the Gaussian on the parameters outside ``sparse`` (weight decay wd = precision / N)."""
 
     def __init__(self, params, lr, *, num_data: int, sparse: Iterable[str], precision: float = 1.0, **kwargs):
