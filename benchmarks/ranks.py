@@ -1,6 +1,7 @@
 """Issue 23: throughput of a stage of independent members, one process against ``torchrun`` ranks.
 
     python benchmarks/ranks.py [--quick]        # -> results/ranks.json
+    python benchmarks/ranks.py --members 4 --epochs 16   # a longer stage -> results/ranks_m4e16.json
 
 The stage is the demo's SGD stage (Fashion-MNIST 784-300-100-10, batch 100) with ``--members``
 members of ``--epochs`` epochs each: ``sparse-ensembles run configs/fmnist_demo.toml --only sgd``.
@@ -97,7 +98,9 @@ def main() -> None:
                                                    / median(train_wall[next(s for s in settings if s.startswith("ranks"))])),
            "best_process": best_process, "ranks_vs_best_process": ratio, "target": TARGET,
            "target_met": ratio >= TARGET, "quick": args.quick}
-    path = write("ranks" + ("_quick" if args.quick else ""), out)
+    # another stage size is a separate record beside the default one
+    size = "" if args.quick or (args.members, args.epochs) == (4, 4) else f"_m{args.members}e{args.epochs}"
+    path = write("ranks" + size + ("_quick" if args.quick else ""), out)
     print(" | ".join(f"{s} {t:.1f} s" for s, t in med.items()))
     print(f"ranks: {ranks} {ratio:.2f}x the members/s of {best_process} (target >= {TARGET}: "
           f"{'met' if ratio >= TARGET else 'NOT met'}); training alone (start-up excluded): "
