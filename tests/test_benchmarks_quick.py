@@ -128,3 +128,19 @@ def test_gpu_checks_script_runs_its_steps_on_cpu_and_writes_the_lstm_and_scaling
     assert lstm["sgld_group_lasso_vs_sgd"] > 0 and set(lstm["median_ms_per_step"]) >= {"sgd", "sgld", "sgld_group_lasso"}
     scaling = json.loads((tmp_path / "scaling.json").read_text())
     assert {r["chains"] for r in scaling["rows"]} == {4, 18}
+
+
+def test_regression_sa_quick_authors_protocol_reaches_the_chains_and_the_noise_study_gives_each_chain_its_stream(
+        tmp_path):
+    run_quick("regression_sa.py", tmp_path, "--protocol", "authors")
+    r = json.loads((tmp_path / "regression_sa_authors_quick.json").read_text())
+    assert r["protocol_settings"] == {"start_sd": 0.1, "kappa": 1.0, "sa_on": "sigma2", "grad_noise_sd": 0.01,
+                                      "burn_in": 0.2}
+    sa, em = r["methods"]["sgld_sa"][0], r["methods"]["sgld_em"][0]
+    assert sa["draws"] == 400  # 5,000 steps thinned by 10, the first 20% dropped (the notebook's burn-in)
+    assert sa["beta_mean"] != em["beta_mean"]  # omega reaches the latents: SA and EM are different chains
+    out = run_quick("regression_sa.py", tmp_path, "--protocol", "authors", "--noise-seeds", "2")
+    study = json.loads((tmp_path / "regression_sa_noise2_authors_quick.json").read_text())
+    assert sorted(row["noise_seed"] for row in study["rows"]) == [1, 2, 3, 4]  # every chain its own stream
+    assert {m: v["chains"] for m, v in study["summary"].items()} == {"sgld_sa": 2, "sgld_em": 2}
+    assert "noise study" in out.strip().splitlines()[-1]
