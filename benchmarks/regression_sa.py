@@ -84,8 +84,9 @@ def run(method: str, train, steps: int, thin: int, seed: int, protocol: str = "o
     x, y = train
     n, p = x.shape
     proto = PROTOCOLS[protocol]
-    start = proto["start_sd"] * torch.randn(p, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
-    beta = torch.nn.Parameter(truth.clone() if proto.get("from_truth") else start)
+    start = truth.clone() if proto.get("from_truth") else \
+        proto["start_sd"] * torch.randn(p, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64)
+    beta = torch.nn.Parameter(start)
     kappas = {} if proto["kappa"] is None else {"kappa0": proto["kappa"], "kappa1": proto["kappa"]}
     opt = SGLDSA([("beta", beta)], lambda k: 0.001 * (k + 1) ** (-1 / 3) * n, num_data=n, sparse=["beta"],
                  form="regression", v0=0.1, v1=10.0, a=1.0, b=float(p), nu=1.0, lam=1.0, sigma0=1.0, delta0=0.5,
@@ -148,6 +149,20 @@ def plot(traces: dict, draws: dict, beta, path: Path) -> None:
     plt.close(fig)
 
 
+def load_or_run(cached: Path, settings: str, compute) -> tuple[dict, bool]:
+    """The finished chain kept in ``cached`` (refused if it was run with other settings), or
+    ``compute()`` (a dict of tensors and strings) saved there; and whether it was kept from earlier."""
+    if cached.exists():
+        blob = torch.load(cached, weights_only=True)
+        if blob.get("settings") != settings:
+            raise SystemExit(f"{cached} holds a run with other settings ({blob.get('settings')}); delete "
+                             f"{cached.parent} to run again")
+        return blob, True
+    blob = {"settings": settings, **compute()}
+    torch.save(blob, cached)
+    return blob, False
+
+
 def noise_study(args, name: str) -> None:
     """SGLD-SA against SGLD-EM over independent noise streams: every chain (data seed x method x
     repeat) its own noise, the start shared per data seed, as the authors' notebook runs its chains
@@ -162,17 +177,18 @@ def noise_study(args, name: str) -> None:
         for rep in range(args.noise_seeds):
             for i, method in enumerate(methods):
                 noise = 1 + rep * len(methods) + i  # distinct per chain; 0 is the tables' shared stream
-                cached = done_dir / f"seed{seed}_noise{noise}_{method}.pt"
                 settings = json.dumps({"steps": args.steps, "thin": args.thin, "seed": seed, "method": method,
                                        "protocol": args.protocol, "noise_seed": noise})
-                if cached.exists() and torch.load(cached, weights_only=True).get("settings") == settings:
-                    row = json.loads(torch.load(cached, weights_only=True)["row"])
-                else:
+
+                def chain():
                     t = time.perf_counter()
                     draws, rho, _ = run(method, train, args.steps, args.thin, seed, args.protocol, noise, truth=beta)
-                    row = {"seed": seed, "noise_seed": noise, "method": method,
-                           **summarize(draws, rho, beta, train, test), "seconds": time.perf_counter() - t}
-                    torch.save({"settings": settings, "row": json.dumps(row)}, cached)
+                    return {"row": json.dumps({"seed": seed, "noise_seed": noise, "method": method,
+                                               **summarize(draws, rho, beta, train, test),
+                                               "seconds": time.perf_counter() - t})}
+
+                blob, _ = load_or_run(done_dir / f"seed{seed}_noise{noise}_{method}.pt", settings, chain)
+                row = json.loads(blob["row"])
                 lo, hi = row["beta_ci95"][2]
                 row["beta3_covered"] = bool(lo <= row["beta_true"][2] <= hi)
                 rows.append(row)
@@ -225,19 +241,18 @@ def main():
             cached = done_dir / f"seed{seed}_{method}.pt"
             settings = json.dumps({"steps": args.steps, "thin": args.thin, "seed": seed, "method": method,
                                    **({} if args.protocol == "ours" else {"protocol": args.protocol})})
-            blob = torch.load(cached, weights_only=True) if cached.exists() else None
-            if blob is not None and blob.get("settings") != settings:
-                raise SystemExit(f"{cached} holds a run with other settings ({blob.get('settings')}); delete "
-                                 f"{done_dir} to run again")
-            if blob is not None:
-                row, trace, draws = json.loads(blob["row"]), blob["trace"].tolist(), blob["draws"]
-                print(f"seed {seed} {method:<8} done earlier ({cached})", flush=True)
-            else:
+
+            def chain():
                 t = time.perf_counter()
                 draws, rho, trace = run(method, train, args.steps, args.thin, seed, args.protocol, truth=beta)
                 row = {"seed": seed, **summarize(draws, rho, beta, train, test), "seconds": time.perf_counter() - t}
-                torch.save({"settings": settings, "row": json.dumps(row),
-                            "trace": torch.tensor(trace, dtype=torch.float64), "draws": draws}, cached)
+                return {"row": json.dumps(row), "trace": torch.tensor(trace, dtype=torch.float64), "draws": draws}
+
+            blob, earlier = load_or_run(cached, settings, chain)
+            row, trace, draws = json.loads(blob["row"]), blob["trace"].tolist(), blob["draws"]
+            if earlier:
+                print(f"seed {seed} {method:<8} done earlier ({cached})", flush=True)
+            else:
                 print(f"seed {seed} {method:<8} beta_mean {[round(b, 2) for b in row['beta_mean']]} covered "
                       f"{row['covered']}/3, nulls flagged {row['null_flagged']}/997, test MSE {row['test_mse']:.2f} "
                       f"({row['seconds']:.0f} s)", flush=True)
