@@ -88,14 +88,20 @@ class SliceFamily:
     def _parts_of(self, name: str) -> list[Part]:
         return [p for p in self.parts if p.param == name]
 
-    def _view(self, part: Part, tensor: Tensor) -> Tensor:
-        """``tensor`` as (stack, size, rest) with the group index in the middle."""
+    def _part_sq_norms(self, part: Part, tensor: Tensor) -> Tensor:
+        """``(size,)``: the squared norm of each group's entries in ``tensor``. The group dim is split
+        into (stack, size), a view (splitting one dim never copies), and reduced with one fused
+        norm: no transposed copy of the matrix and no squared temporary (both were full passes
+        over memory on every sampler step)."""
         if tensor.shape[part.dim] != part.stack * self.size:
             raise ValueError(
                 f"group family {self.name!r}: parameter {part.param!r} has {tensor.shape[part.dim]} "
                 f"entries along dim {part.dim}, expected stack*size = {part.stack}*{self.size}"
             )
-        return tensor.movedim(part.dim, 0).reshape(part.stack, self.size, -1)
+        shape = list(tensor.shape)
+        shape[part.dim:part.dim + 1] = [part.stack, self.size]
+        split = tensor.reshape(shape)
+        return torch.linalg.vector_norm(split, dim=[d for d in range(split.dim()) if d != part.dim + 1]).square()
 
     def _overlap(self, name: str) -> tuple[Part, Part] | None:
         """(rows part, columns part) when both cover ``name``: their shared entries are the
@@ -111,7 +117,7 @@ class SliceFamily:
     def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor:
         total = 0
         for part in self.parts:
-            total = total + self._view(part, params[part.param]).pow(2).sum(dim=(0, 2))
+            total = total + self._part_sq_norms(part, params[part.param])
         for name in self.params:
             if self._overlap(name):  # counted by both parts: subtract once
                 total = total - self._diagonal(name, params[name]).pow(2).sum(dim=(0, 1))

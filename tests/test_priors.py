@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from sparse_ensembles.priors import Gaussian, GroupLasso, Laplace, Sum
+from sparse_ensembles.priors.base import Prior
 from sparse_ensembles.structure import Part, SliceFamily, norms, sequential_groups
 
 
@@ -189,3 +190,39 @@ def test_fused_group_lasso_with_a_budget_reads_nothing_back_to_the_host(monkeypa
     _per_family_loop(prior, want, {"w": w}, num_data=2)
     torch.testing.assert_close(g["w"], want["w"])
     assert g["w"].abs().sum() > 0
+
+
+def test_add_grad_chains_gives_every_chain_its_own_prior_on_lstm_groupings_and_an_mlp():
+    """The chain-batched prior gradient (vectorised chains) equals each chain's add_grad_ on its own
+    slice: the group Lasso's vmap, with a budget one chain is inside and the others outside; the
+    elementwise priors; and the default per-chain loop of a prior that does not override it."""
+
+    class Custom(Gaussian):  # no add_grad_chains_ of its own: the base class's loop
+        add_grad_chains_ = Prior.add_grad_chains_
+
+    torch.manual_seed(2)
+    mlp = _mlp()
+    cases = list(_lstm_cases()) + [("mlp", sequential_groups(mlp), {n: p.detach().clone() for n, p in mlp.named_parameters()})]
+    for label, groups, params in cases:
+        chains = {n: torch.stack([p * (1 + m) for m in range(3)]) for n, p in params.items()}
+        first = groups[0].params[0]
+        chains[first][0].view(-1)[: params[first].numel() // 3] = 0  # all-zero groups in chain 0 only
+        chains = {n: p * torch.tensor([0.01, 1.0, 1.0]).view(-1, *[1] * (p.dim() - 1)) for n, p in chains.items()}
+        budget = 2 * float(GroupLasso(groups, lam=1.0).total_norm({n: p[0] for n, p in chains.items()}))
+        priors = [GroupLasso(groups, lam=0.4), GroupLasso(groups, lam=0.4, budget=budget),
+                  Sum(GroupLasso(groups, lam=0.4), Gaussian(2.0)), Laplace(3.0), Custom(5.0)]
+        for prior in priors:
+            base = {n: torch.randn_like(p) for n, p in chains.items()}
+            got = {n: g.clone() for n, g in base.items()}
+            prior.add_grad_chains_(got, chains, num_data=37)
+            for m in range(3):
+                want = {n: g[m].clone() for n, g in base.items()}
+                prior.add_grad_(want, {n: p[m] for n, p in chains.items()}, num_data=37)
+                for n in chains:
+                    torch.testing.assert_close(got[n][m], want[n], rtol=1e-6, atol=1e-7,
+                                               msg=f"{label} {type(prior).__name__} chain {m} {n}")
+        inside = GroupLasso(groups, lam=0.4, budget=budget)
+        got = {n: torch.zeros_like(p) for n, p in chains.items()}
+        inside.add_grad_chains_(got, chains, num_data=37)
+        assert all(torch.equal(g[0], torch.zeros_like(g[0])) for g in got.values()), label  # chain 0 is inside
+        assert any(g[1].abs().sum() > 0 for g in got.values()), label

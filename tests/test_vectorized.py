@@ -20,8 +20,10 @@ def _batches(M, steps, seed=1):
     return [(torch.randn(M, 10, 20, generator=g), torch.randint(0, 3, (M, 10), generator=g)) for _ in range(steps)]
 
 
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_vectorised_chains_equal_separate_chains_with_the_same_seeds_and_batches(with_prior):
+@pytest.mark.parametrize("with_prior,threads", [(False, 1), (True, 1), (True, 2)])
+def test_vectorised_chains_equal_separate_chains_with_the_same_seeds_and_batches(with_prior, threads, monkeypatch):
+    """With 2 torch threads the chains draw their noise side by side in a thread pool."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the noise draw reads
     net, M, steps, seeds = _net(), 3, 6, [11, 12, 13]
     prior = (lambda model: Sum(GroupLasso(sequential_groups(model), 3.0), Gaussian(1.0))) if with_prior else (lambda m: None)
     starts = []
@@ -33,6 +35,8 @@ def test_vectorised_chains_equal_separate_chains_with_the_same_seeds_and_batches
     for xs, ys in batches:
         vec.losses(xs, ys).sum().backward()
         vec.step()
+    assert (vec._pool is not None) == (threads > 1)
+    vec.close()
     for m in range(M):
         model = _net()
         model.load_state_dict(starts[m])

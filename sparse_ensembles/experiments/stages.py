@@ -529,8 +529,11 @@ class Chain:
                     checkpoint.save_member(folder / f"sample_{ch * per_chain + j:03d}.pt", net, epoch=done, chain=ch)
 
         state = {"sampler": sampler, **{f"gen_{ch}": GeneratorState(g) for ch, g in zip(chains, gens)}}
-        seconds = run_epochs(folder / f"chains_{'_'.join(map(str, chains))}.pt", epochs, state, epoch,
-                             after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
+        try:
+            seconds = run_epochs(folder / f"chains_{'_'.join(map(str, chains))}.pt", epochs, state, epoch,
+                                 after_epoch=collect, bar=ctx.bar(epochs, label), log=ctx.log, label=label)
+        finally:
+            sampler.close()  # stop the noise threads
         for ch in chains:  # the shared time, split evenly (finish() sums the markers)
             checkpoint.atomic_write_json(folder / f"chain_{ch}.done", {"train_seconds": seconds / len(chains),
                                                                        "epochs": epochs, "vectorized_with": chains})

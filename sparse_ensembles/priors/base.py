@@ -42,6 +42,15 @@ class Prior:
         self.add_grad_(out, params, num_data)
         return out
 
+    def add_grad_chains_(self, grads: Mapping[str, Tensor], params: Mapping[str, Tensor], num_data: int) -> None:
+        """:meth:`add_grad_` for M chains at once: every tensor carries a leading chain dimension
+        ``(M, *shape)`` and chain ``m``'s prior is evaluated on its own slice (vectorised chains,
+        ``samplers/vectorized.py``). This default loops over the chains; elementwise priors and the
+        group Lasso override it with one batched computation."""
+        chains = next(iter(params.values())).shape[0]
+        for m in range(chains):
+            self.add_grad_({n: g[m] for n, g in grads.items()}, {n: p[m] for n, p in params.items()}, num_data)
+
     # -- the hook for priors with state (no-ops here) ------------------------------------------
     def update_(self, params: Mapping[str, Tensor], step: int) -> None:
         """Adapt the state to the parameters after sampler step ``step`` (0-based). Called by the
@@ -83,6 +92,9 @@ class Gaussian(Prior):
         if names:
             torch._foreach_add_([grads[n] for n in names], [params[n] for n in names], alpha=wd)
 
+    def add_grad_chains_(self, grads, params, num_data):
+        self.add_grad_(grads, params, num_data)  # elementwise: the chain dimension changes nothing
+
     def plus_grad(self, grads, params, num_data):
         # out-of-place add: copy and decay in one pass, bit-identical to clone-then-add_
         wd = self.precision / num_data
@@ -104,6 +116,9 @@ class Laplace(Prior):
         alpha = 1.0 / (self.scale * num_data)
         for name, g in grads.items():
             g.add_(params[name].sign(), alpha=alpha)
+
+    def add_grad_chains_(self, grads, params, num_data):
+        self.add_grad_(grads, params, num_data)  # elementwise
 
 
 class Sum(Prior):
@@ -144,6 +159,10 @@ class Sum(Prior):
     def add_grad_(self, grads, params, num_data):
         for p in self.priors:
             p.add_grad_(grads, params, num_data)
+
+    def add_grad_chains_(self, grads, params, num_data):
+        for p in self.priors:
+            p.add_grad_chains_(grads, params, num_data)
 
     def plus_grad(self, grads, params, num_data):
         if not self.priors:

@@ -69,15 +69,10 @@ class GroupLasso(Prior):
             self._coef_cache = (key, coef.to(device=like.device, dtype=like.dtype))
         return self._coef_cache[1]
 
-    def add_grad_(self, grads, params, num_data):
-        """Fused: one pass computes every family's group norms (concatenated), one ``where`` the
-        per-group scales ``lam w_g / (N ||theta_g||)`` (0 on an all-zero group), and one
-        ``_foreach_addcmul_`` adds ``scale * theta`` to every covered gradient. The budget's hinge
-        multiplies by ``total > k`` on the device instead of branching on the host, so a step has
-        no host sync. Equal to the per-family loop it replaced up to rounding (the coefficient is
-        rounded to the parameters' dtype before the division; factors of a parameter in two
-        families are summed before the multiply); inside the budget it adds ``0 * theta``, so
-        non-finite parameters give a non-finite gradient (which the sampler reports)."""
+    def _factors(self, params, names, num_data) -> dict[str, torch.Tensor]:
+        """Per covered parameter in ``names``: ``lam w_g / (N ||theta_g||)`` broadcast to its shape
+        (0 on an all-zero group; factors of a parameter in two families summed). Pure, so that
+        :meth:`add_grad_chains_` can ``vmap`` it over chains."""
         self._check(params)
         first = params[self.groups[0].params[0]]
         sq = torch.cat([fam.sq_norms(params) for fam in self.groups])
@@ -90,9 +85,31 @@ class GroupLasso(Prior):
         factors: dict[str, torch.Tensor] = {}
         for fam, fam_scale in zip(self.groups, scale.split([f.size for f in self.groups])):
             for name in fam.params:
-                if name in grads:
+                if name in names:
                     b = fam.broadcast(fam_scale, name, params[name])
                     factors[name] = b if name not in factors else factors[name] + b
+        return factors
+
+    def add_grad_(self, grads, params, num_data):
+        """Fused: one pass computes every family's group norms (concatenated), one ``where`` the
+        per-group scales ``lam w_g / (N ||theta_g||)`` (0 on an all-zero group), and one
+        ``_foreach_addcmul_`` adds ``scale * theta`` to every covered gradient. The budget's hinge
+        multiplies by ``total > k`` on the device instead of branching on the host, so a step has
+        no host sync. Equal to the per-family loop it replaced up to rounding (the coefficient is
+        rounded to the parameters' dtype before the division; factors of a parameter in two
+        families are summed before the multiply); inside the budget it adds ``0 * theta``, so
+        non-finite parameters give a non-finite gradient (which the sampler reports)."""
+        self._addcmul_(grads, params, self._factors(params, set(grads), num_data))
+
+    def add_grad_chains_(self, grads, params, num_data):
+        """Every chain's factors in one ``vmap``-ed computation over the leading chain dimension,
+        then one ``_foreach_addcmul_`` over the stacked tensors."""
+        names = set(grads)
+        factors = torch.func.vmap(lambda p: self._factors(p, names, num_data))(dict(params))
+        self._addcmul_(grads, params, factors)
+
+    @staticmethod
+    def _addcmul_(grads, params, factors) -> None:
         if factors:
             names = list(factors)
             torch._foreach_addcmul_([grads[n] for n in names], [factors[n] for n in names],
