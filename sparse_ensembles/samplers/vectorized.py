@@ -107,7 +107,8 @@ class VectorizedSGLD:
         self._noise_views = [self._noise[:, o:o + n].view(self.M, *base[name].shape)
                              for o, n, name in zip(offsets, sizes, self.names)]
         self.steps = 0
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: Optional[ThreadPoolExecutor] = None  # threads drawing the chains' noise (CPU)
+        self._pool_workers = 0
 
         def one(params, x, y):
             return self.loss_fn(functional_call(self.model, params, (x,)), y)
@@ -172,9 +173,10 @@ class VectorizedSGLD:
             for m, g in enumerate(self.generators):
                 self._noise[m].normal_(generator=g)
             return
-        if self._pool is None or self._pool._max_workers != workers:
+        if self._pool is None or self._pool_workers != workers:
             self.close()
             self._pool = ThreadPoolExecutor(workers, thread_name_prefix="vectorized-noise")
+            self._pool_workers = workers
         for _ in self._pool.map(lambda m: self._noise[m].normal_(generator=self.generators[m]), range(self.M)):
             pass
 
