@@ -178,6 +178,38 @@ def test_non_finite_gradient_is_reported_as_divergence():
         opt.step()
 
 
+@pytest.mark.parametrize("kind", [SGLD, SGHMC])
+def test_lazy_finiteness_check_reports_a_bad_step_within_check_every_steps_and_before_any_state_dict(kind):
+    """check_every > 1 (the GPU default: no host sync per step) reads the flag every k steps, and
+    state_dict() reads it first, so a checkpoint never holds a diverged chain."""
+    assert kind([("p", nn.Parameter(torch.zeros(2)))], 0.1, num_data=1).check_every == 1  # CPU: every step
+
+    def chain():
+        p = nn.Parameter(torch.zeros(2))
+        opt = kind([("p", p)], 0.1, num_data=1, temperature=0.0)
+        opt.check_every = 4
+        return p, opt
+
+    p, opt = chain()
+    for step in range(1, 4):  # step 2 is bad; 1..3 return
+        p.grad = torch.tensor([float("nan"), 0.0]) if step == 2 else torch.ones(2)
+        opt.step()
+    p.grad = torch.ones(2)
+    with pytest.raises(FloatingPointError, match=r"steps 1\.\.4 .*check_every = 4"):
+        opt.step()
+    p, opt = chain()
+    for step in range(1, 7):  # the first read (step 4) is clean; step 6 is bad
+        p.grad = torch.tensor([float("inf"), 0.0]) if step == 6 else torch.ones(2)
+        opt.step()
+    with pytest.raises(FloatingPointError, match=r"steps 5\.\.6"):
+        opt.state_dict()
+    p, opt = chain()  # a clean chain saves and reads no error
+    for _ in range(6):
+        p.grad = torch.ones(2)
+        opt.step()
+    assert opt.state_dict()["steps"] == 6
+
+
 @pytest.mark.parametrize("max_grad_norm", [None, 1.0])
 def test_gradient_whose_norm_overflows_is_reported_naming_the_parameter(max_grad_norm):
     a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))

@@ -207,7 +207,7 @@ class SGMCMC(Optimizer):
                                               and math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"invalid max_grad_norm {max_grad_norm!r}: use a positive number, or None for no clipping")
         super().__init__(params, {**defaults, "step": 0})  # step: per group, drives lr schedules
-        self.check_finite = True  # raise FloatingPointError on a non-finite gradient (one sync/step)
+        self.check_finite = True  # raise FloatingPointError on a non-finite gradient
         self.num_data = num_data
         self.prior = prior
         self.pruning = pruning  # e.g. pruning.SparsitySchedule: called after every step
@@ -222,6 +222,14 @@ class SGMCMC(Optimizer):
         self._steps = 0  # steps taken; the prior hook's step index
         # a device tensor, so counting clipped steps costs no host sync
         self._clipped = torch.zeros((), dtype=torch.int64, device=device)
+        # How often the finiteness flag is read back (a host sync). Every step on CPU, where the
+        # read is free and the error names the tensor at the step it happens; on a GPU every 100
+        # steps, so a step queues its kernels without waiting for the device: a non-finite
+        # gradient is then reported up to 100 steps late, and always before state_dict() (so no
+        # checkpoint holds a diverged chain). Set it to 1 to stop at the first bad step.
+        self.check_every = 1 if device.type == "cpu" else 100
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last read
+        self._last_read = 0  # steps taken at the last read of the flag
         self._masks: dict[int, Tensor] = {}
         if masks:
             self.set_masks(masks)
@@ -339,7 +347,9 @@ class SGMCMC(Optimizer):
             checked, checked_names = (raw, names) if total is not None else (list(grads.values()), list(grads))
             if total is None:
                 total = torch.stack(torch._foreach_norm(checked)).sum()
-            if not math.isfinite(total.item()):
+            if self.check_every > 1:  # read later (check_nonfinite): no sync now
+                self._nonfinite |= ~torch.isfinite(total)
+            elif not math.isfinite(total.item()):
                 # name the worst tensor; its norm can be inf with finite entries (overflow)
                 norms = torch.stack(torch._foreach_norm(checked)).nan_to_num(math.inf)
                 bad = checked_names[int(norms.argmax())]
@@ -392,7 +402,21 @@ class SGMCMC(Optimizer):
         if self.pruning is not None:
             self.pruning.apply_(self, self._steps)
         self._steps += 1
+        if self._steps - self._last_read >= self.check_every > 1:
+            self.check_nonfinite()
         return loss
+
+    def check_nonfinite(self) -> None:
+        """Read the flag of the steps since the last read (``check_every > 1``) and raise if one of
+        them had a non-finite gradient. ``step`` calls it every ``check_every`` steps and
+        ``state_dict`` before saving anything."""
+        first, self._last_read = self._last_read, self._steps
+        if bool(self._nonfinite):
+            raise FloatingPointError(
+                f"non-finite gradient in one of steps {first + 1}..{self._steps} (the finiteness flag is read "
+                f"every check_every = {self.check_every} steps): the chain diverged; lower the learning rate "
+                "or the temperature and resume from the last checkpoint (check_every = 1 stops at the first "
+                "bad step and names the tensor)")
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         state["initialized"] = True
@@ -405,6 +429,7 @@ class SGMCMC(Optimizer):
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):
         self.synchronize()
+        self.check_nonfinite()  # never save a diverged chain
         sd = super().state_dict()
         # schedules are code, not data: they stay with the sampler that was constructed
         for g in sd["param_groups"]:
