@@ -65,6 +65,57 @@ def cross_entropy_loss(model: nn.Module, batch, state=None):
     return F.cross_entropy(model(x), y), None
 
 
+class LossWatch:
+    """The loss of every minibatch of an epoch, summed and checked for divergence.
+
+    ``check_every`` minibatches between reads of the loss (a host sync). Default 1 on CPU, where
+    the read is free and the error comes at the first bad minibatch, before its step, so the
+    parameters are still the last finite ones; 100 on a GPU, where the losses are summed on the
+    device so a step queues its kernels without waiting, and a divergence is reported up to 100
+    minibatches late, always by :meth:`mean`, i.e. before the epoch returns (so a run never
+    checkpoints a diverged epoch)."""
+
+    def __init__(self, where: str, check_every: Optional[int] = None):
+        self.where, self.check_every = where, check_every
+        self.count, self.checked, self.total = 0, 0, None
+
+    def add(self, loss: Tensor) -> None:
+        """Call with each minibatch's (mean) loss, before its backward pass and step."""
+        if self.check_every is None:
+            self.check_every = 1 if loss.device.type == "cpu" else 100
+        if self.check_every == 1:
+            value = loss.item()
+            if not math.isfinite(value):
+                self._diverged(f"the loss became {value} at minibatch {self.count}")
+            self.total = value if self.total is None else self.total + value
+        else:
+            value = loss.detach().float()
+            self.total = value if self.total is None else self.total + value
+        self.count += 1
+        if self.check_every > 1 and self.count - self.checked >= self.check_every:
+            self._read()
+
+    def _read(self) -> None:
+        first, self.checked = self.checked, self.count
+        value = self.total.item()
+        if not math.isfinite(value):
+            self._diverged(f"the loss became non-finite at one of minibatches {first}..{self.count - 1} "
+                           f"(read every {self.check_every})")
+
+    def _diverged(self, what: str):
+        raise DivergenceError(
+            f"{self.where}: {what}; the chain diverged. Lower the learning rate (or the temperature / "
+            "prior strength) and rerun with --resume: finished stages and collected samples are kept")
+
+    def mean(self) -> float:
+        """The mean loss over the minibatches so far (0 for none), after a last check."""
+        if self.total is None:
+            return 0.0
+        if self.check_every > 1 and self.count > self.checked:
+            self._read()
+        return float(self.total) / self.count
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, where: str = "",
                 loss_fn: Callable = cross_entropy_loss, max_grad_norm: Optional[float] = None,
                 check_every: Optional[int] = None) -> float:
@@ -72,55 +123,20 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     LSTM's hidden state) flows from batch to batch. Returns the mean loss over batches.
 
     ``max_grad_norm`` clips the gradient norm before the step (for torch optimizers; samplers
-    clip themselves). Raises :class:`DivergenceError` naming ``where`` at a non-finite loss.
-    ``check_every`` steps between reads of the loss (a host sync); default 1 on CPU, where the
-    read is free and the error comes at the first bad minibatch, before its step, so the
-    parameters are still the last finite ones; 100 on a GPU, where the losses are summed on the
-    device and a divergence is reported up to 100 minibatches late, always before the epoch
-    returns (so a run never checkpoints a diverged epoch).
+    clip themselves). Raises :class:`DivergenceError` naming ``where`` at a non-finite loss: at
+    the bad minibatch on CPU, within ``check_every`` minibatches on a GPU (:class:`LossWatch`).
     """
     model.train()
-    count, state, total, checked = 0, None, None, 0
-    for i, batch in enumerate(batches):
+    watch, state = LossWatch(where, check_every), None
+    for batch in batches:
         loss, state = loss_fn(model, batch, state)
-        if check_every is None:
-            check_every = 1 if loss.device.type == "cpu" else 100
-        if check_every == 1:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise DivergenceError(
-                    f"{where}: the loss became {value} at minibatch {i}; the chain diverged. Lower the "
-                    "learning rate (or the temperature / prior strength) and rerun with --resume: "
-                    "finished stages and collected samples are kept"
-                )
-            total = value if total is None else total + value
-        else:
-            total = loss.detach().float() if total is None else total + loss.detach()
+        watch.add(loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
-        count += 1
-        if check_every > 1 and (count - checked >= check_every):
-            _check_loss_sum(total, where, checked, count - 1)
-            checked = count
-    if total is None:
-        return 0.0
-    if check_every > 1 and count > checked:
-        _check_loss_sum(total, where, checked, count - 1)
-    return float(total) / count
-
-
-def _check_loss_sum(total: torch.Tensor, where: str, first: int, last: int) -> None:
-    """The lazy check of :func:`train_epoch`: a non-finite sum means a non-finite loss since ``first``."""
-    value = total.item()
-    if not math.isfinite(value):
-        raise DivergenceError(
-            f"{where}: the loss became non-finite at one of minibatches {first}..{last} (read every "
-            "check_every minibatches); the chain diverged. Lower the learning rate (or the temperature / "
-            "prior strength) and rerun with --resume: finished stages and collected samples are kept"
-        )
+    return watch.mean()
 
 
 class Constrained:

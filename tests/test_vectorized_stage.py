@@ -46,3 +46,16 @@ def test_what_cannot_be_vectorised_is_refused_naming_the_setting(tmp_path, overr
     with pytest.raises(ConfigError, match=f"sampler.vectorize = true with this {key}"):
         for s in chains:
             s.check(tmp_path)
+
+
+def test_a_diverging_vectorised_stage_stops_with_a_divergence_message_and_keeps_no_samples(tmp_path):
+    need_data("mnist")
+    args = [sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(tmp_path), "--no-progress",
+            "--only", "sgld", "--set", "sampler.chains=3", "--set", "sampler.vectorize=true",
+            "--set", "sampler.lr=1e12"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={
+        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    # the chains' gradient check or the loss check, whichever sees it first
+    assert "diverged" in proc.stderr and "learning rate" in proc.stderr, proc.stderr[-2000:]
+    assert not list((tmp_path / "sgld").glob("sample_*.pt"))

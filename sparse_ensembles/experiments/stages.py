@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import math
 import json
 import tomllib
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from ..samplers.schedules import MultiStep, Polynomial, StepDecay
 from ..samplers.vectorized import VectorizedSGLD
 from ..structure import norms
 from ..tasks import task_class
-from ..training import Constrained, DivergenceError, GeneratorState, Holder, derive_seed, run_epochs, train_epoch
+from ..training import Constrained, GeneratorState, Holder, LossWatch, derive_seed, run_epochs, train_epoch
 from . import plots
 from .ranks import Shard
 from .config import (Config, ConfigError, GroupLassoConfig, ScheduleConfig, SGHMCConfig, SSEPruneConfig, SSGLConfig,
@@ -509,18 +508,13 @@ class Chain:
         label = f"{self.name} chains {', '.join(str(ch + 1) for ch in chains)} (vectorised)"
 
         def epoch(e):
-            total, count = 0.0, 0
-            for i, batches in enumerate(zip(*(ctx.task.train_batches(g) for g in gens))):
+            watch = LossWatch(f"{label} epoch {e + 1}")  # the chains' mean loss: one of them diverged if not finite
+            for batches in zip(*(ctx.task.train_batches(g) for g in gens)):
                 losses = sampler.losses(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
-                value = losses.detach().mean().item()
-                if not math.isfinite(value):
-                    raise DivergenceError(f"{label} epoch {e + 1}: the loss became {value} at minibatch {i}; a chain "
-                                          "diverged. Lower the learning rate (or the temperature / prior strength) "
-                                          "and rerun with --resume")
+                watch.add(losses.detach().mean())
                 losses.sum().backward()
                 sampler.step()
-                total, count = total + value, count + 1
-            return total / max(count, 1)
+            return watch.mean()
 
         def collect(done: int):
             if done > c.burn_in and (done - c.burn_in) % c.thin == 0:
