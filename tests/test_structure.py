@@ -108,3 +108,30 @@ def test_tiles_that_do_not_divide_the_matrix_cover_it_exactly_once_with_smaller_
 def test_a_parameter_covered_twice_along_the_same_dimension_is_rejected():
     with pytest.raises(ValueError, match="covered by 2 parts"):
         SliceFamily("bad", 3, (Part("w", 0), Part("w", 0, stack=4)))
+
+
+@pytest.mark.parametrize("shape,dim,stack", [((12, 20), 0, 1), ((12, 20), 1, 1), ((12, 20), 0, 4), ((12, 20), 1, 5),
+                                             ((6, 4, 3, 3), 0, 1), ((6, 4, 3, 3), 1, 2), ((8, 5, 1, 1), 1, 1), ((7,), 0, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "chains"])
+def test_group_norms_equal_their_definition_for_rows_columns_stacks_convs_and_strided_or_vmapped_tensors(
+        shape, dim, stack, layout):
+    """The fused path (a norm over the dims contiguous in memory) and the square-and-sum path give
+    the definition: group k of a part along ``dim`` is slice k of every one of the ``stack`` blocks."""
+    torch.manual_seed(0)
+    size = shape[dim] // stack
+    fam = SliceFamily("f", size, (Part("w", dim, stack),))
+
+    def definition(w):
+        blocks = w.movedim(dim, 0).reshape(stack, size, -1)
+        return (blocks ** 2).sum(dim=(0, 2))
+
+    if layout == "chains":  # as the vectorised sampler calls it: vmapped over a leading chain dim
+        w = torch.randn(3, *shape)
+        got = torch.func.vmap(lambda t: fam.sq_norms({"w": t}))(w)
+        want = torch.stack([definition(t) for t in w])
+    else:
+        w = torch.randn(*shape)
+        if layout == "transposed" and w.dim() >= 2:  # the same values in a column-major view
+            w = w.t().contiguous().t() if w.dim() == 2 else w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+        got, want = fam.sq_norms({"w": w}), definition(w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
