@@ -5,8 +5,8 @@ against the same M chains vectorised (:class:`sparse_ensembles.samplers.vectoriz
     python benchmarks/scaling.py --device cuda --chains 4,18
 
 Throughput = chain steps per second (M x steps / wall time). Each round times ``--steps`` steps of
-all M chains sequentially (M separate SGLD samplers, each stepping its own network on its own
-minibatch; on CPU once with the noise drawn inline and once in each sampler's worker thread) and
+all M chains sequentially (M separate SGLD samplers, one chain's steps after another's, each
+stepping its own network on its own minibatch; on CPU once with the noise drawn inline and once in each sampler's worker thread) and
 then vectorised (one batched step of all M chains), interleaved; medians of ``--rounds`` rounds, at
 each thread count of ``--threads``; the headline compares each method at its best setting. Random inputs: the cost of a step does not depend on the pixels.
 Writes ``results/scaling.json``.
@@ -69,9 +69,9 @@ def main() -> None:
         ys = torch.randint(0, 10, (M, args.batch), device=device)
 
         def sequential(prefetch):
-            def run():
-                for _ in range(args.steps):
-                    for m, (n, s) in enumerate(zip(nets, samplers[prefetch])):
+            def run():  # one chain after another, as a run without vectorising does
+                for m, (n, s) in enumerate(zip(nets, samplers[prefetch])):
+                    for _ in range(args.steps):
                         s.zero_grad()
                         F.cross_entropy(n(xs[m]), ys[m]).backward()
                         s.step()

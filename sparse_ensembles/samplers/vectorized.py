@@ -107,7 +107,8 @@ class VectorizedSGLD:
         self._noise_views = [self._noise[:, o:o + n].view(self.M, *base[name].shape)
                              for o, n, name in zip(offsets, sizes, self.names)]
         self.steps = 0
-        self._pool: Optional[ThreadPoolExecutor] = None  # threads drawing the chains' noise (CPU)
+        self.noise_threads: Optional[int] = None  # threads drawing the chains' noise on CPU (None: automatic)
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_workers = 0
 
         def one(params, x, y):
@@ -165,10 +166,11 @@ class VectorizedSGLD:
 
     def _draw_noise(self) -> None:
         """Row ``m`` of the noise buffer from chain ``m``'s generator. A draw is serial in torch, so
-        with more than one torch thread the chains draw side by side in a thread pool (each from
-        its own generator, so the values do not depend on the scheduling; 2.9 -> 1.7 ms for 4
-        chains of the MLP on 2 vCPUs, measured)."""
-        workers = min(self.M, torch.get_num_threads())
+        the chains draw side by side in a thread pool of ``noise_threads`` threads (default: torch's
+        thread count; at 1 a pool of 2 measured no faster), each from its own generator, so the
+        values do not depend on the scheduling (2.9 -> 1.7 ms for 4 chains of the MLP on 2 vCPUs at
+        2 threads, measured)."""
+        workers = min(self.M, self.noise_threads or torch.get_num_threads())
         if workers < 2 or self._noise.device.type != "cpu":
             for m, g in enumerate(self.generators):
                 self._noise[m].normal_(generator=g)
