@@ -176,6 +176,43 @@ class _NoiseSource:
             ) from None
 
 
+class FiniteCheck:
+    """Whether a chain's gradients stayed finite, read back (a host sync) every ``every`` steps.
+
+    Every step on CPU, where the read is free and the caller can name the bad tensor at the step it
+    happens; every 100 steps on a GPU, so a step queues its kernels without waiting for the device:
+    a non-finite gradient is then reported up to 100 steps late, and always by :meth:`read`, which
+    a sampler's ``state_dict()`` calls first (so no checkpoint holds a diverged chain). Shared by
+    :class:`SGMCMC` and the vectorised chains."""
+
+    def __init__(self, device: torch.device):
+        self.every = 1 if device.type == "cpu" else 100
+        self._flag = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite since the last read
+        self._last_read = 0  # steps taken at the last read
+
+    def observe(self, total: Tensor) -> bool:
+        """False when ``total`` (a gradient norm) is read now and is not finite; with ``every > 1``
+        it is folded into the device flag without a sync, and this returns True."""
+        if self.every > 1:
+            self._flag |= ~torch.isfinite(total)
+            return True
+        return math.isfinite(total.item())
+
+    def after_step(self, steps: int) -> None:
+        if steps - self._last_read >= self.every > 1:
+            self.read(steps)
+
+    def read(self, steps: int) -> None:
+        """Raise if one of the steps since the last read had a non-finite gradient."""
+        first, self._last_read = self._last_read, steps
+        if bool(self._flag):
+            raise FloatingPointError(
+                f"non-finite gradient in one of steps {first + 1}..{steps} (the finiteness flag is read "
+                f"every check_every = {self.every} steps): the chain diverged; lower the learning rate "
+                "or the temperature and resume from the last checkpoint (check_every = 1 stops at the first "
+                "bad step and names the tensor)")
+
+
 class SGMCMC(Optimizer):
     """Shared machinery: validation, named parameters, prior (and its state hook), masks,
     gradient clipping, noise, schedules, state. Subclasses implement ``_update`` with a function
@@ -222,14 +259,7 @@ class SGMCMC(Optimizer):
         self._steps = 0  # steps taken; the prior hook's step index
         # a device tensor, so counting clipped steps costs no host sync
         self._clipped = torch.zeros((), dtype=torch.int64, device=device)
-        # How often the finiteness flag is read back (a host sync). Every step on CPU, where the
-        # read is free and the error names the tensor at the step it happens; on a GPU every 100
-        # steps, so a step queues its kernels without waiting for the device: a non-finite
-        # gradient is then reported up to 100 steps late, and always before state_dict() (so no
-        # checkpoint holds a diverged chain). Set it to 1 to stop at the first bad step.
-        self.check_every = 1 if device.type == "cpu" else 100
-        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # since the last read
-        self._last_read = 0  # steps taken at the last read of the flag
+        self._finite = FiniteCheck(device)  # read every check_every steps (1 on CPU, 100 on a GPU)
         self._masks: dict[int, Tensor] = {}
         if masks:
             self.set_masks(masks)
@@ -347,9 +377,7 @@ class SGMCMC(Optimizer):
             checked, checked_names = (raw, names) if total is not None else (list(grads.values()), list(grads))
             if total is None:
                 total = torch.stack(torch._foreach_norm(checked)).sum()
-            if self.check_every > 1:  # read later (check_nonfinite): no sync now
-                self._nonfinite |= ~torch.isfinite(total)
-            elif not math.isfinite(total.item()):
+            if not self._finite.observe(total):
                 # name the worst tensor; its norm can be inf with finite entries (overflow)
                 norms = torch.stack(torch._foreach_norm(checked)).nan_to_num(math.inf)
                 bad = checked_names[int(norms.argmax())]
@@ -402,21 +430,18 @@ class SGMCMC(Optimizer):
         if self.pruning is not None:
             self.pruning.apply_(self, self._steps)
         self._steps += 1
-        if self._steps - self._last_read >= self.check_every > 1:
-            self.check_nonfinite()
+        self._finite.after_step(self._steps)
         return loss
 
-    def check_nonfinite(self) -> None:
-        """Read the flag of the steps since the last read (``check_every > 1``) and raise if one of
-        them had a non-finite gradient. ``step`` calls it every ``check_every`` steps and
-        ``state_dict`` before saving anything."""
-        first, self._last_read = self._last_read, self._steps
-        if bool(self._nonfinite):
-            raise FloatingPointError(
-                f"non-finite gradient in one of steps {first + 1}..{self._steps} (the finiteness flag is read "
-                f"every check_every = {self.check_every} steps): the chain diverged; lower the learning rate "
-                "or the temperature and resume from the last checkpoint (check_every = 1 stops at the first "
-                "bad step and names the tensor)")
+    @property
+    def check_every(self) -> int:
+        """Steps between reads of the finiteness flag (:class:`FiniteCheck`); 1 stops at the first
+        bad step and names the tensor."""
+        return self._finite.every
+
+    @check_every.setter
+    def check_every(self, every: int) -> None:
+        self._finite.every = int(every)
 
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:
         state["initialized"] = True
@@ -429,7 +454,7 @@ class SGMCMC(Optimizer):
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):
         self.synchronize()
-        self.check_nonfinite()  # never save a diverged chain
+        self._finite.read(self._steps)  # never save a diverged chain
         sd = super().state_dict()
         # schedules are code, not data: they stay with the sampler that was constructed
         for g in sd["param_groups"]:

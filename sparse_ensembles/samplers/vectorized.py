@@ -18,7 +18,6 @@ gradient clipping. Those run as separate chains.
 """
 from __future__ import annotations
 
-import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -29,6 +28,7 @@ from torch.nn import functional as F
 
 from ..priors import Prior
 from .functional import sgld_
+from .sgmcmc import FiniteCheck
 
 
 def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
@@ -107,6 +107,7 @@ class VectorizedSGLD:
         self._noise_views = [self._noise[:, o:o + n].view(self.M, *base[name].shape)
                              for o, n, name in zip(offsets, sizes, self.names)]
         self.steps = 0
+        self._finite = FiniteCheck(self._noise.device)  # as a separate chain's: no host sync per step on a GPU
         self.noise_threads: Optional[int] = None  # threads drawing the chains' noise on CPU (None: automatic)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_workers = 0
@@ -151,7 +152,7 @@ class VectorizedSGLD:
         if self.prior is not None:  # each chain's prior on its own parameters
             self.prior.add_grad_chains_(grads, self.params, self.num_data)
         total = torch.stack(torch._foreach_norm(list(grads.values()))).sum()
-        if not math.isfinite(total.item()):
+        if not self._finite.observe(total):
             raise FloatingPointError("non-finite gradient in a vectorised chain: a chain diverged; lower the learning "
                                      "rate or the temperature")
         lr = self.lr(self.steps) if callable(self.lr) else self.lr
@@ -163,6 +164,7 @@ class VectorizedSGLD:
         for n in names:
             self._leaves[n].grad = None
         self.steps += 1
+        self._finite.after_step(self.steps)
 
     def _draw_noise(self) -> None:
         """Row ``m`` of the noise buffer from chain ``m``'s generator. A draw is serial in torch, so
@@ -191,6 +193,7 @@ class VectorizedSGLD:
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue the same chains: the stacked parameters, each
         chain's noise generator and the step count (for ``lr`` / ``temperature`` schedules)."""
+        self._finite.read(self.steps)  # never save diverged chains
         return {"params": {n: self.params[n].clone(memory_format=torch.contiguous_format) for n in self.names},
                 "generators": [g.get_state() for g in self.generators], "steps": self.steps}
 
