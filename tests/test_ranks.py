@@ -1,11 +1,13 @@
 """torchrun: the ranks of a job share a run's units by a static deal, and the result does not
-depend on how many ranks there are, also for a chain trained over two ranks (2-process gloo runs on
-CPU; three launches in all)."""
+depend on how many ranks there are, also for a chain trained over two ranks or a 2-rank job killed
+mid-run and resumed in one process (2-process gloo runs on CPU; four launches in all)."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,30 @@ def test_a_run_started_in_one_process_and_interrupted_resumes_under_two_ranks_to
     log = _run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "sparse_ensembles", "run", TINY,
                 "--out", str(out), "--no-progress", "--resume"], {}, ROOT)
     assert "mine: sgld_gsp[0]" in log and "sgd[" not in log.split("wave of")[1].split("\n")[0]
+    _same_runs(one_process_run, out)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed beside this python")
+def test_a_two_rank_job_killed_mid_run_resumes_in_one_process_to_the_same_result(one_process_run, tmp_path):
+    """SIGKILL to the whole job (launcher and both ranks, as a scheduler does) once the first chain
+    sample is on disk; the finished units are kept and a one-process ``--resume`` ends bit for bit
+    where the uninterrupted run does."""
+    out = tmp_path / "killed"
+    job = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "sparse_ensembles", "run",
+                            TINY, "--out", str(out), "--no-progress"], cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "sgld_gsp" / "sample_000.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(60)
+    assert first.exists(), "the job ended or stalled before its first chain sample"
+    assert not (out / "results.json").exists(), "the kill came after the job had finished: nothing to resume"
+    kept = {p: p.stat().st_mtime_ns for p in out.rglob("*.pt") if "sample" in p.name or "member" in p.name}
+    _run([sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(out), "--no-progress", "--resume"],
+         {"OMP_NUM_THREADS": "1"}, ROOT)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # finished work is not redone
     _same_runs(one_process_run, out)
 
 
