@@ -127,8 +127,8 @@ class SliceFamily:
         return torch.diagonal(blocks, dim1=1, dim2=3)  # (stack_r, stack_c, size)
 
     def sq_norms(self, params: Mapping[str, Tensor]) -> Tensor:
-        total = 0
-        for part in self.parts:
+        total = self._part_sq_norms(self.parts[0], params[self.parts[0].param])
+        for part in self.parts[1:]:
             total = total + self._part_sq_norms(part, params[part.param])
         for name in self.params:
             if self._overlap(name):  # counted by both parts: subtract once
@@ -146,6 +146,8 @@ class SliceFamily:
     def _expand(self, values: Tensor, part: Part, like: Tensor) -> Tensor:
         shape = [1] * like.dim()
         shape[part.dim] = self.size
+        if part.stack == 1:  # a view: no copy (and no kernel) for the common unstacked case
+            return values.reshape(shape).expand_as(like)
         tiles = [1] * like.dim()
         tiles[part.dim] = part.stack  # stacked copies: index b * size + k
         return values.reshape(shape).repeat(*tiles).expand_as(like)

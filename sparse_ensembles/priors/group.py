@@ -78,7 +78,7 @@ class GroupLasso(Prior):
         sq = torch.cat([fam.sq_norms(params) for fam in self.groups])
         size = sq.sqrt()
         coef = self._coefficients(params, first, num_data)
-        scale = torch.where(size > self.eps, coef / size.clamp_min(self.eps), torch.zeros_like(size))
+        scale = torch.where(size > self.eps, coef / size, 0.0)  # the 0 / 0 of an all-zero group is not taken
         if self.budget is not None:  # inside the budget the hinge is flat: every scale becomes 0
             total = (coef * size).sum() * (num_data / self.lam)
             scale = scale * (total > self.budget)
@@ -100,6 +100,21 @@ class GroupLasso(Prior):
         families are summed before the multiply); inside the budget it adds ``0 * theta``, so
         non-finite parameters give a non-finite gradient (which the sampler reports)."""
         self._addcmul_(grads, params, self._factors(params, set(grads), num_data))
+
+    def plus_grad(self, grads, params, num_data):
+        """Out of place, as ``clone`` then :meth:`add_grad_` (bit for bit): one ``_foreach_addcmul``
+        copies and adds over the covered gradients, one ``_foreach_copy_`` copies the rest, so a
+        step makes two multi-tensor kernels where the clones made one kernel per tensor."""
+        factors = self._factors(params, set(grads), num_data)
+        covered = [n for n in grads if n in factors]
+        out = dict(zip(covered, torch._foreach_addcmul([grads[n] for n in covered], [factors[n] for n in covered],
+                                                       [params[n] for n in covered])))
+        rest = [n for n in grads if n not in factors]
+        if rest:
+            copies = [torch.empty_like(grads[n]) for n in rest]
+            torch._foreach_copy_(copies, [grads[n] for n in rest])
+            out.update(zip(rest, copies))
+        return {n: out[n] for n in grads}
 
     def add_grad_chains_(self, grads, params, num_data):
         """Every chain's factors in one ``vmap``-ed computation over the leading chain dimension,
