@@ -125,7 +125,7 @@ def test_gpu_checks_script_runs_its_steps_on_cpu_and_writes_the_lstm_and_scaling
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "gpu_checks: 0 step(s) failed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
     lstm = json.loads((tmp_path / "lstm_sampler_overhead_cpu_h32.json").read_text())
-    assert lstm["sgld_group_lasso_vs_sgd"] > 0 and set(lstm["median_ms_per_step"]) >= {"sgd", "sgld", "sgld_group_lasso"}
+    assert lstm["sgld_group_lasso_vs_sgd"] > 0 and set(lstm["median_ms_per_step"]) >= {"sgd", "sgld", "sgld_group_lasso", "sgld_group_lasso_compiled"}
     scaling = json.loads((tmp_path / "scaling.json").read_text())
     assert {r["chains"] for r in scaling["rows"]} == {4, 18}
 

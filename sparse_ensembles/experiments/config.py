@@ -172,6 +172,9 @@ class ChainConfig:
     data_parallel: int = 1
     # run the stage's chains as one batched computation (SGLD, classification; samplers/vectorized.py)
     vectorize: bool = False
+    # the prior's gradient through torch.compile (priors/compiled.py): fused kernels, for GPUs above
+    # all; the first steps pay the compilation; not for priors with state (ssgl)
+    compile_prior: bool = False
 
     @property
     def epochs_per_chain(self) -> int:

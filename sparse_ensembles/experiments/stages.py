@@ -27,7 +27,7 @@ from .. import checkpoint, pruning
 from ..data import DataError
 from ..distributed import ShardedLoss
 from ..models import model_class
-from ..priors import BlockLasso, Gaussian, GroupLasso, Prior, Sum
+from ..priors import BlockLasso, Compiled, Gaussian, GroupLasso, Prior, Sum
 from ..priors.spike_slab import SpikeSlabGL
 from ..samplers import SGHMC, SGLD, Cyclical
 from ..samplers.schedules import MultiStep, Polynomial, StepDecay
@@ -333,6 +333,8 @@ def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=
                   overlap_prior_update=c.prefetch_noise and ctx.device.type == "cpu")  # SA latents in a worker
     if c.max_grad_norm:
         common["max_grad_norm"] = c.max_grad_norm
+    if c.compile_prior:
+        common["prior"] = Compiled(prior)
     if isinstance(c, SGHMCConfig):
         return SGHMC(model.named_parameters(), lr, friction=c.friction, **common)
     return SGLD(model.named_parameters(), lr, **common)
@@ -379,8 +381,11 @@ class Chain:
         return [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
 
     def check(self, out: Path) -> None:
-        """What ``sampler.vectorize`` cannot do, refused before any work starts."""
+        """What ``sampler.vectorize`` and ``sampler.compile_prior`` cannot do, refused before any work starts."""
         c = self.c
+        if c.compile_prior and self.sparse and isinstance(self.cfg.prior, SSGLConfig):
+            raise ConfigError("sampler.compile_prior = true with prior.kind = 'ssgl': the spike-and-slab prior adapts "
+                              "its state every step, which is not compiled; set sampler.compile_prior = false")
         if not c.vectorize:
             return
         why = [("sampler.kind", not isinstance(c, SGHMCConfig), "vectorised chains are SGLD chains; use kind = 'sgld'"),
@@ -390,7 +395,8 @@ class Chain:
                 "the spike-and-slab prior keeps latent state per chain"),
                ("sampler.max_grad_norm", not c.max_grad_norm, "gradient clipping is not vectorised; set it to 0"),
                ("sampler.noise", c.noise == "gaussian", "only Gaussian noise is vectorised"),
-               ("sampler.data_parallel", c.data_parallel == 1, "a vectorised unit runs in one process; set it to 1")]
+               ("sampler.data_parallel", c.data_parallel == 1, "a vectorised unit runs in one process; set it to 1"),
+               ("sampler.compile_prior", not c.compile_prior, "vectorised chains vmap the prior eagerly; set it to false")]
         for key, ok, reason in why:
             if not ok:
                 raise ConfigError(f"sampler.vectorize = true with this {key}: {reason}, or set sampler.vectorize = false")
