@@ -2,8 +2,8 @@
 
 Eager, the group Lasso's gradient is a chain of small operations: per family the squared group
 norms, then the square roots, the per-group scales, their broadcast and the addition into the
-gradients, each a kernel of its own (the MLP's SSE prior dispatches 15 operations a step, the ISS
-prior of a 2-layer LSTM 59). On a GPU each is a launch, which is why SGLD with the group Lasso cost
+gradients, each a kernel of its own (the MLP's SSE prior dispatches 14 operations a step, the ISS
+prior of a 2-layer LSTM 59: ``benchmarks/step_kernels.py``). On a GPU each is a launch, which is why SGLD with the group Lasso cost
 1.99x an SGD step on an H200 where SGLD alone cost 1.10x. ``torch.compile`` traces the gradient once
 and generates fused kernels for it (C++ on CPU, Triton on CUDA). Measured on this 2-vCPU CPU at one
 thread (docs/scaling.md): the SSE prior's gradient of the 784-300-100-10 MLP 0.45 -> 0.32 ms, of the
