@@ -87,6 +87,19 @@ def test_an_sgld_chain_with_the_compiled_prior_follows_the_eager_chain():
     _close(finals[1], finals[0], rel=1e-5)
 
 
+def test_a_compiler_that_fails_gives_an_error_naming_the_fix():
+    def no_compiler(graph, inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    model = _mlp()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    prior = Compiled(Sum(GroupLasso(groups_of(model), 3.0), Gaussian(1.0)), backend=no_compiler)
+    prior.plus_grad(grads, params, 100)  # the first call is eager
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler found.*sampler.compile_prior = false"):
+        prior.plus_grad(grads, params, 100)
+
+
 def test_a_prior_with_state_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="without state"):
         Compiled(AdaptiveGaussian(1.0, omega=0.5))

@@ -78,4 +78,11 @@ class _EagerFirst:
         if not self.called:
             self.called = True
             return self.eager(*args)
-        return self.compiled(*args)
+        try:
+            return self.compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler, no Triton
+            raise RuntimeError(
+                f"torch.compile could not compile the prior's gradient ({getattr(e, 'inner_exception', e)!r}); "
+                "it needs a C++ compiler on CPU (apt-get install g++) and Triton on a GPU, or run the prior "
+                "uncompiled (sampler.compile_prior = false; the chain resumes from its last checkpoint "
+                "with --resume)") from e
