@@ -3,11 +3,11 @@
 Eager, the group Lasso's gradient is a chain of small operations: per family the squared group
 norms, then the square roots, the per-group scales, their broadcast and the addition into the
 gradients, each a kernel of its own (the MLP's SSE prior dispatches 14 operations a step, the ISS
-prior of a 2-layer LSTM 59: ``benchmarks/step_kernels.py``). On a GPU each is a launch, which is why SGLD with the group Lasso cost
-1.99x an SGD step on an H200 where SGLD alone cost 1.10x. ``torch.compile`` traces the gradient once
-and generates fused kernels for it (C++ on CPU, Triton on CUDA). Measured on this 2-vCPU CPU at one
-thread (docs/scaling.md): the SSE prior's gradient of the 784-300-100-10 MLP 0.45 -> 0.32 ms, of the
-ISS 2 x 200 LSTM 7.5 -> 4.3 ms.
+prior of a 2-layer LSTM 59: ``benchmarks/step_kernels.py``). On a GPU each is a launch, which is
+why SGLD with the group Lasso cost 1.99x an SGD step on an H200 where SGLD alone cost 1.10x.
+``torch.compile`` traces the gradient once and generates fused kernels for it (C++ on CPU, Triton
+on CUDA). Measured on a 2-vCPU CPU at one thread (docs/scaling.md): the SSE prior's gradient of the
+784-300-100-10 MLP 0.45 -> 0.32 ms, of the ISS 2 x 200 LSTM 7.5 -> 4.3 ms.
 
 The result equals the eager gradient up to the reassociation of float sums (tests: 1e-6
 relative). Each method's first call runs eagerly, so that priors which cache what they compute
@@ -27,8 +27,9 @@ from .base import Prior
 
 class Compiled(Prior):
     """``prior`` with :meth:`add_grad_` and :meth:`plus_grad` compiled by ``torch.compile``
-    (``compile_kwargs`` go to it, e.g. ``mode="max-autotune"``; ``dynamic=False`` unless given). Everything else is the prior's
-    own: :meth:`neg_log_prob`, and :meth:`add_grad_chains_` (vectorised chains ``vmap`` it eagerly).
+    (``compile_kwargs`` go to it, e.g. ``mode="max-autotune"``; ``dynamic=False`` unless given).
+    Everything else is the prior's own: :meth:`neg_log_prob`, and :meth:`add_grad_chains_`
+    (vectorised chains ``vmap`` it eagerly).
 
         sampler = SGLD(model.named_parameters(), lr, num_data=N,
                        prior=Compiled(Sum(GroupLasso(groups_of(model), lam), Gaussian(1.0))))
