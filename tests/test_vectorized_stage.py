@@ -1,7 +1,11 @@
 """``sampler.vectorize = true`` in a config: the stage's chains run as one batched computation and
-write the same samples as separate chains; what it cannot vectorise is refused before work starts."""
+write the same samples as separate chains, also when the run is killed and resumed; what it cannot
+vectorise is refused before work starts."""
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,25 +20,60 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.toml")
 
 
-def _run(out, *sets):
-    args = [sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(out), "--no-progress",
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _args(out, *sets):
+    return [sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(out), "--no-progress",
             "--only", "sgld", "--set", "sampler.chains=3"] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={
-        **__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def _run(out, *sets, resume=False):
+    proc = subprocess.run(_args(out, *sets) + (["--resume"] if resume else []), cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc.stdout + proc.stderr
 
 
-def test_vectorised_chains_in_a_run_write_the_samples_of_separate_chains(tmp_path):
+def _samples(out):
+    return [torch.load(out / "sgld" / f"sample_{k:03d}.pt", weights_only=True)["state_dict"] for k in range(3)]
+
+
+@pytest.fixture(scope="module")
+def vectorised_run(tmp_path_factory):
     need_data("mnist")
-    _run(tmp_path / "separate")
-    log = _run(tmp_path / "vectorised", "sampler.vectorize=true")
+    out = tmp_path_factory.mktemp("vectorised") / "run"
+    log = _run(out, "sampler.vectorize=true")
     assert "chains 1, 2, 3 (vectorised)" in log
-    for k in range(3):  # chain c writes sample c (3 chains, 3 samples)
-        a = torch.load(tmp_path / "separate" / "sgld" / f"sample_{k:03d}.pt", weights_only=True)["state_dict"]
-        b = torch.load(tmp_path / "vectorised" / "sgld" / f"sample_{k:03d}.pt", weights_only=True)["state_dict"]
-        for n in a:
+    return out
+
+
+def test_vectorised_chains_in_a_run_write_the_samples_of_separate_chains(vectorised_run, tmp_path):
+    _run(tmp_path / "separate")
+    for k, (a, b) in enumerate(zip(_samples(tmp_path / "separate"), _samples(vectorised_run))):
+        for n in a:  # chain c writes sample c (3 chains, 3 samples)
             assert torch.allclose(a[n], b[n], atol=1e-5, rtol=0), (k, n, (a[n] - b[n]).abs().max())
+
+
+def test_a_vectorised_stage_killed_after_its_first_checkpoint_resumes_to_the_same_samples(vectorised_run, tmp_path):
+    """SIGKILL once the chains' first epoch is checkpointed; ``--resume`` continues all three chains
+    from it and writes, bit for bit, the samples of the uninterrupted run."""
+    out = tmp_path / "killed"
+    job = subprocess.Popen(_args(out, "sampler.vectorize=true"), cwd=ROOT, env=ENV, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "sgld" / "chains_0_1_2.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(60)
+    assert checkpoint.exists(), "the run ended or stalled before its first checkpoint"
+    assert not list((out / "sgld").glob("chain_*.done")), "the kill came after the chains had finished"
+    log = _run(out, "sampler.vectorize=true", resume=True)
+    assert "(vectorised): resuming after epoch" in log  # from the checkpoint, not from the start
+    for k, (a, b) in enumerate(zip(_samples(vectorised_run), _samples(out))):
+        for n in a:
+            assert torch.equal(a[n], b[n]), (k, n, (a[n] - b[n]).abs().max())
 
 
 @pytest.mark.parametrize("override, key", [("sampler.kind=sghmc", "sampler.kind"),
