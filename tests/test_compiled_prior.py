@@ -1,6 +1,6 @@
 """``priors.Compiled``: the prior's gradient through torch.compile (inductor's C++ on CPU) equals the
 eager gradient, is compiled once for chains of the same settings, drives a chain that follows the
-eager one, and is refused where it cannot apply (priors with state; vectorised chains)."""
+eager one (separate and vectorised chains), and is refused for priors with state."""
 import shutil
 
 import pytest
@@ -13,6 +13,7 @@ from sparse_ensembles.experiments.cli import main
 from sparse_ensembles.models import LSTMLM
 from sparse_ensembles.priors import AdaptiveGaussian, Compiled, Gaussian, GroupLasso, Sum
 from sparse_ensembles.samplers import SGLD
+from sparse_ensembles.samplers.vectorized import VectorizedSGLD
 from sparse_ensembles.structure import groups_of
 from test_ranks import TINY
 
@@ -118,14 +119,35 @@ def test_sampler_compile_prior_in_a_run_gives_the_eager_run_samples(tmp_path):
     _close(b, a, rel=1e-4)
 
 
-@pytest.mark.parametrize("overrides, says", [
-    (["prior.kind=ssgl"], "sampler.compile_prior = true with prior.kind = 'ssgl'"),
-    (["sampler.vectorize=true"], "sampler.vectorize = true with this sampler.compile_prior"),
-])
-def test_compile_prior_is_refused_before_any_work_where_it_cannot_apply(tmp_path, capsys, overrides, says):
+def test_compile_prior_with_the_stateful_ssgl_prior_is_refused_before_any_work(tmp_path, capsys):
     need_data("mnist")
-    sets = [a for o in ["sampler.compile_prior=true", *overrides] for a in ("--set", o)]
+    sets = ["--set", "sampler.compile_prior=true", "--set", "prior.kind=ssgl"]
     assert main(["run", TINY, "--out", str(tmp_path / "run"), "--no-progress", *sets]) != 0
-    assert says in capsys.readouterr().err
+    assert "sampler.compile_prior = true with prior.kind = 'ssgl'" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("*/*.pt"))  # refused before any member or sample
+
+
+def test_vectorised_chains_with_the_compiled_prior_follow_the_eager_vectorised_chains():
+    """``add_grad_chains_`` (the vmapped group Lasso of M chains) compiled: the same gradient, and
+    VectorizedSGLD with it ends where the eager one does."""
+    M, model = 3, _mlp()
+    params = {n: torch.stack([p.detach() * (m + 1) for m in range(M)]) for n, p in model.named_parameters()}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    eager = Sum(GroupLasso(groups_of(model), 3.0), Gaussian(1.0))
+    prior = Compiled(eager)
+    for _ in range(3):  # eager, compiled, compiled again
+        mine, theirs = {n: g.clone() for n, g in grads.items()}, {n: g.clone() for n, g in grads.items()}
+        prior.add_grad_chains_(mine, params, 1000)
+        eager.add_grad_chains_(theirs, params, 1000)
+        _close(mine, theirs)
+    xs, ys = torch.rand(M, 32, 1, 28, 28, generator=torch.Generator().manual_seed(1)), torch.arange(M * 32).view(M, 32) % 10
+    finals = []
+    for wrap in (lambda p: p, Compiled):
+        chains = VectorizedSGLD(model, [5, 6, 7], lr=0.1, num_data=1000, temperature=0.01,
+                                prior=wrap(Sum(GroupLasso(groups_of(model), 3.0), Gaussian(1.0))))
+        for _ in range(10):
+            chains.losses(xs, ys).sum().backward()
+            chains.step()
+        finals.append({n: t.clone() for n, t in chains.params.items()})
+    _close(finals[1], finals[0], rel=1e-5)
 

@@ -173,7 +173,8 @@ class ChainConfig:
     # run the stage's chains as one batched computation (SGLD, classification; samplers/vectorized.py)
     vectorize: bool = False
     # the prior's gradient through torch.compile (priors/compiled.py): fused kernels, for GPUs above
-    # all; the first steps pay the compilation; not for priors with state (ssgl)
+    # all, separate or vectorised chains; the first steps pay the compilation; not for priors with
+    # state (ssgl)
     compile_prior: bool = False
 
     @property

@@ -288,10 +288,10 @@ PRIOR_BUILDERS = {"gaussian": lambda ctx, model: Gaussian(ctx.cfg.prior.precisio
 
 
 def make_prior(ctx: Context, model: nn.Module, sparse: bool) -> Prior:
-    """The chain's prior: the configured kind's (``sparse``), or Gaussian(precision) alone."""
-    if not sparse:
-        return Gaussian(ctx.cfg.prior.precision)
-    return PRIOR_BUILDERS[ctx.cfg.kinds["prior"]](ctx, model)
+    """The chain's prior: the configured kind's (``sparse``), or Gaussian(precision) alone; its
+    gradient compiled with ``sampler.compile_prior``."""
+    prior = PRIOR_BUILDERS[ctx.cfg.kinds["prior"]](ctx, model) if sparse else Gaussian(ctx.cfg.prior.precision)
+    return Compiled(prior) if ctx.cfg.sampler.compile_prior else prior
 
 
 def make_pruning(ctx: Context, model: nn.Module) -> Optional[pruning.SparsitySchedule]:
@@ -333,8 +333,6 @@ def make_sampler(ctx: Context, model: nn.Module, prior: Prior, seed: int, prune=
                   overlap_prior_update=c.prefetch_noise and ctx.device.type == "cpu")  # SA latents in a worker
     if c.max_grad_norm:
         common["max_grad_norm"] = c.max_grad_norm
-    if c.compile_prior:
-        common["prior"] = Compiled(prior)
     if isinstance(c, SGHMCConfig):
         return SGHMC(model.named_parameters(), lr, friction=c.friction, **common)
     return SGLD(model.named_parameters(), lr, **common)
@@ -381,7 +379,7 @@ class Chain:
         return [c for c in range(self.c.chains) if not (out / self.name / f"chain_{c}.done").exists()]
 
     def check(self, out: Path) -> None:
-        """What ``sampler.vectorize`` and ``sampler.compile_prior`` cannot do, refused before any work starts."""
+        """What ``sampler.compile_prior`` and ``sampler.vectorize`` cannot do, refused before any work starts."""
         c = self.c
         if c.compile_prior and self.sparse and isinstance(self.cfg.prior, SSGLConfig):
             raise ConfigError("sampler.compile_prior = true with prior.kind = 'ssgl': the spike-and-slab prior adapts "
@@ -395,8 +393,7 @@ class Chain:
                 "the spike-and-slab prior keeps latent state per chain"),
                ("sampler.max_grad_norm", not c.max_grad_norm, "gradient clipping is not vectorised; set it to 0"),
                ("sampler.noise", c.noise == "gaussian", "only Gaussian noise is vectorised"),
-               ("sampler.data_parallel", c.data_parallel == 1, "a vectorised unit runs in one process; set it to 1"),
-               ("sampler.compile_prior", not c.compile_prior, "vectorised chains vmap the prior eagerly; set it to false")]
+               ("sampler.data_parallel", c.data_parallel == 1, "a vectorised unit runs in one process; set it to 1")]
         for key, ok, reason in why:
             if not ok:
                 raise ConfigError(f"sampler.vectorize = true with this {key}: {reason}, or set sampler.vectorize = false")

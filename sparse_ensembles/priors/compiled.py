@@ -26,10 +26,10 @@ from .base import Prior
 
 
 class Compiled(Prior):
-    """``prior`` with :meth:`add_grad_` and :meth:`plus_grad` compiled by ``torch.compile``
-    (``compile_kwargs`` go to it, e.g. ``mode="max-autotune"``; ``dynamic=False`` unless given).
-    Everything else is the prior's own: :meth:`neg_log_prob`, and :meth:`add_grad_chains_`
-    (vectorised chains ``vmap`` it eagerly).
+    """``prior`` with :meth:`add_grad_`, :meth:`plus_grad` and :meth:`add_grad_chains_` (the
+    vectorised chains' batched gradient, ``vmap`` included) compiled by ``torch.compile``
+    (``compile_kwargs`` go to it, e.g. ``mode="max-autotune"``; ``dynamic=False`` unless given);
+    :meth:`neg_log_prob` is the prior's own.
 
         sampler = SGLD(model.named_parameters(), lr, num_data=N,
                        prior=Compiled(Sum(GroupLasso(groups_of(model), lam), Gaussian(1.0))))
@@ -48,6 +48,8 @@ class Compiled(Prior):
         # the first call of each runs eagerly (it fills the prior's caches), then compiled
         self._add_grad_ = _EagerFirst(prior.add_grad_, torch.compile(prior.add_grad_, **compile_kwargs))
         self._plus_grad = _EagerFirst(prior.plus_grad, torch.compile(prior.plus_grad, **compile_kwargs))
+        self._add_grad_chains_ = _EagerFirst(prior.add_grad_chains_,
+                                             torch.compile(prior.add_grad_chains_, **compile_kwargs))
 
     @property
     def overlappable(self) -> bool:
@@ -63,7 +65,7 @@ class Compiled(Prior):
         return self._plus_grad(grads, params, num_data)
 
     def add_grad_chains_(self, grads, params, num_data):
-        self.prior.add_grad_chains_(grads, params, num_data)
+        self._add_grad_chains_(grads, params, num_data)
 
     def __repr__(self) -> str:
         return f"Compiled({self.prior!r})"
