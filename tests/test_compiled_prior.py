@@ -2,6 +2,7 @@
 eager gradient, is compiled once for chains of the same settings, drives a chain that follows the
 eager one (separate and vectorised chains), and is refused for priors with state."""
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,8 +10,11 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from conftest import need_data
+from sparse_ensembles.experiments import config as config_mod
 from sparse_ensembles.experiments.cli import main
+from sparse_ensembles.experiments.stages import Context, make_prior
 from sparse_ensembles.models import LSTMLM
+from sparse_ensembles.models.mlp import mlp
 from sparse_ensembles.priors import AdaptiveGaussian, Compiled, Gaussian, GroupLasso, Sum
 from sparse_ensembles.samplers import SGLD
 from sparse_ensembles.samplers.vectorized import VectorizedSGLD
@@ -151,3 +155,14 @@ def test_vectorised_chains_with_the_compiled_prior_follow_the_eager_vectorised_c
         finals.append({n: t.clone() for n, t in chains.params.items()})
     _close(finals[1], finals[0], rel=1e-5)
 
+
+
+def test_compile_prior_compiles_the_sparse_chains_prior_and_leaves_the_plain_chains_gaussian_eager():
+    """The plain chain's Gaussian is one multi-tensor op; compiled it was slower (0.12 -> 0.20 ms on
+    the MLP), so ``sampler.compile_prior`` compiles only the configured (group Lasso) prior."""
+    cfg = config_mod.from_dict({"sampler": {"compile_prior": True}, "prior": {"kind": "group_lasso", "lam": 3.0}})
+    ctx = Context(cfg, SimpleNamespace(), out=None, device=torch.device("cpu"), progress=False)
+    model = mlp([784, 64, 10])
+    sparse, plain = make_prior(ctx, model, sparse=True), make_prior(ctx, model, sparse=False)
+    assert isinstance(sparse, Compiled) and isinstance(sparse.prior, Sum)
+    assert type(plain) is Gaussian

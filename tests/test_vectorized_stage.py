@@ -21,11 +21,12 @@ TINY = str(ROOT / "configs" / "tiny.toml")
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+STAGE = "sgld_gsp"  # the sparse chain: its group Lasso runs batched over the chains (add_grad_chains_)
 
 
 def _args(out, *sets):
     return [sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(out), "--no-progress",
-            "--only", "sgld", "--set", "sampler.chains=3"] + [a for s in sets for a in ("--set", s)]
+            "--only", STAGE, "--set", "sampler.chains=3"] + [a for s in sets for a in ("--set", s)]
 
 
 def _run(out, *sets, resume=False):
@@ -36,7 +37,7 @@ def _run(out, *sets, resume=False):
 
 
 def _samples(out):
-    return [torch.load(out / "sgld" / f"sample_{k:03d}.pt", weights_only=True)["state_dict"] for k in range(3)]
+    return [torch.load(out / STAGE / f"sample_{k:03d}.pt", weights_only=True)["state_dict"] for k in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +62,14 @@ def test_a_vectorised_stage_killed_after_its_first_checkpoint_resumes_to_the_sam
     out = tmp_path / "killed"
     job = subprocess.Popen(_args(out, "sampler.vectorize=true"), cwd=ROOT, env=ENV, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = out / "sgld" / "chains_0_1_2.pt"
+    checkpoint = out / STAGE / "chains_0_1_2.pt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait(60)
     assert checkpoint.exists(), "the run ended or stalled before its first checkpoint"
-    assert not list((out / "sgld").glob("chain_*.done")), "the kill came after the chains had finished"
+    assert not list((out / STAGE).glob("chain_*.done")), "the kill came after the chains had finished"
     log = _run(out, "sampler.vectorize=true", resume=True)
     assert "(vectorised): resuming after epoch" in log  # from the checkpoint, not from the start
     for k, (a, b) in enumerate(zip(_samples(vectorised_run), _samples(out))):
@@ -90,14 +91,14 @@ def test_what_cannot_be_vectorised_is_refused_naming_the_setting(tmp_path, overr
 def test_a_diverging_vectorised_stage_stops_with_a_divergence_message_and_keeps_no_samples(tmp_path):
     need_data("mnist")
     args = [sys.executable, "-m", "sparse_ensembles", "run", TINY, "--out", str(tmp_path), "--no-progress",
-            "--only", "sgld", "--set", "sampler.chains=3", "--set", "sampler.vectorize=true",
+            "--only", STAGE, "--set", "sampler.chains=3", "--set", "sampler.vectorize=true",
             "--set", "sampler.lr=1e12"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={
         **__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     # the chains' gradient check or the loss check, whichever sees it first
     assert "diverged" in proc.stderr and "learning rate" in proc.stderr, proc.stderr[-2000:]
-    assert not list((tmp_path / "sgld").glob("sample_*.pt"))
+    assert not list((tmp_path / STAGE).glob("sample_*.pt"))
 
 
 def test_vectorised_chains_with_sampler_compile_prior_write_the_eager_samples(vectorised_run, tmp_path):

@@ -172,9 +172,9 @@ class ChainConfig:
     data_parallel: int = 1
     # run the stage's chains as one batched computation (SGLD, classification; samplers/vectorized.py)
     vectorize: bool = False
-    # the prior's gradient through torch.compile (priors/compiled.py): fused kernels, for GPUs above
-    # all, separate or vectorised chains; the first steps pay the compilation; not for priors with
-    # state (ssgl)
+    # the sparse chain's prior gradient through torch.compile (priors/compiled.py): fused kernels, for
+    # GPUs above all, separate or vectorised chains; the first steps pay the compilation; not for
+    # priors with state (ssgl); the plain chain's Gaussian (one multi-tensor op) stays eager
     compile_prior: bool = False
 
     @property

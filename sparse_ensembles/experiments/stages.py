@@ -288,9 +288,13 @@ PRIOR_BUILDERS = {"gaussian": lambda ctx, model: Gaussian(ctx.cfg.prior.precisio
 
 
 def make_prior(ctx: Context, model: nn.Module, sparse: bool) -> Prior:
-    """The chain's prior: the configured kind's (``sparse``), or Gaussian(precision) alone; its
-    gradient compiled with ``sampler.compile_prior``."""
-    prior = PRIOR_BUILDERS[ctx.cfg.kinds["prior"]](ctx, model) if sparse else Gaussian(ctx.cfg.prior.precision)
+    """The chain's prior: the configured kind's (``sparse``), its gradient compiled with
+    ``sampler.compile_prior``; or, for the plain chain, Gaussian(precision) alone, never compiled:
+    its gradient is one multi-tensor op already, and compiled it was slower (the compiled call's
+    wrapper costs more than it fuses; docs/scaling.md)."""
+    if not sparse:
+        return Gaussian(ctx.cfg.prior.precision)
+    prior = PRIOR_BUILDERS[ctx.cfg.kinds["prior"]](ctx, model)
     return Compiled(prior) if ctx.cfg.sampler.compile_prior else prior
 
 
