@@ -30,7 +30,7 @@ if [ "$DEVICE" = cuda ]; then
 fi
 steps=20; rounds=7
 [ "$QUICK" = 1 ] && { steps=3; rounds=2; }
-step "operations and CUDA kernels per step" 120 $PY benchmarks/step_kernels.py --device "$DEVICE" --hidden "$HIDDEN"
+step "operations, CUDA kernels and host time per step" 120 $PY benchmarks/step_kernels.py --device "$DEVICE" --hidden "$HIDDEN" --rounds $rounds
 step "SGLD vs SGD, LSTM $HIDDEN" 120 $PY benchmarks/lstm_sampler_overhead.py --hidden "$HIDDEN" --device "$DEVICE" --steps $steps --rounds $rounds
 step "vectorised chains (M = 4, 18)" 120 $PY benchmarks/scaling.py --device "$DEVICE" --threads 1 --rounds $((rounds > 5 ? 5 : rounds)) --steps 10
 if [ "$QUICK" = 1 ]; then

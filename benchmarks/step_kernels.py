@@ -11,7 +11,13 @@ calls), with the package's source line of each of the sampler's and prior's oper
 the compiled prior (``priors.Compiled``). Counts do not depend on the machine's load, so one step
 each is enough (after warm-up steps).
 
-    python benchmarks/step_kernels.py [--device cuda] [--hidden 200]
+``host_us_per_step``: the same steps on the same architectures shrunk to tiny widths (MLP 8-6-4-2,
+batch 4; LSTM 2 x 8 units, vocabulary 50, batch 4 x 5), where the arithmetic is negligible and a
+step costs what its dispatch costs: the regime of a small model on a GPU, where the host issues
+launches faster than the GPU finishes them only if it has few to issue. Medians of ``--rounds``
+rounds of 200 steps, at 1 thread on CPU, each kind beside SGD in the same run.
+
+    python benchmarks/step_kernels.py [--device cuda] [--hidden 200] [--rounds 7]
 
 Writes ``results/step_kernels_<device>.json``.
 """
@@ -19,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -58,11 +66,12 @@ class Dispatched(TorchDispatchMode):
         return out
 
 
-def mlp_setup(device):
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 300), torch.nn.ReLU(), torch.nn.Linear(300, 100),
-                                torch.nn.ReLU(), torch.nn.Linear(100, 10)).to(device)
+def mlp_setup(device, sizes=(784, 300, 100, 10), batch=100):
+    a, b, c, d = sizes
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Linear(b, c),
+                                torch.nn.ReLU(), torch.nn.Linear(c, d)).to(device)
     g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(100, 784, generator=g).to(device), torch.randint(0, 10, (100,), generator=g).to(device)
+    x, y = torch.rand(batch, a, generator=g).to(device), torch.randint(0, d, (batch,), generator=g).to(device)
 
     def step(opt):
         opt.zero_grad(set_to_none=True)
@@ -71,10 +80,10 @@ def mlp_setup(device):
     return model, groups_of(model), 50_000, step
 
 
-def lstm_setup(device, hidden, vocab=10_000):
+def lstm_setup(device, hidden, vocab=10_000, batch=(20, 35)):
     model = LSTMLM(vocab, [hidden] * 2, hidden, grouping="iss").to(device)
     g = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(vocab, (20, 35), generator=g).to(device) for _ in range(2))
+    x, y = (torch.randint(vocab, batch, generator=g).to(device) for _ in range(2))
     carried = [None]
 
     def step(opt):
@@ -107,14 +116,52 @@ def cuda_kernels(step, opt) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def host_us_per_step(setup, kinds, device, rounds: int, steps: int = 200) -> dict:
+    """Median microseconds per step of each kind on the tiny model, the kinds interleaved per round."""
+    runs = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model, groups, num_data, step = setup()
+        opt = optimiser(kind, model, groups, num_data, device)
+        for _ in range(20):  # warm-up; the compiled prior compiles on its second step
+            step(opt)
+        runs[kind] = (step, opt)
+    times = {k: [] for k in kinds}
+    for _ in range(rounds):
+        for kind, (step, opt) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(opt)
+            sync(device)
+            times[kind].append((time.perf_counter() - t0) / steps * 1e6)
+    us = {k: statistics.median(v) for k, v in times.items()}
+    return {k: {"us": us[k], "vs_sgd": us[k] / us["sgd"]} for k in kinds}
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--hidden", type=int, default=200, help="LSTM units per layer (counts do not depend on it)")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds of the tiny models' host timing")
     args = ap.parse_args()
     device, cuda = args.device, torch.device(args.device).type == "cuda"
     kinds = ["sgd", "sgld", "sgld_group_lasso", "sgld_group_lasso_compiled"]
-    out = {"device": device, "models": {}}
+    if not cuda:
+        torch.set_num_threads(1)  # dispatch is serial: more threads only add their wake-ups
+    out = {"device": device, "models": {}, "host_us_per_step": {}}
+    tiny = (("mlp_8_6_4_2", lambda: mlp_setup(device, (8, 6, 4, 2), batch=4)),
+            ("lstm_2x8_iss", lambda: lstm_setup(device, 8, vocab=50, batch=(4, 5))))
+    for name, setup in tiny:
+        rows = host_us_per_step(setup, kinds, device, args.rounds)
+        out["host_us_per_step"][name] = rows
+        print(f"{name} host time per step: " + ", ".join(f"{k} {r['us']:.0f} us ({r['vs_sgd']:.2f}x)" for k, r in rows.items()),
+              flush=True)
     for name, setup in (("mlp_784_300_100_10", lambda: mlp_setup(device)),
                         (f"lstm_2x{args.hidden}_iss", lambda: lstm_setup(device, args.hidden))):
         rows = {}
