@@ -156,7 +156,6 @@ def test_vectorised_chains_with_the_compiled_prior_follow_the_eager_vectorised_c
     _close(finals[1], finals[0], rel=1e-5)
 
 
-
 def test_compile_prior_compiles_the_sparse_chains_prior_and_leaves_the_plain_chains_gaussian_eager():
     """The plain chain's Gaussian is one multi-tensor op; compiled it was slower (0.12 -> 0.20 ms on
     the MLP), so ``sampler.compile_prior`` compiles only the configured (group Lasso) prior."""
